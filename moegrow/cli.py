@@ -1,0 +1,343 @@
+"""The `moegrow` command line: inspect, grow-depth, grow-width, grow, verify.
+
+Errors are one line on stderr (`moegrow: error: ...`) with exit 2; `verify` exits 1 when it
+finds a problem. `--json` prints one JSON object on stdout for scripts. Progress bars appear
+only on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from . import __version__
+from .anatomy import analyse
+from .errors import MoegrowError, VerificationFailed
+from .execute import DEFAULT_MAX_SHARD, parse_size
+from .plan import Plan, param_counts
+
+app = typer.Typer(
+    name="moegrow",
+    help="Grow Mixture-of-Experts checkpoints: depth by layer interposition, width by expert "
+    "duplication with noise (arXiv 2510.08008). Reads safetensors from a folder or the Hugging "
+    "Face Hub; writes a checkpoint transformers loads as it is.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": False}
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that partial output is cleaned up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moegrow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# -- shared options ------------------------------------------------------------------------------
+
+Src = Annotated[str, typer.Argument(help="Source checkpoint: a local folder or a Hub repo id (org/name).")]
+Out = Annotated[Path, typer.Argument(help="Output folder (must not exist unless --force).")]
+Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit (Hub sources only).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
+MaxShard = Annotated[str | None, typer.Option(
+    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB).")]
+Device = Annotated[str, typer.Option(help="Where noise is drawn and added: auto, cpu or cuda. "
+                                          "Byte copies never touch a device.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the "
+                                                     "new one is complete).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr.")]
+Threads = Annotated[int, typer.Option(help="Worker threads for copying and noise.", min=1)]
+Layers = Annotated[str | None, typer.Option(help="New depth: a factor (2x) or a layer count (N).")]
+Method = Annotated[str, typer.Option(
+    help="interpose: new layer i copies old floor(i*L_old/L_new), so 2x gives 0,0,1,1,... "
+    "(the paper's method); stack: new layer i copies old i mod L_old (0,1,..,0,1,..).")]
+LayerMap = Annotated[str | None, typer.Option(
+    help="Explicit source layer of every new layer, e.g. 0,0,1,1 (overrides --layers).")]
+Experts = Annotated[str | None, typer.Option(
+    help="New expert count: a factor (2x) or a count that is a multiple of the source's.")]
+Noise = Annotated[float, typer.Option(help="Std of Gaussian noise added to the copied experts' "
+                                           "weights (originals stay byte-identical). Paper: 0.01.")]
+RouterNoise = Annotated[float, typer.Option(help="Std of Gaussian noise on the copies' router rows.")]
+Seed = Annotated[int, typer.Option(help="Noise seed; the same seed gives the same bytes.")]
+TopK = Annotated[str, typer.Option(
+    help="scale: top-k times the growth factor, so that at zero noise the grown model computes "
+    "the source's function; keep: same top-k (same FLOPs per token, not function-preserving); "
+    "or an integer.")]
+
+
+def _open(source: str, revision: str | None):  # noqa: ANN202 - Source, imported lazily
+    from .source import open_source
+
+    return open_source(source, revision)
+
+
+def _interactive(quiet: bool) -> bool:
+    return not quiet and err.is_terminal and not os.environ.get("CI")
+
+
+@contextmanager
+def _progress(total: int, label: str, show: bool) -> Iterator[Callable[[int], None] | None]:
+    if not show:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _summary(plan: Plan, source: Any) -> dict[str, Any]:
+    """Plan facts for --dry-run and the run summary."""
+    layout = plan.layout
+    src_shapes = {n: t.shape for n, t in source.tensors.items()}
+    out_shapes = {t.name: t.shape for t in plan.tensors}
+    before = param_counts(src_shapes, analyse(src_shapes, plan.source_config, layout), layout,
+                          layout.top_k(plan.source_config))
+    after = param_counts(out_shapes, analyse(out_shapes, plan.config, layout), layout,
+                         layout.top_k(plan.config))
+    used = plan.sources()
+    return {
+        "operation": plan.operation,
+        "model_type": plan.config.get("model_type"),
+        "tensors": len(plan.tensors),
+        "bytes_in": sum(source.tensors[n].nbytes for n in used),
+        "bytes_out": sum(t.nbytes for t in plan.tensors),
+        "layers": [layout.num_layers(plan.source_config), layout.num_layers(plan.config)],
+        "experts": [layout.num_experts(plan.source_config), layout.num_experts(plan.config)],
+        "top_k": [layout.top_k(plan.source_config), layout.top_k(plan.config)],
+        "layer_map": plan.layer_map,
+        "total_params": [before[0], after[0]],
+        "active_params": [before[1], after[1]],
+        "config_changes": plan.config_changes,
+        "function_preserving": plan.function_preserving,
+        "noise": plan.noise,
+        "router_noise": plan.router_noise,
+        "seed": plan.seed,
+        "warnings": plan.warnings,
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def _print_summary(s: dict[str, Any], title: str) -> None:
+    err.print(f"[bold]{title}[/bold] {s['operation']} ({s['model_type']})")
+    err.print(f"  layers {s['layers'][0]} -> {s['layers'][1]}, experts {s['experts'][0]} -> "
+              f"{s['experts'][1]}, top-k {s['top_k'][0]} -> {s['top_k'][1]}")
+    err.print(f"  params {s['total_params'][0]:,} -> {s['total_params'][1]:,} total, "
+              f"{s['active_params'][0]:,} -> {s['active_params'][1]:,} active")
+    err.print(f"  {s['tensors']} tensors, {_gib(s['bytes_in'])} read, {_gib(s['bytes_out'])} written")
+    if s["layer_map"] is not None:
+        err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
+    for c in s["config_changes"]:
+        err.print(f"  config {c}", markup=False)
+    err.print(f"  function-preserving: {'yes' if s['function_preserving'] else 'no'}")
+    for w in s["warnings"]:
+        err.print(f"warning: {w}", style="yellow", markup=False)
+
+
+def _run_growth(operation: str, source: str, output: Path | None, revision: str | None, json_out: bool,
+                dry_run: bool, max_shard_size: str | None, device: str, force: bool, quiet: bool,
+                threads: int, **kw: Any) -> None:
+    from .grow import plan_for, write
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise click.BadParameter("must be auto, cpu or cuda", param_hint="--device")
+    shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
+    src = _open(source, revision)
+    plan = plan_for(src, operation, **kw)
+    summary = _summary(plan, src)
+    if dry_run:
+        if json_out:
+            _emit({**summary, "dry_run": True})
+        else:
+            _print_summary(summary, "plan")
+        return
+    assert output is not None
+    with _progress(summary["bytes_out"], operation, _interactive(quiet)) as progress:
+        written = write(plan, src, output, max_shard_size=shard, device=device, threads=threads,
+                        force=force, progress=progress)
+    summary.update(output=str(output), files=written.files, seconds=round(written.seconds, 3))
+    if json_out:
+        _emit(summary)
+    if not quiet:
+        _print_summary(summary, "grown")
+        err.print(f"  wrote {output} ({len(written.files)} shard(s)) in {written.seconds:.1f} s")
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> None:
+    """Describe a checkpoint: layers, MoE layers, experts, top-k, routing, parameter counts."""
+    from .inspection import describe
+
+    info = describe(_open(source, revision))
+    if json_out:
+        _emit(info)
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"[bold]{info['source']}[/bold]  model_type={info['model_type']}")
+    dense = info["dense_layers"]
+    extra = info["extra_layers"]
+    out.print(f"  layers: {info['num_layers']} ({len(info['moe_layers'])} MoE, {len(dense)} dense"
+              + (f": {dense}" if dense else "") + ")"
+              + (f", extra (MTP) layers {extra}" if extra else ""), markup=False)
+    out.print(f"  experts: {info['num_experts']} routed, top-{info['top_k']}, "
+              f"{info['num_shared_experts']} shared")
+    out.print(f"  routing: {info['routing']}")
+    out.print(f"  width growth function-preserving: {'yes' if info['width_exact'] else 'no'}")
+    out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
+    out.print(f"  dtypes: {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}")
+    out.print(f"  {info['num_tensors']} tensors, {_gib(info['total_bytes'])} in {len(info['files'])} file(s)")
+
+
+@app.command("grow-depth")
+def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method = "interpose",
+               layer_map: LayerMap = None, revision: Revision = None, dry_run: DryRun = False,
+               max_shard_size: MaxShard = None, device: Device = "auto", force: Force = False,
+               quiet: Quiet = False, json_out: Json = False, threads: Threads = 2) -> None:
+    """Grow depth: copy layers by interposition (default) or stacking; rewrite layer-indexed config."""
+    _run_growth("grow-depth", source, output, revision, json_out, dry_run, max_shard_size, device,
+                force, quiet, threads, layers=layers, method=method, layer_map=layer_map)
+
+
+@app.command("grow-width")
+def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise = 0.0,
+               router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
+               revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
+               device: Device = "auto", force: Force = False, quiet: Quiet = False,
+               json_out: Json = False, threads: Threads = 2) -> None:
+    """Grow width: duplicate every expert (copies after originals) and its router rows."""
+    _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
+                force, quiet, threads, experts=experts, noise=noise, router_noise=router_noise,
+                seed=seed, top_k=top_k)
+
+
+@app.command("grow")
+def grow(source: Src, output: Out, layers: Layers = None, method: Method = "interpose",
+         layer_map: LayerMap = None, experts: Experts = None, noise: Noise = 0.0,
+         router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
+         revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
+         device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
+         threads: Threads = 2) -> None:
+    """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
+    _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
+                quiet, threads, layers=layers, method=method, layer_map=layer_map, experts=experts,
+                noise=noise, router_noise=router_noise, seed=seed, top_k=top_k)
+
+
+@app.command()
+def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown checkpoint folder.")],
+           forward: Annotated[bool, typer.Option(
+               "--forward", help="Also run both models with transformers (float32) on fixed random "
+               "tokens and compare logits; fails beyond --atol when the growth claims exactness.")] = False,
+           atol: Annotated[float, typer.Option(help="Logit tolerance for --forward.")] = 1e-4,
+           revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
+    """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
+    from .verify import _read_record, forward_diff
+    from .verify import verify as run_verify
+
+    src = _open(source, revision)
+    record = _read_record(output)
+    total = sum(len(v) for v in record.get("tensors", {}).values())
+    with _progress(total, "verify", False) as progress:
+        report = run_verify(src, output, progress)
+    if forward:
+        diff = forward_diff(src.folder, output)
+        exact = bool(record.get("function_preserving"))
+        report.forward = {"max_abs_logit_diff": diff, "atol": atol, "function_preserving": exact}
+        if exact and not diff <= atol:
+            report.problems.append(f"logits differ by {diff:.3g} > {atol:g}, but the growth claims to "
+                                   "preserve the function")
+    if json_out:
+        _emit(report.as_dict())
+    elif not quiet:
+        for p in report.problems:
+            err.print(f"problem: {p}", style="red", markup=False)
+        if report.noise_std:
+            vals = list(report.noise_std.values())
+            err.print(f"  measured noise std on {len(vals)} tensors: min {min(vals):.4g}, "
+                      f"max {max(vals):.4g}")
+        if report.forward:
+            err.print(f"  max abs logit difference: {report.forward['max_abs_logit_diff']:.3g}")
+        err.print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} tensors checked")
+    if not report.ok:
+        raise VerificationFailed(f"{len(report.problems)} problem(s); first: {report.problems[0]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, map errors to one line and an exit code."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    code = 0
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        err.print(f"moegrow: error: {e.format_message()}", markup=False)
+        code = 2
+    except click.exceptions.Abort:
+        code = 130
+    except VerificationFailed as e:
+        if _state["debug"]:
+            raise
+        code = e.exit_code
+    except MoegrowError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"moegrow: error: {e}", markup=False)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err.print("moegrow: interrupted", markup=False)
+        code = 130
+    except Terminated:
+        err.print("moegrow: terminated", markup=False)
+        code = 143
+    sys.exit(code)

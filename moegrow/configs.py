@@ -1,0 +1,149 @@
+"""Config rewriting: which layers a config makes MoE, and the new config after a growth.
+
+Everything family-specific comes from the layout's `DepthKey` and `WidthRule` entries; this
+module only knows the kinds of key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError, GrowthError
+from .layouts import Layout
+
+
+def _all(config: Mapping[str, Any], n: int) -> set[int]:
+    return set(range(n))
+
+
+def _first_k_dense(config: Mapping[str, Any], n: int) -> set[int]:
+    k = int(config.get("first_k_dense_replace") or 0)
+    return set(range(k, n))
+
+
+def _sparse_step(config: Mapping[str, Any], n: int) -> set[int]:
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    return {i for i in range(n) if i not in dense and (i + 1) % step == 0}
+
+
+# How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
+MOE_RULES: dict[str, Callable[[Mapping[str, Any], int], set[int]]] = {
+    "all": _all,
+    "first_k_dense": _first_k_dense,
+    "sparse_step": _sparse_step,
+}
+
+
+def config_moe_layers(config: Mapping[str, Any], layout: Layout) -> set[int]:
+    return MOE_RULES[layout.moe_rule](config, layout.num_layers(config))
+
+
+def check_moe_layers(config: Mapping[str, Any], layout: Layout, moe_layers: Sequence[int],
+                     where: str = "config.json") -> None:
+    """Refuse a config whose MoE layers differ from the layers that hold expert tensors."""
+    n = layout.num_layers(config)
+    said = config_moe_layers(config, layout)
+    found = {i for i in moe_layers if i < n}
+    if said != found:
+        diff = sorted(said ^ found)[0]
+        raise ConfigError(f"{where}: layer {diff} is {'MoE' if diff in said else 'dense'} per the "
+                          f"config but {'MoE' if diff in found else 'dense'} in the tensors")
+
+
+def _prefix_count(key: str, k: int, layer_map: Sequence[int], n_old: int) -> int:
+    if k >= n_old:  # the prefix covers every layer: keep covering every layer
+        return max(k, len(layer_map))
+    new_k = sum(1 for m in layer_map if m < k)
+    if not all(m < k for m in layer_map[:new_k]) or any(m < k for m in layer_map[new_k:]):
+        raise GrowthError(f"config key {key}={k} (the first {k} layers differ) cannot express this "
+                          f"layer map: layers copied from the first {k} are not all at the front")
+    return new_k
+
+
+def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence[int],
+                  moe_layers: Sequence[int]) -> tuple[dict[str, Any], list[str]]:
+    """The config after depth growth by `layer_map` (new layer j copies old layer layer_map[j]).
+
+    Returns the new config and the keys changed. Refuses a map the config cannot express.
+    """
+    n_old = layout.num_layers(config)
+    new = copy.deepcopy(dict(config))
+    changed: list[str] = []
+    source_moe = {i for i in moe_layers if i < n_old}
+    for dk in layout.depth_keys:
+        value = new.get(dk.key)
+        if value is None:
+            continue
+        if dk.kind == "count":
+            new[dk.key] = len(layer_map)
+        elif dk.kind == "per_layer":
+            if not isinstance(value, list) or len(value) != n_old:
+                raise ConfigError(f"config.json: {dk.key} should list {n_old} layers, has "
+                                  f"{len(value) if isinstance(value, list) else value!r}")
+            new[dk.key] = [value[m] for m in layer_map]
+        elif dk.kind == "index_list":
+            old = set(value)
+            new[dk.key] = [j for j, m in enumerate(layer_map) if m in old]
+        elif dk.kind == "prefix_count":
+            new[dk.key] = _prefix_count(dk.key, int(value), layer_map, n_old)
+        elif dk.kind == "sparse_step":
+            if int(value) != 1:
+                # Every-Nth-layer cannot survive a layer map: make the dense layers explicit.
+                new[dk.key] = 1
+                companion = next(d.key for d in layout.depth_keys if d.kind == "index_list")
+                new[companion] = [j for j, m in enumerate(layer_map) if m not in source_moe]
+                changed.append(companion)
+        else:  # pragma: no cover - layouts are checked by tests
+            raise AssertionError(dk.kind)
+        if new[dk.key] != config.get(dk.key):
+            changed.append(dk.key)
+    want = {j for j, m in enumerate(layer_map) if m in source_moe}
+    got = config_moe_layers(new, layout)
+    if want != got:
+        keys = ", ".join(d.key for d in layout.depth_keys if d.kind != "count")
+        raise GrowthError(f"the config ({keys}) cannot express this layer map: new layer "
+                          f"{sorted(want ^ got)[0]} would change between dense and MoE")
+    return new, sorted(set(changed))
+
+
+def parse_top_k(value: str) -> str | int:
+    """`scale`, `keep`, or a positive integer."""
+    v = value.strip().lower()
+    if v in ("scale", "keep"):
+        return v
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    raise GrowthError(f"--top-k must be 'scale', 'keep' or a positive integer, not {value!r}")
+
+
+def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
+                  top_k: str | int) -> tuple[dict[str, Any], list[str]]:
+    """The config after width growth by `factor`; returns (config, descriptions of changes)."""
+    new = copy.deepcopy(dict(config))
+    changes: list[str] = []
+    ekey = layout.config_key(config, layout.experts_keys, "expert count")
+    kkey = layout.config_key(config, layout.top_k_keys, "top-k")
+    e_old, k_old = int(config[ekey]), int(config[kkey])
+    new[ekey] = e_old * factor
+    changes.append(f"{ekey}: {e_old} -> {new[ekey]}")
+    k_new = k_old * factor if top_k == "scale" else k_old if top_k == "keep" else int(top_k)
+    if not 1 <= k_new <= new[ekey]:
+        raise GrowthError(f"top-k {k_new} is out of range for {new[ekey]} experts")
+    if k_new != k_old:
+        new[kkey] = k_new
+        changes.append(f"{kkey}: {k_old} -> {k_new}")
+    for rule in layout.width_rules:
+        value = config.get(rule.key)
+        if value is None or (rule.unless and config.get(rule.unless)):
+            continue
+        if rule.op == "mul":
+            new[rule.key] = value * factor
+        elif rule.op == "div":
+            new[rule.key] = value / factor
+        else:  # pragma: no cover
+            raise AssertionError(rule.op)
+        changes.append(f"{rule.key}: {value} -> {new[rule.key]} ({rule.why})")
+    return new, changes

@@ -1,0 +1,94 @@
+"""The growth operations as a small Python API: plan from a source, then write.
+
+Example:
+    >>> from moegrow.grow import open_source, plan_for, write
+    >>> src = open_source("ckpt/")
+    >>> plan = plan_for(src, "grow-width", experts="2x", noise=0.01, seed=0)
+    >>> write(plan, src, "out/")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .configs import parse_top_k
+from .errors import GrowthError
+from .execute import DEFAULT_MAX_SHARD, Written, execute
+from .layouts import layout_for
+from .plan import (
+    Plan,
+    layer_map_for,
+    parse_experts,
+    parse_layer_map,
+    parse_layers,
+    plan_depth,
+    plan_grow,
+    plan_width,
+)
+from .provenance import build_record
+from .source import Source, open_source
+
+__all__ = ["open_source", "plan_for", "rebuild_plan", "write"]
+
+
+def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
+             layer_map: str | list[int] | None = None, experts: str | None = None,
+             noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
+             top_k: str | int = "scale") -> Plan:
+    """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments."""
+    layout = layout_for(source.config, f"{source.spec}/config.json")
+    config, tensors = source.config, source.tensors
+    lmap: list[int] | None = None
+    if operation in ("grow-depth", "grow"):
+        n_old = layout.num_layers(config)
+        if isinstance(layer_map, list):
+            lmap = layer_map
+        elif layer_map:
+            lmap = parse_layer_map(layer_map, n_old)
+        elif layers:
+            lmap = layer_map_for(method, n_old, parse_layers(layers, n_old))
+        else:
+            raise GrowthError("give --layers (e.g. 2x) or --layer-map")
+    factor = 1
+    if operation in ("grow-width", "grow"):
+        if not experts:
+            raise GrowthError("give --experts (e.g. 2x)")
+        factor = parse_experts(experts, layout.num_experts(config))
+    k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
+    width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k)
+    if operation == "grow-depth":
+        return plan_depth(config, tensors, layout, lmap or [])
+    if operation == "grow-width":
+        return plan_width(config, tensors, layout, factor, **width)
+    if operation == "grow":
+        return plan_grow(config, tensors, layout, lmap or [], factor, **width)
+    raise GrowthError(f"unknown operation {operation!r}")
+
+
+def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
+    """The plan a provenance record describes, rebuilt from the source."""
+    g = record.get("growth") or {}
+    op = record.get("operation")
+    experts = f"{g['factor']}x" if g.get("factor") else None
+    return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
+                    noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
+                    seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale")
+
+
+def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD,
+          device: str = "auto", threads: int = 2, force: bool = False,
+          progress: Callable[[int], None] | None = None) -> Written:
+    """Execute a plan into OUTPUT (atomically) with its provenance record."""
+    noisy = any(not t.is_copy for t in plan.tensors)
+    if noisy:
+        from .noise import resolve_device
+
+        device = resolve_device(device)
+    else:
+        device = "none"  # byte copies only: no tensor math anywhere
+    record = build_record(plan, source, device)
+    return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
+                   max_shard_size=max_shard_size, device=device, threads=threads, force=force,
+                   progress=progress)

@@ -1,0 +1,51 @@
+"""`moegrow inspect`: what a checkpoint is, from its config and tensor index alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .anatomy import analyse
+from .configs import check_moe_layers
+from .layouts import layout_for
+from .plan import param_counts
+from .source import Source
+
+
+def describe(source: Source) -> dict[str, Any]:
+    """A JSON-ready description: layers, MoE layout, routing, parameter counts, files, bytes."""
+    config = source.config
+    layout = layout_for(config, f"{source.spec}/config.json")
+    shapes = {n: t.shape for n, t in source.tensors.items()}
+    anatomy = analyse(shapes, config, layout, f"{source.spec}/config.json")
+    check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")
+    top_k = layout.top_k(config)
+    total, active = param_counts(shapes, anatomy, layout, top_k)
+    if layout.shared_experts_keys and any(config.get(k) is not None for k in layout.shared_experts_keys):
+        shared = int(config[layout.config_key(config, layout.shared_experts_keys, "shared experts")])
+    else:
+        prefix = layout.shared_prefix
+        shared = int(bool(prefix) and any(r.rel.startswith(prefix) for r in anatomy.roles.values()))
+    dtypes = Counter(t.dtype for t in source.tensors.values())
+    files = sorted({t.path.name for t in source.tensors.values()})
+    return {
+        "source": source.spec,
+        "revision": source.commit or source.revision,
+        "model_type": config["model_type"],
+        "family": layout.name,
+        "num_layers": anatomy.num_layers,
+        "moe_layers": [i for i in anatomy.moe_layers if i < anatomy.num_layers],
+        "dense_layers": [i for i in range(anatomy.num_layers) if i not in anatomy.moe_layers],
+        "extra_layers": list(anatomy.extra_layers),
+        "num_experts": anatomy.num_experts,
+        "top_k": top_k,
+        "num_shared_experts": shared,
+        "routing": layout.routing,
+        "width_exact": layout.exact_width,
+        "total_params": total,
+        "active_params": active,
+        "dtypes": dict(sorted(dtypes.items())),
+        "num_tensors": len(source.tensors),
+        "total_bytes": source.total_bytes,
+        "files": files,
+    }

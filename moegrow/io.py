@@ -1,0 +1,272 @@
+"""Safetensors at the byte level: a strict header reader, a sharded checkpoint index, a byte copier.
+
+moegrow never needs whole tensors in memory: most output tensors are byte copies of source
+tensors, so the reader exposes each tensor as (file, byte range) and the writer copies ranges
+with the kernel (`os.copy_file_range`) where it can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SourceError
+
+# safetensors dtype name -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie: `path`, absolute byte offsets [start, end)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; return (tensors, metadata).
+
+    Strict like safetensors itself: header inside the file, JSON object, known dtypes, byte
+    lengths that match shape x dtype, data ranges in bounds and not overlapping.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SourceError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise SourceError(f"{path}: header length {n} exceeds the file size ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SourceError(f"{path}: __metadata__ is not a JSON object")
+    base = 8 + n
+    data_len = size - base
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_entry(path, name, entry, base, data_len)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values())
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise SourceError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_entry(path: Path, name: str, entry: object, base: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise SourceError(f"{path}: tensor {name!r}: entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise SourceError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise SourceError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ):
+        raise SourceError(f"{path}: tensor {name!r}: invalid data_offsets {offsets!r}")
+    lo, hi = offsets
+    if not 0 <= lo <= hi <= data_len:
+        raise SourceError(
+            f"{path}: tensor {name!r}: data_offsets {offsets} out of bounds (data is {data_len} bytes)"
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    want = numel * DTYPE_SIZES[dtype]
+    if hi - lo != want:
+        raise SourceError(
+            f"{path}: tensor {name!r}: {hi - lo} bytes do not match dtype {dtype} and shape {shape}"
+            f" ({want} bytes)"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, base + lo, base + hi)
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _is_hub_blob(folder: Path, path: Path) -> bool:
+    """True for a Hub cache snapshot link into the same repo's blobs/ folder."""
+    snapshots = folder.parent
+    if snapshots.name != "snapshots":
+        return False
+    return _inside(snapshots.parent / "blobs", path)
+
+
+def shard_path(folder: Path, rel: str) -> Path:
+    """Resolve a shard name from an index, refusing anything that escapes the folder."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise SourceError(f"{folder / INDEX_NAME}: shard path {rel!r} escapes the checkpoint folder")
+    path = folder / rel
+    if not (_inside(folder, path) or _is_hub_blob(folder, path)):
+        raise SourceError(f"{folder / INDEX_NAME}: shard {rel!r} links outside the checkpoint folder")
+    if not path.is_file():
+        raise SourceError(f"{folder / INDEX_NAME}: names shard {rel!r}, which does not exist")
+    return path
+
+
+def read_index(folder: Path) -> dict[str, TensorInfo]:
+    """All tensors of a checkpoint folder (single file or sharded), validated against the index."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SourceError(f"{index_path}: not a valid safetensors index ({type(e).__name__})") from None
+        files = sorted(set(weight_map.values()), key=str)
+        tensors: dict[str, TensorInfo] = {}
+        for rel in files:
+            path = shard_path(folder, rel)
+            shard, _ = read_header(path)
+            for name, info in shard.items():
+                if name in tensors:
+                    raise SourceError(f"{path}: tensor {name!r} is also in {tensors[name].path.name}")
+                tensors[name] = info
+        for name, rel in weight_map.items():
+            info = tensors.get(name)
+            if info is None:
+                raise SourceError(f"{index_path}: tensor {name!r} is not in its shard {rel!r}")
+            if info.path.name != Path(rel).name:
+                raise SourceError(f"{index_path}: tensor {name!r} is listed in {rel!r} but stored in "
+                                  f"{info.path.name!r}")
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise SourceError(f"{index_path}: tensor {extra[0]!r} is in a shard but not in the index")
+        return tensors
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        if not (_inside(folder, single) or _is_hub_blob(folder, single)):
+            raise SourceError(f"{single}: links outside the checkpoint folder")
+        return read_header(single)[0]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise SourceError(f"{folder}: only pickle weights ({pickles[0]}); moegrow never loads pickle "
+                          "files, convert them to safetensors first")
+    raise SourceError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
+                 metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """Build a safetensors header for (name, dtype, shape, nbytes) in file order.
+
+    Returns the 8-byte length plus the JSON (padded with spaces to 8-byte alignment, as
+    safetensors does) and each tensor's offset within the data section.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets: list[int] = []
+    pos = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets.append(pos)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+class ByteCopier:
+    """Copy byte ranges between open files: `copy_file_range` first, `pread`/`pwrite` fallback.
+
+    The kernel copy never touches user space (and shares extents on reflink filesystems); it is
+    refused across filesystems on older kernels (EXDEV) or on some filesystems (EINVAL, ENOSYS),
+    after which this copier uses the fallback for good.
+    """
+
+    def __init__(self) -> None:
+        self.kernel = hasattr(os, "copy_file_range")
+
+    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
+        while count > 0:
+            if self.kernel:
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), src_off, dst_off)
+                except OSError as e:
+                    if e.errno in (18, 22, 38, 95, 1):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP, EPERM
+                        self.kernel = False
+                        continue
+                    raise
+                if n == 0:
+                    raise SourceError(f"unexpected end of file while copying {count} bytes")
+            else:
+                buf = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
+                if not buf:
+                    raise SourceError(f"unexpected end of file while copying {count} bytes")
+                n = os.pwrite(dst_fd, buf, dst_off)
+            src_off += n
+            dst_off += n
+            count -= n
+
+
+def pread_exact(fd: int, count: int, offset: int, name: str) -> bytes:
+    """Read exactly `count` bytes at `offset` (a short read is a truncated file)."""
+    parts = []
+    while count > 0:
+        b = os.pread(fd, min(count, _COPY_CHUNK), offset)
+        if not b:
+            raise SourceError(f"{name}: unexpected end of file")
+        parts.append(b)
+        offset += len(b)
+        count -= len(b)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

@@ -1,0 +1,65 @@
+"""Deterministic Gaussian noise for copied experts.
+
+The noise of a tensor depends only on the seed, the output tensor's name, the part index and the
+block index (blocks of `BLOCK` elements), never on thread count or processing order. Each block
+has its own generator, so memory stays bounded by one block and blocks can run in any order.
+torch is imported here only, and only when noise is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+BLOCK = 1 << 22  # elements per noise block (16 MiB of float32)
+
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def block_seed(seed: int, tensor: str, part: int, block: int) -> int:
+    digest = hashlib.sha256(f"moegrow\0{seed}\0{tensor}\0{part}\0{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when torch sees a GPU, else `cpu`."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from .errors import GrowthError
+
+        raise GrowthError("--device cuda: torch sees no CUDA device")
+    return device
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[dtype])
+
+
+def noise_block(seed: int, tensor: str, part: int, block: int, numel: int, device: str) -> Any:
+    """The float32 standard-normal draws of one block (std 1; the caller scales)."""
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed(block_seed(seed, tensor, part, block))
+    return torch.randn(numel, generator=g, dtype=torch.float32, device=device)
+
+
+def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, part: int,
+              device: str) -> memoryview:
+    """Return `raw` (one tensor's bytes) plus N(0, std^2) noise, rounded back to `dtype`."""
+    import torch
+
+    src = torch.frombuffer(raw, dtype=torch_dtype(dtype))
+    out = torch.empty_like(src)
+    compute = torch.float64 if dtype == "F64" else torch.float32
+    for b, lo in enumerate(range(0, src.numel(), BLOCK)):
+        chunk = src[lo:lo + BLOCK]
+        x = chunk.to(device=device, dtype=compute)
+        x.add_(noise_block(seed, tensor, part, b, chunk.numel(), device).to(compute), alpha=std)
+        out[lo:lo + BLOCK] = x.to(src.dtype).cpu()
+    return memoryview(out.view(torch.uint8).numpy())

@@ -1,0 +1,278 @@
+"""Growth plans: pure functions of a source's config and tensor index.
+
+A plan lists every output tensor with the source tensors it is made of (concatenated along axis
+0, the expert axis for fused experts and routers) and the noise added to each part, plus the new
+config. Nothing is read or written here: the same plan drives `--dry-run`, execution (CPU or
+CUDA), the provenance record and `verify`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .anatomy import Anatomy, analyse, expert_name, layer_name
+from .configs import check_moe_layers, rewrite_depth, rewrite_width
+from .errors import GrowthError
+from .io import DTYPE_SIZES, FLOAT_DTYPES
+from .layouts import Layout
+
+
+class TensorMeta(Protocol):
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Meta:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A whole source tensor, plus Gaussian noise of std `noise` when non-zero."""
+
+    source: str
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_copy(self) -> bool:
+        return all(p.noise == 0.0 for p in self.parts)
+
+
+@dataclass
+class Plan:
+    """Everything a growth will do, before it does it."""
+
+    operation: str
+    layout: Layout
+    source_config: dict[str, Any]
+    config: dict[str, Any]
+    tensors: list[OutTensor]
+    seed: int = 0
+    layer_map: list[int] | None = None
+    experts: int | None = None   # new routed expert count
+    factor: int | None = None
+    top_k: str | int | None = None
+    noise: float = 0.0
+    router_noise: float = 0.0
+    config_changes: list[str] = field(default_factory=list)
+    exact: bool = True           # claims the same function as the source (at zero noise)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def function_preserving(self) -> bool:
+        return self.exact and self.noise == 0.0 and self.router_noise == 0.0
+
+    def sources(self) -> set[str]:
+        return {p.source for t in self.tensors for p in t.parts}
+
+
+_NUM = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[object, ...]:
+    """Sort layers.10 after layers.9."""
+    return tuple(int(s) if s.isdigit() else s for s in _NUM.split(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth
+
+
+def parse_layers(spec: str, n_old: int) -> int:
+    """`2x` (a factor) or `N` (a layer count) -> the new layer count."""
+    s = spec.strip().lower()
+    try:
+        n_new = n_old * int(s[:-1]) if s.endswith("x") else int(s)
+    except ValueError:
+        raise GrowthError(f"--layers must be a factor like 2x or a layer count, not {spec!r}") from None
+    if n_new < n_old:
+        raise GrowthError(f"--layers {spec} gives {n_new} layers, fewer than the source's {n_old}")
+    return n_new
+
+
+def layer_map_for(method: str, n_old: int, n_new: int) -> list[int]:
+    """interpose: new layer i copies old floor(i * n_old / n_new) (0,0,1,1,...);
+    stack: new layer i copies old i mod n_old (0,1,2,0,1,2)."""
+    if method == "interpose":
+        return [i * n_old // n_new for i in range(n_new)]
+    if method == "stack":
+        return [i % n_old for i in range(n_new)]
+    raise GrowthError(f"--method must be 'interpose' or 'stack', not {method!r}")
+
+
+def parse_layer_map(text: str, n_old: int) -> list[int]:
+    try:
+        layer_map = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise GrowthError(f"--layer-map must be comma-separated layer indices, not {text!r}") from None
+    if not layer_map:
+        raise GrowthError("--layer-map is empty")
+    bad = [m for m in layer_map if not 0 <= m < n_old]
+    if bad:
+        raise GrowthError(f"--layer-map names layer {bad[0]}, but the source has layers 0..{n_old - 1}")
+    if len(layer_map) < n_old:
+        raise GrowthError(f"--layer-map has {len(layer_map)} layers, fewer than the source's {n_old}")
+    return layer_map
+
+
+def _ordered(tensors: list[OutTensor]) -> list[OutTensor]:
+    return sorted(tensors, key=lambda t: natural_key(t.name))
+
+
+def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
+               layer_map: Sequence[int]) -> Plan:
+    anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
+    check_moe_layers(config, layout, anatomy.moe_layers)
+    new_config, changed = rewrite_depth(config, layout, layer_map, anatomy.moe_layers)
+    n_old, n_new = anatomy.num_layers, len(layer_map)
+    targets: dict[int, list[int]] = {}
+    for j, m in enumerate(layer_map):
+        targets.setdefault(m, []).append(j)
+    for x in anatomy.extra_layers:  # MTP layers: out of the interposition, renumbered after
+        targets[x] = [n_new + (x - n_old)]
+    out: list[OutTensor] = []
+    for name, t in tensors.items():
+        role = anatomy.roles[name]
+        if role.layer is None:
+            out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
+            continue
+        rel = name[len(layout.layer_prefix):].partition(".")[2]
+        for j in targets.get(role.layer, []):
+            out.append(OutTensor(layer_name(layout, j, rel), t.dtype, t.shape, (Part(name),)))
+    changes = [f"{k}: {config.get(k)!r} -> {new_config.get(k)!r}" for k in changed]
+    plan = Plan("grow-depth", layout, dict(config), new_config, _ordered(out),
+                layer_map=list(layer_map), config_changes=changes)
+    if anatomy.extra_layers:
+        plan.warnings.append(
+            f"layers {list(anatomy.extra_layers)} lie after the {n_old} decoder layers (MTP); "
+            f"they are renumbered to start at {n_new}, and transformers ignores them on load")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Width
+
+
+def parse_experts(spec: str, n_old: int) -> int:
+    """`2x` (a factor) or `N` (an expert count, a multiple of the source's) -> the factor."""
+    s = spec.strip().lower()
+    try:
+        if s.endswith("x"):
+            factor = int(s[:-1])
+        else:
+            n_new = int(s)
+            if n_new % n_old:
+                raise GrowthError(f"--experts {n_new} is not a multiple of the source's {n_old} experts")
+            factor = n_new // n_old
+    except ValueError:
+        raise GrowthError(f"--experts must be a factor like 2x or an expert count, not {spec!r}") from None
+    if factor < 1:
+        raise GrowthError(f"--experts {spec} would shrink the model; only growth is supported")
+    return factor
+
+
+def _check_noise(name: str, t: TensorMeta, std: float) -> None:
+    if std and t.dtype not in FLOAT_DTYPES:
+        raise GrowthError(f"cannot add noise to {name}: dtype {t.dtype} is not a float type")
+
+
+def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
+               factor: int, *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
+               top_k: str | int = "scale") -> Plan:
+    if noise < 0 or router_noise < 0:
+        raise GrowthError("noise std must be >= 0")
+    anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
+    check_moe_layers(config, layout, anatomy.moe_layers)
+    new_config, changes = rewrite_width(config, layout, factor, top_k)
+    e_old = anatomy.num_experts
+    out: list[OutTensor] = []
+    for name, t in tensors.items():
+        role = anatomy.roles[name]
+        if role.kind == "expert":
+            assert role.layer is not None and role.expert is not None
+            _check_noise(name, t, noise)
+            for c in range(factor):
+                new = expert_name(layout, role.layer, role.expert + c * e_old, role.rel)
+                out.append(OutTensor(new, t.dtype, t.shape, (Part(name, noise if c else 0.0),)))
+        elif role.kind in ("fused", "router", "router_bias"):
+            std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
+            _check_noise(name, t, std)
+            parts = tuple(Part(name, std if c else 0.0) for c in range(factor))
+            out.append(OutTensor(name, t.dtype, (t.shape[0] * factor, *t.shape[1:]), parts))
+        else:
+            out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
+    exact = layout.exact_width and top_k == "scale"
+    plan = Plan("grow-width", layout, dict(config), new_config, _ordered(out), seed=seed,
+                experts=e_old * factor, factor=factor, top_k=top_k, noise=noise,
+                router_noise=router_noise, config_changes=changes, exact=exact)
+    if top_k != "scale":
+        plan.warnings.append(f"--top-k {top_k}: the grown model does not compute the source's "
+                             "function (only --top-k scale preserves it)")
+    if not layout.exact_width:
+        plan.warnings.append(f"{layout.name}: width growth cannot preserve this family's function")
+    return plan
+
+
+def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
+              layer_map: Sequence[int], factor: int, **width: Any) -> Plan:
+    """Depth then width in one plan: the same bytes as grow-depth followed by grow-width."""
+    depth = plan_depth(config, tensors, layout, layer_map)
+    virtual = {t.name: Meta(t.dtype, t.shape) for t in depth.tensors}
+    origin = {t.name: t.parts[0].source for t in depth.tensors}
+    plan = plan_width(depth.config, virtual, layout, factor, **width)
+    plan.tensors = [
+        OutTensor(t.name, t.dtype, t.shape,
+                  tuple(Part(origin[p.source], p.noise) for p in t.parts))
+        for t in plan.tensors
+    ]
+    plan.operation = "grow"
+    plan.source_config = dict(config)
+    plan.layer_map = depth.layer_map
+    plan.config_changes = depth.config_changes + plan.config_changes
+    plan.warnings = depth.warnings + plan.warnings
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts (as transformers counts them: parameters, not buffers; no MTP layers)
+
+
+def param_counts(shapes: Mapping[str, tuple[int, ...]], anatomy: Anatomy, layout: Layout,
+                 top_k: int) -> tuple[int, int]:
+    """(total, active per token) parameters of a checkpoint."""
+    total = 0
+    inactive = 0.0
+    frac = 1 - top_k / anatomy.num_experts
+    for name, shape in shapes.items():
+        role = anatomy.roles[name]
+        if role.layer is not None and role.layer >= anatomy.num_layers:
+            continue
+        if role.rel in layout.buffers:
+            continue
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+        if role.kind in ("expert", "fused"):
+            inactive += n * frac
+    return total, total - round(inactive)

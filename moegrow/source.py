@@ -1,0 +1,137 @@
+"""Opening a source checkpoint: a local folder or a Hugging Face Hub repo id.
+
+Hub sources are fetched with huggingface_hub's own `snapshot_download` into the normal cache
+(HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE honoured), and only the files a growth
+needs: config, index, safetensors shards, tokenizer, generation and template files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SourceError
+from .io import INDEX_NAME, PICKLE_SUFFIXES, TensorInfo, read_index
+
+HUB_PATTERNS = [
+    "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md", "*.tiktoken", "*.py",
+    "*.yaml", "LICENSE*", "tokenizer*", "merges.txt", "vocab*",
+]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Source:
+    """A checkpoint ready to plan from: its folder, config and tensor index."""
+
+    spec: str
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the source in a provenance record: Hub commit or per-file hashes.
+
+        File hashes are sha256 of each shard's header and size (the header pins every tensor's
+        name, dtype, shape and offsets; hashing all bytes would double the I/O of a growth).
+        """
+        shards = sorted({t.path for t in self.tensors.values()})
+        files = {}
+        for p in shards:
+            with open(p, "rb") as f:
+                head = f.read(8)
+                head += f.read(int.from_bytes(head, "little"))
+            files[p.name] = {"size": p.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
+        cfg = (self.folder / "config.json").read_bytes()
+        out: dict[str, Any] = {"spec": self.spec, "config_sha256": hashlib.sha256(cfg).hexdigest(),
+                               "files": files}
+        if self.repo_id:
+            out.update(repo_id=self.repo_id, revision=self.revision, commit=self.commit)
+        else:
+            out["path"] = str(self.folder.resolve())
+        return out
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return config
+
+
+def is_repo_id(spec: str) -> bool:
+    return bool(_REPO_ID.match(spec)) and not Path(spec).exists()
+
+
+def download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    """Fetch what a growth needs from the Hub; return (snapshot folder, commit hash)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RevisionNotFoundError:
+        raise SourceError(f"{where}: revision {revision!r} not found on the Hub") from None
+    except GatedRepoError:
+        raise SourceError(f"{where}: gated repo; accept its terms and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{where}: repository not found on the Hub (or private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise SourceError(f"{where}: not in the local Hub cache and the Hub cannot be reached "
+                          "(offline: HF_HUB_OFFLINE or no network)") from None
+    except OSError as e:
+        raise SourceError(f"{where}: download failed: {e}") from None
+    except Exception as e:  # huggingface_hub raises HTTP errors of several kinds
+        raise SourceError(f"{where}: download failed: {type(e).__name__}: {e}".splitlines()[0]) from None
+    commit = path.name if path.parent.name == "snapshots" else None
+    return path, commit
+
+
+def open_source(spec: str, revision: str | None = None) -> Source:
+    """Open a local folder or Hub repo: read its config and validate its tensor index."""
+    path = Path(spec)
+    repo_id = commit = None
+    if path.is_dir():
+        folder = path
+        if revision:
+            raise SourceError(f"{spec}: --revision applies to Hub repos, not local folders")
+    elif path.exists():
+        raise SourceError(f"{spec}: not a folder (give the checkpoint's folder)")
+    elif is_repo_id(spec):
+        repo_id = spec
+        folder, commit = download(spec, revision)
+    else:
+        raise SourceError(f"{spec}: no such folder, and not a Hub repo id (org/name)")
+    config = read_config(folder)
+    if not any(folder.glob("*.safetensors")) and not (folder / INDEX_NAME).exists():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles or repo_id:
+            only = f" (only {pickles[0]})" if pickles else ""
+            raise SourceError(f"{spec}: no safetensors weights{only}; moegrow never loads pickle checkpoints")
+    tensors = read_index(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return Source(spec, folder, config, tensors, repo_id, revision, commit, files)

@@ -1,0 +1,177 @@
+"""`moegrow verify`: is OUTPUT a valid growth of SOURCE?
+
+Checks, in order: the provenance record; the plan rebuilt from SOURCE and the record's flags
+against the record's tensor mapping and OUTPUT's config; every output tensor's presence, dtype
+and shape; its bytes (copies byte-identical to their source, noised parts equal to the recorded
+seed's noise where it was drawn on the CPU, and their measured std); no NaN or Inf; config
+against tensors. `--forward` then compares logits with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .anatomy import analyse
+from .configs import check_moe_layers
+from .errors import MoegrowError, SourceError
+from .grow import rebuild_plan
+from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
+from .plan import OutTensor, Plan
+from .provenance import RECORD_NAME, tensor_mapping
+from .source import Source, read_config
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    checked: int = 0
+    noise_std: dict[str, float] = field(default_factory=dict)
+    forward: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "tensors_checked": self.checked,
+                "noise_std": self.noise_std, "forward": self.forward}
+
+
+def _read_record(output: Path) -> dict[str, Any]:
+    path = output / RECORD_NAME
+    if not path.is_file():
+        raise SourceError(f"{path}: missing; OUTPUT was not written by moegrow")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or "tensors" not in record:
+        raise SourceError(f"{path}: not a moegrow provenance record")
+    return record
+
+
+def _decode(raw: bytes, dtype: str) -> Any:
+    import torch
+
+    from .noise import torch_dtype
+
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype)).to(torch.float64)
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def read(self, path: Path, start: int, count: int) -> bytes:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return pread_exact(self.fds[path], count, start, str(path))
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, device: str,
+                  reader: _Reader, report: Report) -> None:
+    from .noise import add_noise
+
+    pos = out.start
+    measured = []
+    for i, part in enumerate(t.parts):
+        src = source.tensors[part.source]
+        got = reader.read(out.path, pos, src.nbytes)
+        pos += src.nbytes
+        want = reader.read(src.path, src.start, src.nbytes)
+        if part.noise == 0.0:
+            if got != want:
+                report.problems.append(f"{t.name}: part {i} differs from its source {part.source}")
+            continue
+        diff = _decode(got, src.dtype) - _decode(want, src.dtype)
+        std = float(diff.std()) if diff.numel() > 1 else float(diff.abs().max())
+        measured.append(std)
+        if device == "cpu":
+            expect = bytes(add_noise(bytearray(want), src.dtype, part.noise, plan.seed, t.name, i, "cpu"))
+            if got != expect:
+                report.problems.append(f"{t.name}: part {i} is not {part.source} plus the recorded "
+                                       f"noise (seed {plan.seed}, std {part.noise})")
+        elif diff.numel() >= 1000 and abs(std - part.noise) > 0.1 * part.noise:
+            report.problems.append(f"{t.name}: noise std {std:.3g} differs from the recorded {part.noise}")
+    if measured:
+        report.noise_std[t.name] = sum(measured) / len(measured)
+    if out.dtype in FLOAT_DTYPES:
+        import torch
+
+        values = _decode(reader.read(out.path, out.start, out.nbytes), out.dtype)
+        if not bool(torch.isfinite(values).all()):
+            report.problems.append(f"{t.name}: contains NaN or Inf")
+
+
+def verify(source: Source, output: Path, progress: Callable[[int], None] | None = None) -> Report:
+    """Check OUTPUT against SOURCE and its provenance record (see the module docstring)."""
+    report = Report()
+    record = _read_record(output)
+    out_config = read_config(output)
+    out_tensors = read_index(output)
+    plan = rebuild_plan(source, record)
+    if tensor_mapping(plan.tensors) != record["tensors"]:
+        report.problems.append(f"{output / RECORD_NAME}: tensor mapping differs from the plan that "
+                               "its flags describe")
+    for key in sorted(set(plan.config) | set(out_config)):
+        if key != "transformers_version" and plan.config.get(key) != out_config.get(key):
+            report.problems.append(f"{output / 'config.json'}: {key} is {out_config.get(key)!r}, "
+                                   f"the growth gives {plan.config.get(key)!r}")
+    try:
+        anatomy = analyse({n: t.shape for n, t in out_tensors.items()}, out_config, plan.layout,
+                          str(output / "config.json"))
+        check_moe_layers(out_config, plan.layout, anatomy.moe_layers, str(output / "config.json"))
+    except MoegrowError as e:
+        report.problems.append(str(e))
+    planned = {t.name for t in plan.tensors}
+    for name in sorted(set(out_tensors) - planned):
+        report.problems.append(f"{name}: in OUTPUT but not accounted for by the growth")
+    reader = _Reader()
+    device = str(record.get("noise_device"))
+    try:
+        for t in plan.tensors:
+            out = out_tensors.get(t.name)
+            if out is None:
+                report.problems.append(f"{t.name}: missing from OUTPUT")
+                continue
+            if (out.dtype, out.shape) != (t.dtype, t.shape):
+                report.problems.append(f"{t.name}: {out.dtype}{list(out.shape)}, expected "
+                                       f"{t.dtype}{list(t.shape)}")
+                continue
+            _check_tensor(t, out, plan, source, device, reader, report)
+            report.checked += 1
+            if progress:
+                progress(t.nbytes)
+    finally:
+        reader.close()
+    return report
+
+
+def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) -> float:
+    """Max abs logit difference of the two checkpoints on fixed random tokens, in float32."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise MoegrowError("verify --forward needs transformers: pip install 'moegrow[forward]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logits = []
+    for path in (source, output):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.eval()
+        vocab = model.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits.float())
+        del model
+    return float((logits[0] - logits[1]).abs().max())
