@@ -73,7 +73,8 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
     new = copy.deepcopy(dict(config))
     changed: list[str] = []
     source_moe = {i for i in moe_layers if i < n_old}
-    for dk in layout.depth_keys:
+    # sparse_step last: it overrides its companion index list
+    for dk in sorted(layout.depth_keys, key=lambda d: d.kind == "sparse_step"):
         value = new.get(dk.key)
         if value is None:
             continue
