@@ -154,6 +154,7 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "active_params": [before[1], after[1]],
         "config_changes": plan.config_changes,
         "function_preserving": plan.function_preserving,
+        "preservation": plan.preservation(),
         "noise": plan.noise,
         "router_noise": plan.router_noise,
         "seed": plan.seed,
@@ -176,7 +177,7 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
         err.print(f"  config {c}", markup=False)
-    err.print(f"  function-preserving: {'yes' if s['function_preserving'] else 'no'}")
+    err.print(f"  function-preserving: {s['preservation']}")
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
 

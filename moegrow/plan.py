@@ -82,6 +82,16 @@ class Plan:
     def function_preserving(self) -> bool:
         return self.exact and self.noise == 0.0 and self.router_noise == 0.0
 
+    def preservation(self) -> str:
+        """Whether the grown model computes the source's function, and if not, why."""
+        if self.function_preserving:
+            return "yes (logits equal up to float rounding)"
+        if self.layer_map is not None:
+            return "no (depth growth adds layers)"
+        if not self.exact:
+            return "no (top-k not scaled)" if self.top_k != "scale" else f"no ({self.layout.name} routing)"
+        return "no (noise on the copies; exact at --noise 0 --router-noise 0)"
+
     def sources(self) -> set[str]:
         return {p.source for t in self.tensors for p in t.parts}
 
@@ -160,8 +170,9 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         for j in targets.get(role.layer, []):
             out.append(OutTensor(layer_name(layout, j, rel), t.dtype, t.shape, (Part(name),)))
     changes = [f"{k}: {config.get(k)!r} -> {new_config.get(k)!r}" for k in changed]
+    # Depth growth adds layers to the residual stream: it never keeps the source's function.
     plan = Plan("grow-depth", layout, dict(config), new_config, _ordered(out),
-                layer_map=list(layer_map), config_changes=changes)
+                layer_map=list(layer_map), config_changes=changes, exact=False)
     if anatomy.extra_layers:
         plan.warnings.append(
             f"layers {list(anatomy.extra_layers)} lie after the {n_old} decoder layers (MTP); "
@@ -246,6 +257,7 @@ def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layo
         for t in plan.tensors
     ]
     plan.operation = "grow"
+    plan.exact = False  # the width part is exact relative to the deepened model, not the source
     plan.source_config = dict(config)
     plan.layer_map = depth.layer_map
     plan.config_changes = depth.config_changes + plan.config_changes
