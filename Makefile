@@ -20,7 +20,8 @@ lint:
 	$(BIN)/ruff check moegrow tests benchmarks
 
 bench:
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py --size 1
+	$(BIN)/python benchmarks/bench.py --size 4
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

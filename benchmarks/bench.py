@@ -1,0 +1,170 @@
+"""moegrow benchmark: wall time and peak RSS of each growth against the I/O floor (`cp` + `sync`).
+
+Builds a synthetic bf16 checkpoint with real Mixtral tensor names in several shards (size 1 is
+about 1.2 GiB; `--size 4` is four times the layers), then runs, each in a fresh process:
+grow-depth --layers 2x, grow-width --experts 2x (noise 0 and 0.01), grow --layers 2x --experts 2x
+--noise 0.01. The floor for each is `cp -r` of its output folder plus `sync`, timed in the same
+run. Prints a table and writes JSON (default bench-results/bench-<size>.json).
+
+Usage: python benchmarks/bench.py [--size 1] [--work DIR] [--out FILE] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+HIDDEN, FFN, EXPERTS, VOCAB = 1024, 2048, 8, 32000
+LAYERS_PER_SIZE = 10
+SHARD_BYTES = 400 * 1024**2
+
+
+def _bf16_block(nbytes: int) -> bytes:
+    """Valid bf16 values (normal, std 0.02): the top halves of float32 draws."""
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(0, 0.02, nbytes // 2).astype(np.float32)
+    return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+def build_checkpoint(folder: Path, size: int) -> int:
+    """Write a Mixtral-layout checkpoint; return its byte count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from moegrow.io import header_bytes
+
+    layers = LAYERS_PER_SIZE * size
+    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
+        tensors += [(p + f"self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
+        tensors.append((p + "block_sparse_moe.gate.weight", (EXPERTS, HIDDEN)))
+        for e in range(EXPERTS):
+            q = p + f"block_sparse_moe.experts.{e}."
+            tensors += [(q + "w1.weight", (FFN, HIDDEN)), (q + "w2.weight", (HIDDEN, FFN)), (q + "w3.weight", (FFN, HIDDEN))]
+    tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    block = _bf16_block(max(2 * s[0] * (s[1] if len(s) > 1 else 1) for _, s in tensors))
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    acc = 0
+    for t in tensors:
+        n = 2 * t[1][0] * (t[1][1] if len(t[1]) > 1 else 1)
+        if shards[-1] and acc + n > SHARD_BYTES:
+            shards.append([])
+            acc = 0
+        shards[-1].append(t)
+        acc += n
+    folder.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = [(n, "BF16", s, 2 * s[0] * (s[1] if len(s) > 1 else 1)) for n, s in shard]
+        head, _ = header_bytes(entries)
+        with open(folder / name, "wb") as f:
+            f.write(head)
+            for _, _, _, nbytes in entries:
+                f.write(block[:nbytes])
+                total += nbytes
+        weight_map.update({n: name for n, _ in shard})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": HIDDEN,
+        "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "num_local_experts": EXPERTS, "num_experts_per_tok": 2,
+        "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "dtype": "bfloat16",
+        "tie_word_embeddings": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return total
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a command in its own process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def floor(src: Path, dest: Path) -> float:
+    """cp of the same bytes plus sync: the I/O floor."""
+    shutil.rmtree(dest, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
+    subprocess.run(["sync"], check=True)
+    t = time.perf_counter() - start
+    shutil.rmtree(dest)
+    return t
+
+
+CASES = {
+    "grow-depth 2x": ["grow-depth", "--layers", "2x"],
+    "grow-width 2x noise 0": ["grow-width", "--experts", "2x"],
+    "grow-width 2x noise 0.01": ["grow-width", "--experts", "2x", "--noise", "0.01"],
+    "grow 2x2x noise 0.01": ["grow", "--layers", "2x", "--experts", "2x", "--noise", "0.01"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1, help="checkpoint size multiplier (1 = about 1.2 GiB)")
+    ap.add_argument("--work", type=Path, default=Path("bench-results/work"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--build-only", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.build_only:
+        build_checkpoint(args.build_only, args.size)
+        return
+    work = args.work / f"size{args.size}"
+    src = work / "src"
+    if not src.exists():
+        print(f"building a size-{args.size} checkpoint in {src} ...", flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        # In a child process: Linux keeps a process's peak RSS across fork + exec, so the
+        # parent must stay small for the children's peak RSS to be their own.
+        subprocess.run([sys.executable, __file__, "--size", str(args.size), "--build-only", str(src)], check=True)
+    src_bytes = folder_bytes(src)
+    moegrow = [sys.executable, "-m", "moegrow"]
+    results = []
+    for label, extra in CASES.items():
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        wall, rss = timed([*moegrow, extra[0], str(src), str(out), *extra[1:], "--quiet"])
+        out_bytes = folder_bytes(out)
+        cp = floor(out, work / "floor")
+        shutil.rmtree(out)
+        results.append({"case": label, "seconds": round(wall, 3), "peak_rss_mib": round(rss, 1),
+                        "bytes_out": out_bytes, "floor_seconds": round(cp, 3), "ratio": round(wall / cp, 3)})
+        print(f"{label:28s} {wall:7.2f} s  floor {cp:6.2f} s  ratio {wall / cp:5.2f}  "
+              f"peak RSS {rss:6.1f} MiB  out {out_bytes / 1024**3:.2f} GiB", flush=True)
+    report = {"size": args.size, "source_bytes": src_bytes, "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "results": results}
+    dest = args.out or Path("bench-results") / f"bench-{args.size}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"source {src_bytes / 1024**3:.2f} GiB; results in {dest}")
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
