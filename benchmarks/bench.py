@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 HIDDEN, FFN, EXPERTS, VOCAB = 1024, 2048, 8, 32000
 LAYERS_PER_SIZE = 10
 SHARD_BYTES = 400 * 1024**2
@@ -49,7 +48,8 @@ def build_checkpoint(folder: Path, size: int) -> int:
         tensors.append((p + "block_sparse_moe.gate.weight", (EXPERTS, HIDDEN)))
         for e in range(EXPERTS):
             q = p + f"block_sparse_moe.experts.{e}."
-            tensors += [(q + "w1.weight", (FFN, HIDDEN)), (q + "w2.weight", (HIDDEN, FFN)), (q + "w3.weight", (FFN, HIDDEN))]
+            tensors += [(q + "w1.weight", (FFN, HIDDEN)), (q + "w2.weight", (HIDDEN, FFN)),
+                        (q + "w3.weight", (FFN, HIDDEN))]
     tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
     block = _bf16_block(max(2 * s[0] * (s[1] if len(s) > 1 else 1) for _, s in tensors))
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
