@@ -29,11 +29,26 @@ def _sparse_step(config: Mapping[str, Any], n: int) -> set[int]:
     return {i for i in range(n) if i not in dense and (i + 1) % step == 0}
 
 
+MOE_TYPE, DENSE_TYPE = "sparse", "dense"  # the values of an `mlp_layer_types` list
+
+
+def _mlp_layer_types(config: Mapping[str, Any], n: int) -> set[int]:
+    """`mlp_layer_types[i] == "sparse"`; without the list, the first first_k_dense_replace are dense."""
+    types = config.get("mlp_layer_types")
+    if types is None:
+        return _first_k_dense(config, n)
+    if not isinstance(types, list) or len(types) != n:
+        raise ConfigError(f"config.json: mlp_layer_types should list {n} layers, has "
+                          f"{len(types) if isinstance(types, list) else types!r}")
+    return {i for i, t in enumerate(types) if t == MOE_TYPE}
+
+
 # How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
 MOE_RULES: dict[str, Callable[[Mapping[str, Any], int], set[int]]] = {
     "all": _all,
     "first_k_dense": _first_k_dense,
     "sparse_step": _sparse_step,
+    "mlp_layer_types": _mlp_layer_types,
 }
 
 
@@ -63,6 +78,23 @@ def _prefix_count(key: str, k: int, layer_map: Sequence[int], n_old: int) -> int
     return new_k
 
 
+def _get(config: Mapping[str, Any], key: str) -> Any:
+    """A config value; a dotted key reaches into nested dicts (``linear_attn_config.kda_layers``)."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _set(config: dict[str, Any], key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        config = config[part]
+    config[last] = value
+
+
 def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence[int],
                   moe_layers: Sequence[int]) -> tuple[dict[str, Any], list[str]]:
     """The config after depth growth by `layer_map` (new layer j copies old layer layer_map[j]).
@@ -73,23 +105,33 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
     new = copy.deepcopy(dict(config))
     changed: list[str] = []
     source_moe = {i for i in moe_layers if i < n_old}
+    want = {j for j, m in enumerate(layer_map) if m in source_moe}
     # sparse_step last: it overrides its companion index list
     for dk in sorted(layout.depth_keys, key=lambda d: d.kind == "sparse_step"):
-        value = new.get(dk.key)
+        value = _get(new, dk.key)
+        if value is None and dk.kind == "moe_types" and "." not in dk.key:
+            # a default derived from other keys cannot follow every map: write the list out
+            new[dk.key] = [MOE_TYPE if j in want else DENSE_TYPE for j in range(len(layer_map))]
+            changed.append(dk.key)
+            continue
         if value is None:
             continue
         if dk.kind == "count":
-            new[dk.key] = len(layer_map)
-        elif dk.kind == "per_layer":
+            _set(new, dk.key, len(layer_map))
+        elif dk.kind in ("per_layer", "moe_types"):
             if not isinstance(value, list) or len(value) != n_old:
                 raise ConfigError(f"config.json: {dk.key} should list {n_old} layers, has "
                                   f"{len(value) if isinstance(value, list) else value!r}")
-            new[dk.key] = [value[m] for m in layer_map]
-        elif dk.kind == "index_list":
-            old = set(value)
-            new[dk.key] = [j for j, m in enumerate(layer_map) if m in old]
+            _set(new, dk.key, [value[m] for m in layer_map])
+        elif dk.kind in ("index_list", "index_list_1based"):
+            base = 1 if dk.kind == "index_list_1based" else 0
+            old = {int(i) - base for i in value}
+            _set(new, dk.key, [j + base for j, m in enumerate(layer_map) if m in old])
         elif dk.kind == "prefix_count":
-            new[dk.key] = _prefix_count(dk.key, int(value), layer_map, n_old)
+            _set(new, dk.key, _prefix_count(dk.key, int(value), layer_map, n_old))
+        elif dk.kind == "dense_prefix":
+            # informational only (another key decides): the new run of leading dense layers
+            _set(new, dk.key, next((j for j in range(len(layer_map)) if j in want), len(layer_map)))
         elif dk.kind == "sparse_step":
             if int(value) != 1:
                 # Every-Nth-layer cannot survive a layer map: make the dense layers explicit.
@@ -99,9 +141,8 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                 changed.append(companion)
         else:  # pragma: no cover - layouts are checked by tests
             raise AssertionError(dk.kind)
-        if new[dk.key] != config.get(dk.key):
+        if _get(new, dk.key) != _get(config, dk.key):
             changed.append(dk.key)
-    want = {j for j, m in enumerate(layer_map) if m in source_moe}
     got = config_moe_layers(new, layout)
     if want != got:
         keys = ", ".join(d.key for d in layout.depth_keys if d.kind != "count")
@@ -127,7 +168,7 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
     changes: list[str] = []
     ekey = layout.config_key(config, layout.experts_keys, "expert count")
     kkey = layout.config_key(config, layout.top_k_keys, "top-k")
-    e_old, k_old = int(config[ekey]), int(config[kkey])
+    e_old, k_old = layout.num_experts(config), layout.top_k(config)
     new[ekey] = e_old * factor
     changes.append(f"{ekey}: {e_old} -> {new[ekey]}")
     k_new = k_old * factor if top_k == "scale" else k_old if top_k == "keep" else int(top_k)
@@ -137,14 +178,15 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
         new[kkey] = k_new
         changes.append(f"{kkey}: {k_old} -> {k_new}")
     for rule in layout.width_rules:
-        value = config.get(rule.key)
-        if value is None or (rule.unless and config.get(rule.unless)):
+        key = next((k for k in rule.keys if config.get(k) is not None), None)
+        if key is None or any(config.get(k) for k in rule.unless_keys):
             continue
+        value = config[key]
         if rule.op == "mul":
-            new[rule.key] = value * factor
+            new[key] = value * factor
         elif rule.op == "div":
-            new[rule.key] = value / factor
+            new[key] = value / factor
         else:  # pragma: no cover
             raise AssertionError(rule.op)
-        changes.append(f"{rule.key}: {value} -> {new[rule.key]} ({rule.why})")
+        changes.append(f"{key}: {value} -> {new[key]} ({rule.why})")
     return new, changes

@@ -21,9 +21,12 @@ class DepthKey:
     """A layer-indexed config key and how a layer map rewrites it.
 
     kinds: ``count`` (the layer count), ``per_layer`` (a list with one entry per layer),
-    ``index_list`` (a list of layer indices), ``prefix_count`` (the first N layers are special),
-    ``sparse_step`` (every Nth layer is MoE; rewritten to 1 plus an explicit index list, see
-    `configs.py`).
+    ``index_list`` (a list of layer indices), ``index_list_1based`` (the same, counting from 1),
+    ``prefix_count`` (the first N layers are special), ``sparse_step`` (every Nth layer is MoE;
+    rewritten to 1 plus an explicit index list, see `configs.py`), ``moe_types`` (a per-layer
+    list of "sparse" / "dense"; written out from the tensors when the source config leaves it to
+    a default), ``dense_prefix`` (a count of leading dense layers that another key overrides; set
+    to the new leading dense run). A dotted key reaches into a nested dict.
     """
 
     key: str
@@ -35,13 +38,25 @@ class WidthRule:
     """A config change that keeps width growth by a factor f function-preserving.
 
     op ``mul`` multiplies the key by f, ``div`` divides it by f. ``unless`` names a boolean
-    config key that, when true, makes the rule unnecessary.
+    config key (or its aliases) that, when true, makes the rule unnecessary. ``aliases`` are other
+    names of ``key``; the first present is rewritten.
     """
 
     key: str
     op: str
     why: str
-    unless: str | None = None
+    unless: str | tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key, *self.aliases)
+
+    @property
+    def unless_keys(self) -> tuple[str, ...]:
+        if self.unless is None:
+            return ()
+        return (self.unless,) if isinstance(self.unless, str) else self.unless
 
 
 @dataclass(frozen=True)
@@ -77,14 +92,22 @@ class Layout:
                 return k
         raise ConfigError(f"config.json: no {what} key (looked for {', '.join(aliases)})")
 
+    def _int(self, config: Mapping[str, Any], aliases: tuple[str, ...], what: str) -> int:
+        key = self.config_key(config, aliases, what)
+        value = config[key]
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"config.json: {key} is {value!r}; moegrow needs one integer "
+                              f"{what} (per-layer values are not supported)")
+        return int(value)
+
     def num_experts(self, config: Mapping[str, Any]) -> int:
-        return int(config[self.config_key(config, self.experts_keys, "expert count")])
+        return self._int(config, self.experts_keys, "expert count")
 
     def top_k(self, config: Mapping[str, Any]) -> int:
-        return int(config[self.config_key(config, self.top_k_keys, "top-k")])
+        return self._int(config, self.top_k_keys, "top-k")
 
     def num_layers(self, config: Mapping[str, Any]) -> int:
-        return int(config[self.config_key(config, self.layers_keys, "layer count")])
+        return self._int(config, self.layers_keys, "layer count")
 
 
 _QWEN_DEPTH = (
@@ -96,6 +119,31 @@ _QWEN_DEPTH = (
 )
 _SOFTMAX_TOPK = ("softmax over all experts, top-k, weights renormalised over the k when "
                  "norm_topk_prob (else raw probabilities)")
+_COUNT = DepthKey("num_hidden_layers", "count")
+_LAYER_TYPES = DepthKey("layer_types", "per_layer")
+_MLP_TYPES = DepthKey("mlp_layer_types", "moe_types")
+_FIRST_K = DepthKey("first_k_dense_replace", "prefix_count")
+_FIRST_K_INFO = DepthKey("first_k_dense_replace", "dense_prefix")  # saved, but mlp_layer_types decides
+_ROUTED = ("n_routed_experts", "num_local_experts", "num_experts")
+_SIGMOID_GROUPS = ("sigmoid scores; selection on score + e_score_correction_bias, limited to the "
+                   "topk_group best of n_group groups (group score = sum of its top 2); top-k; "
+                   "normalised when norm_topk_prob; times routed_scaling_factor")
+
+
+def _group_rules(n_group: tuple[str, ...] = ("n_group",), norm: tuple[str, ...] = ("norm_topk_prob",),
+                 scaling: bool = True) -> tuple[WidthRule, ...]:
+    """Group-limited routing: double the groups (and the groups kept); for unnormalised sigmoid
+    weights, halve the routed scaling factor."""
+    rules = (
+        WidthRule(n_group[0], "mul", "groups must be [originals | copies] so that a copy's group "
+                  "scores like its original's", aliases=n_group[1:]),
+        WidthRule("topk_group", "mul", "twice the groups are kept, the originals' and their copies'"),
+    )
+    if scaling:
+        rules += (WidthRule("routed_scaling_factor", "div", "unnormalised sigmoid weights do not "
+                            "halve, so a selected pair would weigh twice", unless=norm),)
+    return rules
+
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
@@ -171,6 +219,268 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=("MTP layers stored after the decoder layers (model.layers.{L}) are widened, kept "
                "out of depth interposition and renumbered after the new last layer; transformers "
                "ignores them on load.",),
+    ),
+    Layout(
+        name="flex_olmo",
+        model_types=("flex_olmo",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        routing=_SOFTMAX_TOPK,
+        depth_keys=(_COUNT,),
+    ),
+    Layout(
+        name="minimax",
+        model_types=("minimax",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        router_weights=("block_sparse_moe.gate.weight",),
+        routing="softmax over all experts, top-k, renormalised over the k",
+        depth_keys=(_COUNT, _LAYER_TYPES),
+    ),
+    Layout(
+        name="minimax_m2",
+        model_types=("minimax_m2",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        router_weights=("block_sparse_moe.gate.weight",),
+        router_biases=("block_sparse_moe.e_score_correction_bias",),
+        buffers=("block_sparse_moe.e_score_correction_bias",),
+        routing="sigmoid scores; top-k of score + e_score_correction_bias; always normalised",
+        depth_keys=(_COUNT, _LAYER_TYPES),
+    ),
+    Layout(
+        name="mellum",
+        model_types=("mellum",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        routing=_SOFTMAX_TOPK,
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES),
+        notes=("MTP layers (num_nextn_predict_layers, mtp_layer_types) are not laid out by "
+               "transformers' save_pretrained and are not handled.",),
+    ),
+    Layout(
+        name="hunyuan_v1_moe",
+        model_types=("hunyuan_v1_moe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("moe_topk", "num_experts_per_tok"),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.wg.weight",),
+        shared_prefix="mlp.shared_mlp.",
+        routing="softmax (float32 gate) over all experts, top-k, renormalised; plus a shared MLP",
+        depth_keys=(_COUNT,),
+        notes=("per-layer num_experts / moe_topk lists are refused",),
+    ),
+    Layout(
+        name="deepseek_v2",
+        model_types=("deepseek_v2",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        routing=("softmax over all experts; greedy top-k, or group_limited_greedy (the topk_group "
+                 "groups of n_group with the best max); never renormalised; times "
+                 "routed_scaling_factor; plus shared experts"),
+        moe_rule="first_k_dense",
+        depth_keys=(_COUNT, _FIRST_K),
+        width_rules=_group_rules(scaling=False),
+    ),
+    Layout(
+        name="glm4_moe",
+        model_types=("glm4_moe",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        moe_rule="first_k_dense",
+        depth_keys=(_COUNT, _FIRST_K),
+        width_rules=_group_rules(),
+        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",),
+    ),
+    Layout(
+        name="dots1",
+        model_types=("dots1",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        moe_rule="first_k_dense",
+        depth_keys=(_COUNT, _FIRST_K, _LAYER_TYPES, DepthKey("max_window_layers", "prefix_count")),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="solar_open",
+        model_types=("solar_open",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        depth_keys=(_COUNT,),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="exaone_moe",
+        model_types=("exaone_moe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("num_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.e_score_correction_bias",),
+        buffers=("mlp.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + " (correction bias at block level); plus shared experts",
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES, _FIRST_K_INFO),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="mimo_v2_flash",
+        model_types=("mimo_v2_flash",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS,
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="kimi_linear",
+        model_types=("kimi_linear",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
+        shared_experts_keys=("num_shared_experts", "n_shared_experts"),
+        shared_prefix="block_sparse_moe.shared_experts.",
+        experts_prefix="block_sparse_moe.experts.",
+        router_weights=("block_sparse_moe.gate.weight",),
+        router_biases=("block_sparse_moe.gate.e_score_correction_bias",),
+        buffers=("block_sparse_moe.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + " (num_expert_group, moe_renormalize); plus shared experts",
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES, _FIRST_K_INFO,
+                    DepthKey("linear_attn_config.full_attn_layers", "index_list_1based"),
+                    DepthKey("linear_attn_config.kda_layers", "index_list_1based")),
+        width_rules=_group_rules(n_group=("num_expert_group", "n_group"),
+                                 norm=("moe_renormalize", "norm_topk_prob")),
+    ),
+    Layout(
+        name="glm4_moe_lite",
+        model_types=("glm4_moe_lite",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _MLP_TYPES, _FIRST_K_INFO),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="deepseek_v32",
+        model_types=("deepseek_v32",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES, _FIRST_K_INFO),
+        width_rules=_group_rules(),
+        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",),
+    ),
+    Layout(
+        name="granitemoe",
+        model_types=("granitemoe",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+        router_weights=("block_sparse_moe.router.layer.weight",),
+        routing="top-k of the router logits, softmax over the k",
+        depth_keys=(_COUNT,),
+    ),
+    Layout(
+        name="granitemoeshared",
+        model_types=("granitemoeshared",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+        router_weights=("block_sparse_moe.router.layer.weight",),
+        shared_prefix="shared_mlp.",
+        routing="top-k of the router logits, softmax over the k; plus a shared MLP",
+        depth_keys=(_COUNT,),
+    ),
+    Layout(
+        name="gpt_oss",
+        model_types=("gpt_oss",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        # gate/up interleaved in the last dim of gate_up_proj: duplication along axis 0 keeps it
+        fused_experts=tuple(f"mlp.experts.{n}" for n in (
+            "gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias",
+            "gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")),
+        router_weights=("mlp.router.weight",),
+        router_biases=("mlp.router.bias",),
+        routing="router logits with a bias; top-k of the logits, softmax over the k",
+        depth_keys=(_COUNT, _LAYER_TYPES),
+        notes=("The Hub release's MXFP4 experts (*_blocks / *_scales, uint8, expert axis first) are "
+               "duplicated like the others but cannot take --noise; only the dequantised form is tested.",),
+    ),
+    Layout(
+        name="mistral4",
+        model_types=("mistral4",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router_weights=("mlp.gate.weight",),
+        routing=("softmax over all experts; the topk_group best of n_group groups (group score = "
+                 "sum of its top 2); top-k; normalised when norm_topk_prob; times "
+                 "routed_scaling_factor; plus shared experts"),
+        moe_rule="first_k_dense",
+        depth_keys=(_COUNT, _FIRST_K),
+        width_rules=_group_rules(scaling=False),
+        notes=("transformers maps mistral4 to no AutoModelForCausalLM: verify --forward cannot load "
+               "it; load with Mistral4ForCausalLM.",),
     ),
 )
 

@@ -1,0 +1,208 @@
+"""More MoE families: tiny random checkpoints, width growth exact at noise 0, depth growth loads.
+
+Each family gets a tiny random checkpoint with non-trivial routers (correction biases non-zero),
+a dense layer and shared experts where the family has them, and group-limited routing where it
+has it. Run with ``--junitxml`` to collect the measured logit differences (record_property).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from .conftest import COMMON, TOKENS, logits, run, save
+
+MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
+GROUPS = dict(n_group=4, topk_group=2)
+DEEPSEEK_LIKE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1)
+
+FAMILY_CONFIGS: dict[str, dict] = {
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    "minimax": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, block_size=4,
+                    layer_types=["linear_attention", "full_attention", "full_attention"]),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+    "mellum": dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                   mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=8),
+    "deepseek_v2": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, topk_method="group_limited_greedy",
+                        **GROUPS, **MLA),
+    "glm4_moe": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, head_dim=8, norm_topk_prob=True, **GROUPS),
+    "dots1": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, head_dim=8, norm_topk_prob=False, **GROUPS),
+    "solar_open": dict(**DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=True, **GROUPS),
+    "exaone_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, num_shared_experts=1,
+                       first_k_dense_replace=1, head_dim=8, norm_topk_prob=True, **GROUPS),
+    "mimo_v2_flash": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                          v_head_dim=8, num_attention_heads=4, num_key_value_heads=1, norm_topk_prob=True,
+                          **GROUPS),
+    "kimi_linear": dict(num_experts=8, num_experts_per_token=2, moe_intermediate_size=8, num_shared_experts=1,
+                        num_expert_group=4, topk_group=2, moe_renormalize=True, linear_num_heads=2,
+                        linear_head_dim=8, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        **MLA),
+    "glm4_moe_lite": dict(**DEEPSEEK_LIKE, norm_topk_prob=True, **GROUPS, **MLA),
+    "deepseek_v32": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, norm_topk_prob=True, index_n_heads=2,
+                         index_head_dim=16, **GROUPS, **MLA),
+    # experts fused on disk, expert axis first
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=12),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "mistral4": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, norm_topk_prob=False, **GROUPS,
+                     **{**MLA, "head_dim": 16}),  # rotary dim = head_dim * partial_rotary_factor 0.5
+}
+# families that AutoModelForCausalLM does not map (so `verify --forward` cannot load them either)
+MODEL_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
+
+# stacking (0,1,2,0,1,2) puts a copy of dense layer 0 after MoE layers: a dense-prefix count cannot say so
+STACK_REFUSED = {"deepseek_v2": "first_k_dense_replace", "glm4_moe": "first_k_dense_replace",
+                 "dots1": "first_k_dense_replace", "mistral4": "first_k_dense_replace"}
+EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk")
+GROUP_KEYS = ("n_group", "num_expert_group", "topk_group")
+
+
+def build(model_type: str, seed: int = 0, **overrides):
+    """A tiny random model with non-trivial routers and correction biases."""
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILY_CONFIGS[model_type], **overrides})
+    torch.manual_seed(seed)
+    if model_type in MODEL_CLASSES:
+        model = getattr(transformers, MODEL_CLASSES[model_type])(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if "gate" in name or "router" in name else 0.2)
+        for name, b in model.named_buffers():
+            if "correction_bias" in name or "expert_bias" in name:
+                b.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def family_logits(folder, family: str) -> torch.Tensor:
+    """conftest.logits (clean load, then a forward pass), through the family's own class if needed."""
+    if family not in MODEL_CLASSES:
+        return logits(folder)
+    model, info = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info[kind], (kind, info[kind])
+    with torch.no_grad():
+        return model.eval()(input_ids=TOKENS).logits
+
+
+_BUILT: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def family_source(tmp_path_factory):
+    """A saved float32 checkpoint per family, built on first use in each worker."""
+    def get(family: str):
+        if family not in _BUILT:
+            _BUILT[family] = save(build(family), tmp_path_factory.mktemp(family))
+        return _BUILT[family]
+    return get
+
+
+def first(config: dict, keys: tuple[str, ...]) -> str:
+    return next(k for k in keys if config.get(k) is not None)
+
+
+def read_config(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_width_2x_exact(family, family_source, tmp_path, record_property):
+    src = family_source(family)
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    before = family_logits(src, family)
+    assert before.abs().max() > 0
+    diff = (before - family_logits(out, family)).abs().max().item()
+    record_property("max_logit_diff", diff)
+    assert diff <= 1e-5, diff
+    old, new = read_config(src), read_config(out)
+    ekey, kkey = first(old, EXPERT_KEYS), first(old, TOP_K_KEYS)
+    assert new[ekey] == 2 * old[ekey] and new[kkey] == 2 * old[kkey]  # written back under the source's key
+    for key in GROUP_KEYS:
+        if old.get(key) is not None:
+            assert new[key] == 2 * old[key], key
+    forward = () if family in MODEL_CLASSES else ("--forward", "--atol", "1e-5")
+    code, _, err = run("verify", src, out, *forward)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("family, overrides, key", [
+    ("glm4_moe", {"norm_topk_prob": False}, "routed_scaling_factor"),
+    ("kimi_linear", {"moe_renormalize": False}, "routed_scaling_factor"),  # the alias decides
+    ("deepseek_v2", {"topk_method": "greedy", "n_group": None, "topk_group": None}, None),
+])
+def test_width_variants(family, overrides, key, tmp_path, record_property):
+    src = save(build(family, routed_scaling_factor=2.0, **overrides), tmp_path / "src")
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x", "--quiet")
+    assert code == 0, err
+    if key:
+        assert read_config(tmp_path / "out")[key] == pytest.approx(1.0)
+    diff = (logits(src) - logits(tmp_path / "out")).abs().max().item()
+    record_property("max_logit_diff", diff)
+    assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("method", ["interpose", "stack"])
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_depth_2x(family, method, family_source, tmp_path):
+    src = family_source(family)
+    out = tmp_path / "out"
+    code, stdout, err = run("grow-depth", src, out, "--layers", "2x", "--method", method, "--json", "--quiet")
+    if method == "stack" and family in STACK_REFUSED:
+        assert code == 2 and STACK_REFUSED[family] in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+        return
+    assert code == 0, err
+    layer_map = [0, 0, 1, 1, 2, 2] if method == "interpose" else [0, 1, 2, 0, 1, 2]
+    assert json.loads(stdout)["layer_map"] == layer_map
+    old, new = read_config(src), read_config(out)
+    assert new["num_hidden_layers"] == 6
+    for key in ("layer_types", "mlp_layer_types"):
+        if old.get(key) is not None:
+            assert new[key] == [old[key][m] for m in layer_map], key
+    family_logits(out, family)  # loads with no missing / unexpected / mismatched keys, and runs
+    code, _, err = run("verify", src, out)
+    assert code == 0, err
+
+
+def test_mlp_layer_types_written_out_when_left_to_a_default(tmp_path):
+    """A Hub-style kimi_linear config: no layer_types / mlp_layer_types, layer kinds as 1-based
+    index lists in linear_attn_config, the dense prefix as first_k_dense_replace."""
+    src = save(build("kimi_linear"), tmp_path / "src")
+    config = read_config(src)
+    del config["layer_types"], config["mlp_layer_types"]
+    config.update(first_k_dense_replace=1, linear_attn_config={
+        "full_attn_layers": [2], "kda_layers": [1, 3], "head_dim": 8, "num_heads": 2, "short_conv_kernel_size": 4})
+    (src / "config.json").write_text(json.dumps(config))
+    loaded = transformers.AutoConfig.from_pretrained(src)
+    assert loaded.layer_types == ["linear_attention", "full_attention", "linear_attention"]
+    assert loaded.mlp_layer_types == ["dense", "sparse", "sparse"]
+    out = tmp_path / "out"
+    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", "stack", "--quiet")
+    assert code == 0, err
+    new = read_config(out)
+    assert new["mlp_layer_types"] == ["dense", "sparse", "sparse"] * 2
+    assert new["first_k_dense_replace"] == 1
+    assert new["linear_attn_config"]["full_attn_layers"] == [2, 5]
+    assert new["linear_attn_config"]["kda_layers"] == [1, 3, 4, 6]
+    assert transformers.AutoConfig.from_pretrained(out).layer_types == [
+        "linear_attention", "full_attention", "linear_attention"] * 2
+    logits(out)
+    assert run("verify", src, out)[0] == 0
+
+
+def test_per_layer_top_k_is_refused(tmp_path):
+    src = save(build("hunyuan_v1_moe", moe_topk=[2, 2, 2]), tmp_path / "src")
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x")
+    assert code == 2 and "moe_topk" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
