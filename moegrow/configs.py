@@ -14,16 +14,21 @@ from .errors import ConfigError, GrowthError
 from .layouts import Layout
 
 
-def _all(config: Mapping[str, Any], n: int) -> set[int]:
+def _all(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
     return set(range(n))
 
 
-def _first_k_dense(config: Mapping[str, Any], n: int) -> set[int]:
-    k = int(config.get("first_k_dense_replace") or 0)
-    return set(range(k, n))
+def _dense_prefix(config: Mapping[str, Any], n: int, layout: Layout) -> int:
+    """The count of leading dense layers: the layout's dense-prefix key, else its default."""
+    value = config.get(layout.dense_prefix_key)
+    return min(int(value if value is not None else layout.default_dense), n)
 
 
-def _sparse_step(config: Mapping[str, Any], n: int) -> set[int]:
+def _first_k_dense(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
+    return set(range(_dense_prefix(config, n, layout), n))
+
+
+def _sparse_step(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
     step = int(config.get("decoder_sparse_step") or 1)
     dense = set(config.get("mlp_only_layers") or [])
     return {i for i in range(n) if i not in dense and (i + 1) % step == 0}
@@ -32,28 +37,41 @@ def _sparse_step(config: Mapping[str, Any], n: int) -> set[int]:
 MOE_TYPE, DENSE_TYPE = "sparse", "dense"  # the values of an `mlp_layer_types` list
 
 
-def _mlp_layer_types(config: Mapping[str, Any], n: int) -> set[int]:
-    """`mlp_layer_types[i] == "sparse"`; without the list, the first first_k_dense_replace are dense."""
+def _mlp_layer_types(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
+    """`mlp_layer_types[i] == "sparse"`; without the list, a dense prefix (see `_dense_prefix`)."""
     types = config.get("mlp_layer_types")
     if types is None:
-        return _first_k_dense(config, n)
+        return _first_k_dense(config, n, layout)
     if not isinstance(types, list) or len(types) != n:
         raise ConfigError(f"config.json: mlp_layer_types should list {n} layers, has "
                           f"{len(types) if isinstance(types, list) else types!r}")
     return {i for i, t in enumerate(types) if t == MOE_TYPE}
 
 
+def _block_types(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
+    """One block kind per layer: MoE where the first present per-layer key holds the MoE value."""
+    for key, moe in layout.moe_block_types:
+        types = config.get(key)
+        if types is not None:
+            if not isinstance(types, (list, str)) or len(types) != n:
+                raise ConfigError(f"config.json: {key} should give {n} layers, has {types!r}")
+            return {i for i, t in enumerate(types) if t == moe}
+    raise ConfigError(f"config.json: no per-layer block types (looked for "
+                      f"{', '.join(k for k, _ in layout.moe_block_types)})")
+
+
 # How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
-MOE_RULES: dict[str, Callable[[Mapping[str, Any], int], set[int]]] = {
+MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "all": _all,
     "first_k_dense": _first_k_dense,
     "sparse_step": _sparse_step,
     "mlp_layer_types": _mlp_layer_types,
+    "block_types": _block_types,
 }
 
 
 def config_moe_layers(config: Mapping[str, Any], layout: Layout) -> set[int]:
-    return MOE_RULES[layout.moe_rule](config, layout.num_layers(config))
+    return MOE_RULES[layout.moe_rule](config, layout.num_layers(config), layout)
 
 
 def check_moe_layers(config: Mapping[str, Any], layout: Layout, moe_layers: Sequence[int],
@@ -123,10 +141,23 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                 raise ConfigError(f"config.json: {dk.key} should list {n_old} layers, has "
                                   f"{len(value) if isinstance(value, list) else value!r}")
             _set(new, dk.key, [value[m] for m in layer_map])
-        elif dk.kind in ("index_list", "index_list_1based"):
-            base = 1 if dk.kind == "index_list_1based" else 0
-            old = {int(i) - base for i in value}
-            _set(new, dk.key, [j + base for j, m in enumerate(layer_map) if m in old])
+        elif dk.kind == "per_layer_chars":
+            if not isinstance(value, str) or len(value) != n_old:
+                raise ConfigError(f"config.json: {dk.key} should have one character for each of "
+                                  f"{n_old} layers, is {value!r}")
+            _set(new, dk.key, "".join(value[m] for m in layer_map))
+        elif dk.kind in ("index_list", "index_list_1based", "ranked_index_list_1based"):
+            base = 0 if dk.kind == "index_list" else 1
+            if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                raise ConfigError(f"config.json: {dk.key} must be a list of layer indices, not {value!r}")
+            listed = sorted({i - base for i in value})
+            new_list = [j for j, m in enumerate(layer_map) if m in listed]
+            ranks = [listed.index(layer_map[j]) for j in new_list]
+            if dk.kind == "ranked_index_list_1based" and ranks != list(range(len(new_list))):
+                # a listed layer's module is built from its rank in the list: a copy must keep it
+                raise GrowthError(f"config key {dk.key}={value} cannot express this layer map: a copied "
+                                  f"listed layer would change its rank in the list (its tensors depend on it)")
+            _set(new, dk.key, [j + base for j in new_list])
         elif dk.kind == "prefix_count":
             _set(new, dk.key, _prefix_count(dk.key, int(value), layer_map, n_old))
         elif dk.kind == "dense_prefix":

@@ -21,7 +21,10 @@ class DepthKey:
     """A layer-indexed config key and how a layer map rewrites it.
 
     kinds: ``count`` (the layer count), ``per_layer`` (a list with one entry per layer),
+    ``per_layer_chars`` (a string with one character per layer),
     ``index_list`` (a list of layer indices), ``index_list_1based`` (the same, counting from 1),
+    ``ranked_index_list_1based`` (the same, where a listed layer's tensors depend on its rank in the
+    list: a map that would change a copy's rank is refused),
     ``prefix_count`` (the first N layers are special), ``sparse_step`` (every Nth layer is MoE;
     rewritten to 1 plus an explicit index list, see `configs.py`), ``moe_types`` (a per-layer
     list of "sparse" / "dense"; written out from the tensors when the source config leaves it to
@@ -78,6 +81,15 @@ class Layout:
     shared_experts_keys: tuple[str, ...] = ()
     shared_prefix: str | None = None
     moe_rule: str = "all"
+    # the count of leading dense layers (rules first_k_dense, mlp_layer_types without the list),
+    # and the count to assume when the config has neither that key nor mlp_layer_types
+    dense_prefix_key: str = "first_k_dense_replace"
+    default_dense: int = 0
+    # per-layer lists (or strings, one character a layer) whose length is the layer count; the
+    # first present wins over layers_keys (nemotron_h: layers_block_type, hybrid_override_pattern)
+    layers_list_keys: tuple[str, ...] = ()
+    # rule `block_types`: (key, value) pairs; layer i is MoE iff config[key][i] == value (first key present)
+    moe_block_types: tuple[tuple[str, str], ...] = ()
     depth_keys: tuple[DepthKey, ...] = ()
     width_rules: tuple[WidthRule, ...] = ()
     exact_width: bool = True
@@ -106,7 +118,14 @@ class Layout:
     def top_k(self, config: Mapping[str, Any]) -> int:
         return self._int(config, self.top_k_keys, "top-k")
 
+    def layers_list_key(self, config: Mapping[str, Any]) -> str | None:
+        """The per-layer list (or string) that gives the layer count, if the family has one."""
+        return next((k for k in self.layers_list_keys if isinstance(config.get(k), (list, str))), None)
+
     def num_layers(self, config: Mapping[str, Any]) -> int:
+        key = self.layers_list_key(config)
+        if key is not None:
+            return len(config[key])
         return self._int(config, self.layers_keys, "layer count")
 
 
@@ -125,6 +144,11 @@ _MLP_TYPES = DepthKey("mlp_layer_types", "moe_types")
 _FIRST_K = DepthKey("first_k_dense_replace", "prefix_count")
 _FIRST_K_INFO = DepthKey("first_k_dense_replace", "dense_prefix")  # saved, but mlp_layer_types decides
 _ROUTED = ("n_routed_experts", "num_local_experts", "num_experts")
+_MOE_TYPES = DepthKey("mlp_layer_types", "moe_types")
+_NUM_DENSE = DepthKey("num_dense_layers", "prefix_count")
+_SIGMOID_BIAS = "sigmoid scores; top-k of score + expert bias; normalised"
+_MTP_OUTSIDE = ("Hub checkpoints' MTP tensors (mtp.*) lie outside the decoder layers: they are copied "
+                "unchanged, not widened nor renumbered; transformers ignores them on load")
 _SIGMOID_GROUPS = ("sigmoid scores; selection on score + e_score_correction_bias, limited to the "
                    "topk_group best of n_group groups (group score = sum of its top 2); top-k; "
                    "normalised when norm_topk_prob; times routed_scaling_factor")
@@ -481,6 +505,280 @@ LAYOUTS: tuple[Layout, ...] = (
         width_rules=_group_rules(scaling=False),
         notes=("transformers maps mistral4 to no AutoModelForCausalLM: verify --forward cannot load "
                "it; load with Mistral4ForCausalLM.",),
+    ),
+    Layout(
+        name="afmoe",
+        model_types=("afmoe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("num_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.router.gate.weight",),
+        router_biases=("mlp.expert_bias",),
+        routing=_SIGMOID_BIAS + " (block-level mlp.expert_bias); times route_scale; plus shared experts",
+        moe_rule="first_k_dense",
+        dense_prefix_key="num_dense_layers",
+        depth_keys=(_COUNT, _NUM_DENSE, _LAYER_TYPES),
+        notes=("a config without layer_types derives it from global_attn_every_n_layers, which a "
+               "layer map does not follow",),
+    ),
+    Layout(
+        name="lfm2_moe",
+        model_types=("lfm2_moe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="feed_forward.experts.",
+        router_weights=("feed_forward.gate.weight",),
+        router_biases=("feed_forward.expert_bias",),
+        buffers=("feed_forward.expert_bias",),
+        routing=("sigmoid scores; top-k of score + expert_bias (when use_expert_bias); normalised "
+                 "(sum + 1e-6) when norm_topk_prob; times routed_scaling_factor"),
+        moe_rule="first_k_dense",
+        dense_prefix_key="num_dense_layers",
+        depth_keys=(_COUNT, _NUM_DENSE, _LAYER_TYPES),
+        width_rules=(WidthRule("routed_scaling_factor", "div", "unnormalised sigmoid weights do not "
+                               "halve, so a selected pair would weigh twice", unless="norm_topk_prob"),),
+    ),
+    Layout(
+        name="hy_v3",
+        model_types=("hy_v3",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("num_shared_experts",),
+        shared_prefix="mlp.shared_mlp.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.router.gate.weight",),
+        router_biases=("mlp.expert_bias",),
+        buffers=("mlp.expert_bias",),
+        routing=_SIGMOID_BIAS + " (float32); times router_scaling_factor; plus a shared MLP",
+        moe_rule="mlp_layer_types",
+        default_dense=1,
+        depth_keys=(_COUNT, _MOE_TYPES),
+        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",),
+    ),
+    Layout(
+        name="laguna",
+        model_types=("laguna",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_prefix="mlp.shared_expert.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.experts.e_score_correction_bias",),  # saved under experts, not the gate
+        routing=("optional tanh softcap of the logits; " + _SIGMOID_BIAS + "; times "
+                 "moe_routed_scaling_factor; plus a shared expert"),
+        moe_rule="mlp_layer_types",
+        default_dense=1,
+        depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES, DepthKey("num_attention_heads_per_layer", "per_layer")),
+    ),
+    Layout(
+        name="aria_text",
+        model_types=("aria_text",),
+        experts_keys=("moe_num_experts", "num_experts", "num_local_experts"),
+        top_k_keys=("moe_topk", "num_experts_per_tok"),
+        shared_experts_keys=("moe_num_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        # stored in x out ([E,H,2F], [E,F,H]); the expert axis is still 0
+        fused_experts=("mlp.experts.fc1.weight", "mlp.experts.fc2.weight"),
+        router_weights=("mlp.router.weight",),
+        routing="top-k of the router logits, softmax over the k; plus shared experts",
+        depth_keys=(_COUNT,),
+    ),
+    Layout(
+        name="granitemoe_swa",
+        model_types=("granitemoe_swa",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        fused_experts=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+        router_weights=("block_sparse_moe.router.weight",),
+        shared_prefix="shared_mlp.",
+        routing="top-k of the router logits, softmax over the k; plus a shared MLP",
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("layer_rope_theta", "per_layer")),
+    ),
+    Layout(
+        name="granitemoehybrid",
+        model_types=("granitemoehybrid",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+        router_weights=("block_sparse_moe.router.layer.weight",),
+        shared_prefix="shared_mlp.",
+        routing="top-k of the router logits, softmax over the k; plus a shared MLP (mamba / attention layers)",
+        depth_keys=(_COUNT, _LAYER_TYPES),
+    ),
+    Layout(
+        name="minimax_m3_vl_text",
+        model_types=("minimax_m3_vl_text",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_BIAS + "; times routed_scaling_factor; plus a shared MLP",
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES),
+        notes=("a config that gives moe_layer_freq instead of mlp_layer_types is read as all-MoE and "
+               "refused if its tensors disagree",),
+    ),
+    Layout(
+        name="axk1",
+        model_types=("axk1",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts; a post-MoE RMSNorm",
+        moe_rule="mlp_layer_types",
+        default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
+        depth_keys=(_COUNT, _MOE_TYPES),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="axk2",
+        model_types=("axk2",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + " (n_group may be null: no groups); plus shared experts",
+        moe_rule="mlp_layer_types",
+        default_dense=1,
+        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="beam",
+        model_types=("beam",),
+        experts_keys=("num_experts", "num_local_experts", "n_routed_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + " (the scaling applied to the block output)",
+        moe_rule="mlp_layer_types",
+        default_dense=3,  # a config without mlp_layer_types has min(3, L) dense layers
+        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
+        width_rules=_group_rules(),
+    ),
+    Layout(
+        name="glm_moe_dsa",
+        model_types=("glm_moe_dsa",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        moe_rule="mlp_layer_types",
+        default_dense=3,  # first_k_dense_replace's default
+        depth_keys=(_COUNT, _MOE_TYPES, _FIRST_K_INFO, _LAYER_TYPES, DepthKey("indexer_types", "per_layer")),
+        width_rules=_group_rules(),
+        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",
+               "indexer_types 'shared' layers reuse the previous layer's indexer: a layer map copies the "
+               "list, so a copied shared layer reuses its new predecessor's",),
+    ),
+    Layout(
+        name="bailing_hybrid",
+        model_types=("bailing_hybrid",),
+        experts_keys=("num_experts", "num_local_experts", "n_routed_experts"),
+        top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
+        shared_experts_keys=("num_shared_experts", "n_shared_experts"),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.expert_bias",),
+        buffers=("mlp.gate.expert_bias",),
+        routing=_SIGMOID_GROUPS + " (num_expert_group, moe_renormalize; bias saved as gate.expert_bias); "
+                "plus shared experts",
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _MOE_TYPES, _FIRST_K_INFO, _LAYER_TYPES),
+        width_rules=_group_rules(n_group=("num_expert_group", "n_group"),
+                                 norm=("moe_renormalize", "norm_topk_prob")),
+        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",
+               "a config without layer_types derives it from layer_group_size, which a layer map does "
+               "not follow",),
+    ),
+    Layout(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert",
+        moe_rule="sparse_step",
+        depth_keys=_QWEN_DEPTH,
+        notes=(_MTP_OUTSIDE,),
+    ),
+    Layout(
+        name="qwen3_5_moe_text",
+        model_types=("qwen3_5_moe_text",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing="softmax over all experts, top-k, renormalised; plus a sigmoid-gated shared expert",
+        depth_keys=(_COUNT, _LAYER_TYPES),
+        notes=(_MTP_OUTSIDE,),
+    ),
+    Layout(
+        name="nemotron_h",
+        model_types=("nemotron_h",),
+        layer_prefix="backbone.layers.",
+        layers_list_keys=("layers_block_type", "hybrid_override_pattern"),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mixer.shared_experts.",
+        experts_prefix="mixer.experts.",
+        router_weights=("mixer.gate.weight",),
+        router_biases=("mixer.gate.e_score_correction_bias",),
+        buffers=("mixer.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; non-gated (relu2) experts; plus shared experts",
+        moe_rule="block_types",
+        moe_block_types=(("layers_block_type", "moe"), ("hybrid_override_pattern", "E")),
+        depth_keys=(_COUNT, DepthKey("layers_block_type", "per_layer"),
+                    DepthKey("hybrid_override_pattern", "per_layer_chars")),
+        width_rules=_group_rules(),
+        notes=("one block per layer (mamba, attention, MoE or MLP) under mixer.; the layer count is the "
+               "length of layers_block_type (or hybrid_override_pattern); num_hidden_layers, when "
+               "present, is rewritten too",
+               "Hub checkpoints' MTP tensors (mtp.*) are copied unchanged, not widened",),
+    ),
+    Layout(
+        name="qwen4_exp_text",
+        model_types=("qwen4_exp_text",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert (with hyper-connections)",
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("ple_layer_ids", "ranked_index_list_1based")),
+        notes=(_MTP_OUTSIDE,
+               "a PLE layer's n-gram table sizes and hashing derive from its rank in ple_layer_ids: depth "
+               "maps that copy a PLE layer to another rank (any 2x map) are refused",),
     ),
 )
 

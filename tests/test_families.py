@@ -13,10 +13,14 @@ import pytest
 import torch
 import transformers
 
+from moegrow.layouts import layout_for
+
 from .conftest import COMMON, TOKENS, logits, run, save
 
 MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
 GROUPS = dict(n_group=4, topk_group=2)
+QWEN_LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                   layer_types=["linear_attention", "full_attention", "linear_attention"])
 DEEPSEEK_LIKE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1)
 
 FAMILY_CONFIGS: dict[str, dict] = {
@@ -52,14 +56,61 @@ FAMILY_CONFIGS: dict[str, dict] = {
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "mistral4": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, norm_topk_prob=False, **GROUPS,
                      **{**MLA, "head_dim": 16}),  # rotary dim = head_dim * partial_rotary_factor 0.5
+    "afmoe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, num_shared_experts=1,
+                  num_dense_layers=1, head_dim=8, global_attn_every_n_layers=2, sliding_window=8),
+    "lfm2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, num_dense_layers=1,
+                     layer_types=["conv", "full_attention", "conv"]),
+    "hy_v3": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                  mlp_layer_types=["dense", "sparse", "sparse"]),
+    "laguna": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                   shared_expert_intermediate_size=12, moe_routed_scaling_factor=1.5,
+                   mlp_layer_types=["dense", "sparse", "sparse"], num_attention_heads_per_layer=[2, 4, 2],
+                   layer_types=["full_attention", "sliding_attention", "full_attention"], sliding_window=8),
+    "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_intermediate_size=8, moe_num_shared_experts=1,
+                      head_dim=8),
+    "granitemoe_swa": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=12,
+                           sliding_window=8, layer_rope_theta=[10000.0, 500.0, 10000.0]),
+    "granitemoehybrid": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=12,
+                             mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+                             layer_types=["mamba", "attention", "mamba"]),
+    "minimax_m3_vl_text": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, shared_intermediate_size=12,
+                               dense_intermediate_size=20, mlp_layer_types=["dense", "sparse", "sparse"]),
+    "axk1": dict(**DEEPSEEK_LIKE, norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"], **GROUPS, **MLA),
+    "axk2": dict(**DEEPSEEK_LIKE, norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"], index_n_heads=2,
+                 index_head_dim=16, **GROUPS, **MLA),
+    "beam": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8, norm_topk_prob=False,
+                 mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8, **GROUPS),
+    "glm_moe_dsa": dict(**DEEPSEEK_LIKE, first_k_dense_replace=1, norm_topk_prob=True, index_n_heads=2,
+                        index_head_dim=16, indexer_types=["full", "shared", "full"], **GROUPS, **MLA),
+    "bailing_hybrid": dict(num_experts=8, num_experts_per_token=2, moe_intermediate_size=8, num_shared_experts=1,
+                           num_expert_group=4, topk_group=2, first_k_dense_replace=1, layer_group_size=2, **MLA),
+    # linear-attention (gated delta net) + full-attention layers, softmax routing, gated shared expert
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                       shared_expert_intermediate_size=12, decoder_sparse_step=1, mlp_only_layers=[0], **QWEN_LINEAR),
+    "qwen3_5_moe_text": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                             shared_expert_intermediate_size=12, head_dim=8, **QWEN_LINEAR),
+    "qwen4_exp_text": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                           shared_expert_intermediate_size=12, hc_count=2, hc_lowrank=4, indexer_n_heads=2,
+                           indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2,
+                           ple_layer_ids=[1, 3], ple_embed_dim=16, heads_per_ngram=2, ngram_vocab_size_base=256,
+                           split_ngram_parts=4,
+                           **{**QWEN_LINEAR, "layer_types": ["linear_attention", "indexed_attention",
+                                                             "linear_attention"]}),
+    # layer count = len(layers_block_type); prefix backbone.layers.; MoE block under mixer.; relu2 experts
+    "nemotron_h": dict(**DEEPSEEK_LIKE, moe_shared_expert_intermediate_size=8, head_dim=8, norm_topk_prob=True,
+                       layers_block_type=["mamba", "moe", "attention"], mamba_num_heads=4, mamba_head_dim=8,
+                       ssm_state_size=8, n_groups=2, **GROUPS),
 }
 # families that AutoModelForCausalLM does not map (so `verify --forward` cannot load them either)
 MODEL_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
 
 # stacking (0,1,2,0,1,2) puts a copy of dense layer 0 after MoE layers: a dense-prefix count cannot say so
 STACK_REFUSED = {"deepseek_v2": "first_k_dense_replace", "glm4_moe": "first_k_dense_replace",
-                 "dots1": "first_k_dense_replace", "mistral4": "first_k_dense_replace"}
-EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
+                 "dots1": "first_k_dense_replace", "mistral4": "first_k_dense_replace",
+                 "afmoe": "num_dense_layers", "lfm2_moe": "num_dense_layers", "qwen4_exp_text": "ple_layer_ids"}
+# a PLE layer's tensor shapes follow its rank in ple_layer_ids: no 2x map keeps every copy's rank
+INTERPOSE_REFUSED = {"qwen4_exp_text": "ple_layer_ids"}
+EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk")
 GROUP_KEYS = ("n_group", "num_expert_group", "topk_group")
 
@@ -139,6 +190,8 @@ def test_width_2x_exact(family, family_source, tmp_path, record_property):
 @pytest.mark.parametrize("family, overrides, key", [
     ("glm4_moe", {"norm_topk_prob": False}, "routed_scaling_factor"),
     ("kimi_linear", {"moe_renormalize": False}, "routed_scaling_factor"),  # the alias decides
+    ("lfm2_moe", {"norm_topk_prob": False}, "routed_scaling_factor"),
+    ("bailing_hybrid", {"moe_renormalize": False}, "routed_scaling_factor"),
     ("deepseek_v2", {"topk_method": "greedy", "n_group": None, "topk_group": None}, None),
 ])
 def test_width_variants(family, overrides, key, tmp_path, record_property):
@@ -158,16 +211,17 @@ def test_depth_2x(family, method, family_source, tmp_path):
     src = family_source(family)
     out = tmp_path / "out"
     code, stdout, err = run("grow-depth", src, out, "--layers", "2x", "--method", method, "--json", "--quiet")
-    if method == "stack" and family in STACK_REFUSED:
-        assert code == 2 and STACK_REFUSED[family] in err and len(err.strip().splitlines()) == 1, err
+    refused = (STACK_REFUSED if method == "stack" else INTERPOSE_REFUSED).get(family)
+    if refused:
+        assert code == 2 and refused in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
         return
     assert code == 0, err
     layer_map = [0, 0, 1, 1, 2, 2] if method == "interpose" else [0, 1, 2, 0, 1, 2]
     assert json.loads(stdout)["layer_map"] == layer_map
     old, new = read_config(src), read_config(out)
-    assert new["num_hidden_layers"] == 6
-    for key in ("layer_types", "mlp_layer_types"):
+    assert layout_for(new).num_layers(new) == 6
+    for key in ("layer_types", "mlp_layer_types", "layers_block_type"):
         if old.get(key) is not None:
             assert new[key] == [old[key][m] for m in layer_map], key
     family_logits(out, family)  # loads with no missing / unexpected / mismatched keys, and runs
@@ -199,6 +253,33 @@ def test_mlp_layer_types_written_out_when_left_to_a_default(tmp_path):
         "linear_attention", "full_attention", "linear_attention"] * 2
     logits(out)
     assert run("verify", src, out)[0] == 0
+
+
+@pytest.mark.parametrize("method", ["interpose", "stack"])
+def test_depth_qwen4_exp_without_ple(method, tmp_path):
+    src = save(build("qwen4_exp_text", ple_layer_ids=[]), tmp_path / "src")
+    code, _, err = run("grow-depth", src, tmp_path / "out", "--layers", "2x", "--method", method, "--quiet")
+    assert code == 0, err
+    logits(tmp_path / "out")
+    assert run("verify", src, tmp_path / "out")[0] == 0
+
+
+def test_nemotron_h_hub_style_pattern(tmp_path):
+    """A Hub-style nemotron_h config: the layer kinds as hybrid_override_pattern, plus num_hidden_layers."""
+    src = save(build("nemotron_h", layers_block_type=["moe", "mamba", "attention"]), tmp_path / "src")
+    config = read_config(src)
+    del config["layers_block_type"]
+    config.update(hybrid_override_pattern="EM*", num_hidden_layers=3)
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", "interpose", "--quiet")
+    assert code == 0, err
+    new = read_config(out)
+    assert new["hybrid_override_pattern"] == "EEMM**" and new["num_hidden_layers"] == 6
+    logits(out)
+    code, _, err = run("grow-width", out, tmp_path / "wide", "--experts", "2x", "--quiet")
+    assert code == 0, err
+    assert (logits(out) - logits(tmp_path / "wide")).abs().max().item() <= 1e-5
 
 
 def test_per_layer_top_k_is_refused(tmp_path):
