@@ -7,7 +7,7 @@ Roles: ``global`` (outside the decoder layers), ``layer`` (a layer's non-MoE ten
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,9 +72,74 @@ def _dim0(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 0
 
 
+def _lookup(config: Mapping[str, Any], key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):  # a dotted key reaches into nested dicts
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a layer-indexed config key of each kind must hold (kinds not listed are not checked here).
+_DEPTH_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "count": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "prefix_count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "dense_prefix": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "sparse_step": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "index_list": ("a list of layer indices", lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "index_list_1based": ("a list of layer indices",
+                          lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "per_layer": ("a list", lambda v: isinstance(v, list)),
+    "moe_types": ("a list", lambda v: isinstance(v, list)),
+}
+
+
+def check_config(config: Mapping[str, Any], layout: Layout, where: str = "config.json") -> None:
+    """Refuse config values of the wrong type before anything computes with them.
+
+    The layer, expert and top-k counts must be positive integers (top-k at most the expert
+    count; a layer count given by a per-layer list must not be empty), every layer-indexed key
+    the layout rewrites must have its kind's type, and every width-rule key must be a number.
+    """
+    counts = {}
+    checks = [(layout.experts_keys, "expert count"), (layout.top_k_keys, "top-k")]
+    list_key = layout.layers_list_key(config) if hasattr(layout, "layers_list_key") else None
+    if list_key is None:
+        checks.insert(0, (layout.layers_keys, "layer count"))
+    elif not config[list_key]:
+        raise ConfigError(f"{where}: {list_key} (one entry per layer) is empty")
+    for aliases, what in checks:
+        if what == "layer count" and layout.layers_list_key(config) is not None:
+            continue  # the length of a per-layer list (see Layout.layers_list_keys)
+        key = layout.config_key(config, aliases, what)
+        value = config[key]
+        if not (_is_int(value) and value >= 1):
+            raise ConfigError(f"{where}: {key} (the {what}) must be a positive integer, not {value!r}")
+        counts[what] = (key, value)
+    (kkey, k), (ekey, e) = counts["top-k"], counts["expert count"]
+    if k > e:
+        raise ConfigError(f"{where}: {kkey}={k} is more than the {e} experts ({ekey})")
+    for dk in layout.depth_keys:
+        value = _lookup(config, dk.key)
+        rule = _DEPTH_KINDS.get(dk.kind)
+        if value is not None and rule is not None and not rule[1](value):
+            raise ConfigError(f"{where}: {dk.key} must be {rule[0]}, not {value!r}")
+    for wr in layout.width_rules:
+        for key in getattr(wr, "keys", (wr.key,)):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{where}: {key} must be a number, not {value!r}")
+
+
 def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], layout: Layout,
             where: str = "config.json") -> Anatomy:
     """Classify every tensor and check that config and tensors agree on layers and experts."""
+    check_config(config, layout, where)
     roles = {name: classify(name, layout) for name in shapes}
     num_layers = layout.num_layers(config)
     num_experts = layout.num_experts(config)
@@ -89,15 +154,20 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
                 experts_in.setdefault(r.layer, set()).update(range(n))  # type: ignore[arg-type]
             if n != num_experts:
                 raise ConfigError(f"{where}: says {num_experts} experts but {name} has {n} rows")
-    for layer, found in experts_in.items():
-        if found != set(range(num_experts)):
+    for layer, found in sorted(experts_in.items()):
+        if len(found) != num_experts or found != set(range(num_experts)):
             raise ConfigError(f"{where}: says {num_experts} experts but layer {layer} has "
                               f"{len(found)} (indices {min(found)}..{max(found)})")
     decoder = [i for i in layer_ids if i < num_layers]
-    if decoder != list(range(num_layers)):
-        missing = sorted(set(range(num_layers)) - set(decoder))
-        raise ConfigError(f"{where}: says {num_layers} layers but the tensors "
-                          f"{'lack layer ' + str(missing[0]) if missing else 'disagree'}")
+    if len(decoder) != num_layers:  # decoder is sorted, unique and below num_layers
+        missing = next(i for i in range(num_layers) if i >= len(decoder) or decoder[i] != i)
+        raise ConfigError(f"{where}: says {num_layers} layers but the tensors lack layer {missing}")
+    extra = [i for i in layer_ids if i >= num_layers]
+    mtp = config.get("num_nextn_predict_layers", config.get("num_mtp_layers"))
+    if extra and not (_is_int(mtp) and mtp >= len(extra)):
+        raise ConfigError(f"{where}: says {num_layers} layers but the tensors also have layer "
+                          f"{extra[0]}{' and more' if len(extra) > 1 else ''} (only "
+                          f"num_nextn_predict_layers may declare layers after the decoder layers)")
     if not experts_in:
         raise ConfigError(f"{where}: no expert tensors found (expected names like "
                           f"{layout.layer_prefix}N.{layout.experts_prefix}E.*): not a "

@@ -1,22 +1,24 @@
 """The `moegrow` command line: inspect, grow-depth, grow-width, grow, verify.
 
 Errors are one line on stderr (`moegrow: error: ...`) with exit 2; `verify` exits 1 when it
-finds a problem. `--json` prints one JSON object on stdout for scripts. Progress bars appear
-only on a terminal.
+finds a problem; SIGINT exits 130 and SIGTERM 143. `--debug` shows the traceback instead.
+`--json` prints one JSON object on stdout for scripts. Progress bars appear only on a terminal.
+The whole contract is in docs/errors.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -42,6 +44,27 @@ _state = {"debug": False}
 
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so that partial output is cleaned up."""
+
+
+def _classes(*names: str) -> tuple[type[BaseException], ...]:
+    """Exception classes by dotted name, those that import: typer >= 0.2x carries its own copy of
+    click (`typer._click`), older typer uses click itself."""
+    found: list[type[BaseException]] = []
+    for dotted in names:
+        module, _, attr = dotted.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _classes("typer._click.exceptions.ClickException", "click.exceptions.ClickException")
+_NO_ARGS = _classes("typer._click.exceptions.NoArgsIsHelpError", "click.exceptions.NoArgsIsHelpError")
+_EXITS = _classes("typer.Exit", "typer._click.exceptions.Exit", "click.exceptions.Exit")
+_ABORTS = _classes("typer.Abort", "typer._click.exceptions.Abort", "click.exceptions.Abort")
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -78,6 +101,9 @@ Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exist
                                                      "new one is complete).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr.")]
 Threads = Annotated[int, typer.Option(help="Worker threads for copying and noise.", min=1)]
+Strict = Annotated[bool, typer.Option(
+    "--strict", help="Read every source tensor first and refuse NaN or Inf (exit 2). Without it, "
+    "only tensors that get noise are checked, with a warning.")]
 Layers = Annotated[str | None, typer.Option(help="New depth: a factor (2x) or a layer count (N).")]
 Method = Annotated[str, typer.Option(
     help="interpose: new layer i copies old floor(i*L_old/L_new), so 2x gives 0,0,1,1,... "
@@ -184,15 +210,21 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
 
 def _run_growth(operation: str, source: str, output: Path | None, revision: str | None, json_out: bool,
                 dry_run: bool, max_shard_size: str | None, device: str, force: bool, quiet: bool,
-                threads: int, **kw: Any) -> None:
-    from .grow import plan_for, write
+                threads: int, strict: bool = False, **kw: Any) -> None:
+    from .execute import check_output
+    from .grow import check_finite, plan_for, write
 
     if device not in ("auto", "cpu", "cuda"):
-        raise click.BadParameter("must be auto, cpu or cuda", param_hint="--device")
+        raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
     shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
     src = _open(source, revision)
     plan = plan_for(src, operation, **kw)
     summary = _summary(plan, src)
+    if not dry_run:
+        assert output is not None
+        check_output(output, src.folder, force)  # before a long --strict scan
+    if strict:
+        check_finite(plan, src)
     if dry_run:
         if json_out:
             _emit({**summary, "dry_run": True})
@@ -203,10 +235,14 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     with _progress(summary["bytes_out"], operation, _interactive(quiet)) as progress:
         written = write(plan, src, output, max_shard_size=shard, device=device, threads=threads,
                         force=force, progress=progress)
-    summary.update(output=str(output), files=written.files, seconds=round(written.seconds, 3))
+    for w in written.warnings:  # NaN / Inf in the source: shown even with --quiet
+        err.print(f"warning: {w}", style="yellow", markup=False, emoji=False)
+    summary.update(output=str(output), files=written.files, seconds=round(written.seconds, 3),
+                   warnings=summary["warnings"] + written.warnings)
     if json_out:
         _emit(summary)
     if not quiet:
+        summary["warnings"] = plan.warnings  # those of the writing are printed above
         _print_summary(summary, "grown")
         err.print(f"  wrote {output} ({len(written.files)} shard(s)) in {written.seconds:.1f} s")
 
@@ -243,10 +279,11 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
 def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method = "interpose",
                layer_map: LayerMap = None, revision: Revision = None, dry_run: DryRun = False,
                max_shard_size: MaxShard = None, device: Device = "auto", force: Force = False,
-               quiet: Quiet = False, json_out: Json = False, threads: Threads = 2) -> None:
+               quiet: Quiet = False, json_out: Json = False, threads: Threads = 2,
+               strict: Strict = False) -> None:
     """Grow depth: copy layers by interposition (default) or stacking; rewrite layer-indexed config."""
     _run_growth("grow-depth", source, output, revision, json_out, dry_run, max_shard_size, device,
-                force, quiet, threads, layers=layers, method=method, layer_map=layer_map)
+                force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map)
 
 
 @app.command("grow-width")
@@ -254,10 +291,10 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
                router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
                revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
-               json_out: Json = False, threads: Threads = 2) -> None:
+               json_out: Json = False, threads: Threads = 2, strict: Strict = False) -> None:
     """Grow width: duplicate every expert (copies after originals) and its router rows."""
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
-                force, quiet, threads, experts=experts, noise=noise, router_noise=router_noise,
+                force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
                 seed=seed, top_k=top_k)
 
 
@@ -267,10 +304,10 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
-         threads: Threads = 2) -> None:
+         threads: Threads = 2, strict: Strict = False) -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
-                quiet, threads, layers=layers, method=method, layer_map=layer_map, experts=experts,
+                quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k)
 
 
@@ -313,18 +350,42 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
         raise VerificationFailed(f"{len(report.problems)} problem(s); first: {report.problems[0]}")
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: line breaks (from a file name, say) shown as \\n."""
+    return text.strip().replace("\r", "\\r").replace("\n", "\\n") or "(no message)"
+
+
+def _fail(message: str) -> None:
+    err.print(f"moegrow: error: {_one_line(message)}", markup=False, emoji=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, map errors to one line and an exit code."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Console entry point: run the app, map every failure to one line and an exit code.
+
+    0 success; 1 `verify` found a problem; 2 any other failure (usage, unreadable or unsupported
+    source, OUTPUT not writable, disk full, an unexpected error); 130 SIGINT; 143 SIGTERM.
+    `moegrow --debug ...` re-raises instead, with the traceback.
+    """
+    _state["debug"] = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     code = 0
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.ClickException as e:
-        err.print(f"moegrow: error: {e.format_message()}", markup=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # typer returns Exit codes here
+            code = rv
+            if code == 130:
+                err.print("moegrow: interrupted", markup=False)
+    except _EXITS as e:
+        code = int(getattr(e, "exit_code", 0) or 0)
+    except _NO_ARGS as e:  # `moegrow` alone: the help, on stderr
+        err.print(e.format_message(), markup=False, emoji=False, highlight=False)  # type: ignore[attr-defined]
         code = 2
-    except click.exceptions.Abort:
+    except _USAGE_ERRORS as e:
+        _fail(e.format_message())  # type: ignore[attr-defined]
+        code = 2
+    except _ABORTS:
+        err.print("moegrow: interrupted", markup=False)
         code = 130
     except VerificationFailed as e:
         if _state["debug"]:
@@ -333,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     except MoegrowError as e:
         if _state["debug"]:
             raise
-        err.print(f"moegrow: error: {e}", markup=False)
+        _fail(str(e))
         code = e.exit_code
     except KeyboardInterrupt:
         err.print("moegrow: interrupted", markup=False)
@@ -341,4 +402,18 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         err.print("moegrow: terminated", markup=False)
         code = 143
+    except OSError as e:
+        if _state["debug"]:
+            raise
+        _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
+        code = 2
+    except Exception as e:  # a bug: still one line and exit 2, the traceback with --debug
+        if _state["debug"]:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (run `moegrow --debug ...` for the traceback "
+              "and please report it)")
+        code = 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(code)

@@ -5,6 +5,10 @@ Output tensors that are byte copies (most of them) go file-to-file with the kern
 fixed offset from the plan, so worker threads write in any order and the bytes never depend on
 it. The output is built in a hidden sibling folder marked as partial and renamed into place
 only when complete.
+
+Failure handling (docs/errors.md): any error or interrupt removes the partial folder; an OUTPUT
+replaced with --force is moved aside only once the new one is complete; a run killed outright
+leaves at most `.NAME.moegrow-partial-PID`, which the next run for that OUTPUT removes.
 """
 
 from __future__ import annotations
@@ -12,19 +16,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, SourceError
-from .io import INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME, ByteCopier, header_bytes, pread_exact, pwrite_all
+from .io import (
+    FLOAT_DTYPES,
+    INDEX_NAME,
+    PICKLE_SUFFIXES,
+    SINGLE_NAME,
+    ByteCopier,
+    header_bytes,
+    pread_exact,
+    pwrite_all,
+)
 from .io import TensorInfo as SourceTensor
 from .plan import OutTensor, Plan
 
 PARTIAL_MARK = ".moegrow-partial-"
+OLD_MARK = ".moegrow-old-"  # an OUTPUT being replaced (--force), for the instant of two renames
 DEFAULT_MAX_SHARD = 50 * 1000**3  # transformers' save_pretrained default ("50GB")
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -66,17 +83,29 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def _absolute(path: Path) -> Path:
+    """`path` made absolute and normalised (`.`, `..`), symlinks left as they are."""
+    return Path(os.path.abspath(path))
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
 def check_output(output: Path, source_folder: Path, force: bool) -> None:
     """Refuse an OUTPUT that is the source, inside it, contains it, or exists without --force."""
-    out = output.resolve()
-    src = source_folder.resolve()
+    try:
+        out = output.resolve()
+        src = source_folder.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte
+        raise OutputError(f"{output}: cannot be resolved ({e})") from None
     if out == src or src in out.parents or out in src.parents:
         raise OutputError(f"{output}: OUTPUT must not be the source folder, inside it or contain it")
-    if output.exists() and not force:
+    if _exists(output) and not force:
         raise OutputError(f"{output}: already exists (use --force to replace it)")
-    if output.exists() and not output.is_dir():
+    if _exists(output) and not output.is_dir():
         raise OutputError(f"{output}: exists and is not a folder")
-    parent = out.parent
+    parent = _absolute(output).parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: parent folder of OUTPUT does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -84,24 +113,110 @@ def check_output(output: Path, source_folder: Path, force: bool) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a folder of ours from before this run is stale (a PID reused after a crash)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except (OverflowError, ValueError):
+        return False  # no such PID can exist
     except PermissionError:
         return True
-    return True
+    return pid > 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_stale_partials(output: Path) -> list[Path]:
-    """Remove partial folders left for this OUTPUT by runs that died (SIGKILL, power loss)."""
-    removed = []
-    for p in output.parent.glob(f".{output.name}{PARTIAL_MARK}*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    """Remove the folders that runs for this OUTPUT left when they died (SIGKILL, power loss).
+
+    `.NAME.moegrow-partial-PID` is removed when process PID is gone. `.NAME.moegrow-old-PID` (an
+    OUTPUT that a --force run was replacing when it died) is renamed back to OUTPUT when OUTPUT is
+    missing, else removed.
+    """
+    output = _absolute(output)
+    removed: list[Path] = []
+    try:
+        entries = sorted(output.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        for mark in (PARTIAL_MARK, OLD_MARK):
+            prefix = f".{output.name}{mark}"
+            pid = p.name[len(prefix):]
+            if not (p.name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
+                continue
+            if mark == OLD_MARK and not _exists(output):
+                os.rename(p, output)
+            else:
+                _remove(p)
+                removed.append(p)
     return removed
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM during a step that must not be cut short (renames, clean-up);
+    a signal that arrives meanwhile is raised again right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:
+            continue  # installed outside Python (cannot restore it) or ignored anyway
+        saved[sig] = handler
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
+
+
+_SCAN_CHUNK = 64 * 1024 * 1024  # a multiple of every dtype's size
+
+
+def find_nonfinite(tensors: Iterable[SourceTensor]) -> list[tuple[SourceTensor, int]]:
+    """(tensor, count) for every float tensor holding NaN or Inf, read in 64 MiB chunks."""
+    from .noise import count_nonfinite
+
+    found = []
+    fds: dict[Path, int] = {}
+    buf = bytearray()
+    try:
+        for t in tensors:
+            if t.dtype not in FLOAT_DTYPES:
+                continue
+            if t.path not in fds:
+                fds[t.path] = os.open(t.path, os.O_RDONLY)
+            bad = 0
+            for pos in range(t.start, t.end, _SCAN_CHUNK):
+                n = min(_SCAN_CHUNK, t.end - pos)
+                buf[:] = pread_exact(fds[t.path], n, pos, str(t.path))
+                bad += count_nonfinite(buf, t.dtype)
+            if bad:
+                found.append((t, bad))
+    except OSError as e:
+        raise SourceError(f"{e.filename or 'source'}: cannot read: {e.strerror or e}") from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return found
+
+
+def nonfinite_message(t: SourceTensor, count: int) -> str:
+    return f"{t.path}: tensor {t.name!r} has {count} NaN/Inf value(s)"
 
 
 @dataclass
@@ -110,6 +225,7 @@ class Written:
     files: list[str]
     bytes_written: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Job:
@@ -123,6 +239,7 @@ class _Job:
         self.progress = progress or (lambda n: None)
         self.copier = ByteCopier()
         self.fds: dict[Path, int] = {}
+        self.nonfinite: dict[str, int] = {}  # source tensor -> NaN/Inf count, of those noised
 
     def fd(self, path: Path) -> int:
         if path not in self.fds:
@@ -134,14 +251,16 @@ class _Job:
             os.close(fd)
 
     def write_tensor(self, t: OutTensor, dst_fd: int, pos: int) -> None:
-        from .noise import add_noise
+        from .noise import add_noise, count_nonfinite
 
         for i, part in enumerate(t.parts):
             src = self.tensors[part.source]
             if part.noise == 0.0:
-                self.copier.copy(self.fd(src.path), src.start, dst_fd, pos, src.nbytes)
+                self.copier.copy(self.fd(src.path), src.start, dst_fd, pos, src.nbytes, str(src.path))
             else:
                 raw = bytearray(pread_exact(self.fd(src.path), src.nbytes, src.start, str(src.path)))
+                if part.source not in self.nonfinite:  # these bytes pass through torch anyway
+                    self.nonfinite[part.source] = count_nonfinite(raw, src.dtype)
                 data = add_noise(raw, src.dtype, part.noise, self.plan.seed, t.name, i, self.device)
                 pwrite_all(dst_fd, data, pos)
             pos += src.nbytes
@@ -149,8 +268,13 @@ class _Job:
 
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
-                 device: str, threads: int, progress: Callable[[int], None] | None) -> list[str]:
-    """Write the plan's tensors as safetensors shards (+ index when sharded) into `folder`."""
+                 device: str, threads: int, progress: Callable[[int], None] | None,
+                 warnings: list[str] | None = None) -> list[str]:
+    """Write the plan's tensors as safetensors shards (+ index when sharded) into `folder`.
+
+    Source tensors that pass through torch (noised copies) are checked for NaN and Inf on the
+    way; one warning per such tensor is appended to `warnings`.
+    """
     shards = split_shards(plan.tensors, max_shard_size)
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
@@ -170,15 +294,24 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             for t, fd, pos in work:
                 job.write_tensor(t, fd, pos)
         else:
-            with ThreadPoolExecutor(threads) as pool:
+            pool = ThreadPoolExecutor(threads)
+            try:
                 for f in [pool.submit(job.write_tensor, t, fd, pos) for t, fd, pos in work]:
                     f.result()
+            finally:
+                # On an error or an interrupt, drop the queued tensors and let the running ones
+                # finish before their files are closed and removed.
+                with _signals_deferred():
+                    pool.shutdown(wait=True, cancel_futures=True)
         for fd in out_fds:
             os.fsync(fd)
     finally:
         for fd in out_fds:
             os.close(fd)
         job.close()
+    if warnings is not None:
+        warnings.extend(nonfinite_message(tensors[name], n) + "; grown as it is (--strict refuses it)"
+                        for name, n in sorted(job.nonfinite.items()) if n)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in plan.tensors)},
@@ -212,35 +345,60 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
             device: str = "cpu", threads: int = 2, force: bool = False,
             progress: Callable[[int], None] | None = None) -> Written:
     """Write the grown checkpoint to `output`; on any failure leave no output and no temp folder."""
+    target = _absolute(output)
+    clean_stale_partials(target)  # first: it may put back an OUTPUT that a killed --force run moved
     check_output(output, source_folder, force)
-    clean_stale_partials(output)
     start = time.perf_counter()
-    tmp = output.parent / f".{output.name}{PARTIAL_MARK}{os.getpid()}"
+    tmp = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}"
     try:
         tmp.mkdir()
     except OSError as e:
-        raise OutputError(f"{tmp}: cannot create: {e.strerror}") from None
+        raise OutputError(f"{target.parent}: cannot create the output there: {e.strerror or e}") from None
+    warnings: list[str] = []
     try:
-        names = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress)
+        names = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings)
         write_json(tmp / "config.json", plan.config)
         copy_side_files(source_folder, tmp)
         write_json(tmp / "moegrow.json", provenance)
-        _replace(tmp, output)
+        with _signals_deferred():
+            _replace(tmp, target)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, (SourceError, OutputError)):
-            raise OutputError(f"{output}: write failed: {e.strerror or e}") from None
+        with _signals_deferred():
+            _remove(tmp)
+        if isinstance(e, OSError):
+            where = f" ({e.filename})" if e.filename else ""
+            raise OutputError(f"{output}: write failed: {e.strerror or e}{where}") from None
         raise
     total = sum(t.nbytes for t in plan.tensors)
-    return Written(output, names, total, time.perf_counter() - start)
+    return Written(output, names, total, time.perf_counter() - start, warnings)
 
 
 def _replace(tmp: Path, output: Path) -> None:
     """Rename the finished folder into place (replacing an old OUTPUT only now, for --force)."""
-    if output.exists():
-        trash = output.parent / f".{output.name}.moegrow-old-{os.getpid()}"
+    if _exists(output):
+        trash = output.parent / f".{output.name}{OLD_MARK}{os.getpid()}"
+        _remove(trash)
         os.rename(output, trash)
-        os.rename(tmp, output)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, output)
+        except BaseException:
+            os.rename(trash, output)  # put the old OUTPUT back
+            raise
+        _remove(trash)
     else:
         os.rename(tmp, output)
+    _fsync_dir(output.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (best effort: not every filesystem can fsync a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

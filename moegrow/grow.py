@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .anatomy import analyse
 from .configs import parse_top_k
-from .errors import GrowthError
-from .execute import DEFAULT_MAX_SHARD, Written, execute
+from .errors import GrowthError, SourceError
+from .execute import DEFAULT_MAX_SHARD, Written, check_output, execute, find_nonfinite, nonfinite_message
 from .layouts import layout_for
 from .plan import (
     Plan,
@@ -30,7 +31,7 @@ from .plan import (
 from .provenance import build_record
 from .source import Source, open_source
 
-__all__ = ["open_source", "plan_for", "rebuild_plan", "write"]
+__all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
 
 
 def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
@@ -38,13 +39,16 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
              top_k: str | int = "scale") -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments."""
-    layout = layout_for(source.config, f"{source.spec}/config.json")
+    where = f"{source.spec}/config.json"
+    layout = layout_for(source.config, where)
     config, tensors = source.config, source.tensors
+    # config against tensors before any option is read against the config
+    analyse({n: t.shape for n, t in tensors.items()}, config, layout, where)
     lmap: list[int] | None = None
     if operation in ("grow-depth", "grow"):
         n_old = layout.num_layers(config)
-        if isinstance(layer_map, list):
-            lmap = layer_map
+        if isinstance(layer_map, list):  # from a provenance record: checked as --layer-map is
+            lmap = parse_layer_map(",".join(map(str, layer_map)), n_old)
         elif layer_map:
             lmap = parse_layer_map(layer_map, n_old)
         elif layers:
@@ -77,10 +81,26 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
                     seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale")
 
 
+def check_finite(plan: Plan, source: Source) -> None:
+    """Refuse a source whose tensors (those the plan reads) hold NaN or Inf: a full read."""
+    found = find_nonfinite(source.tensors[n] for n in sorted(plan.sources()))
+    if found:
+        more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+        raise SourceError(f"{nonfinite_message(*found[0])}{more}; --strict refuses such a source")
+
+
 def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD,
           device: str = "auto", threads: int = 2, force: bool = False,
-          progress: Callable[[int], None] | None = None) -> Written:
-    """Execute a plan into OUTPUT (atomically) with its provenance record."""
+          progress: Callable[[int], None] | None = None, strict: bool = False) -> Written:
+    """Execute a plan into OUTPUT (atomically) with its provenance record.
+
+    `strict` first reads every source tensor and refuses NaN or Inf (see `check_finite`);
+    without it, only the tensors that pass through torch (noised copies) are checked, and
+    `Written.warnings` names those holding NaN or Inf.
+    """
+    if strict:
+        check_output(Path(output), source.folder, force)  # fail fast, before a full read
+        check_finite(plan, source)
     noisy = any(not t.is_copy for t in plan.tensors)
     if noisy:
         from .noise import resolve_device

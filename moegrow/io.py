@@ -54,7 +54,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; return (tensors, metadata).
 
     Strict like safetensors itself: header inside the file, JSON object, known dtypes, byte
-    lengths that match shape x dtype, data ranges in bounds and not overlapping.
+    lengths that match shape x dtype, data ranges in bounds, not overlapping, and filling the data
+    section exactly.
     """
     try:
         size = path.stat().st_size
@@ -63,15 +64,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 raise SourceError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
+            if 8 + n > size:
                 raise SourceError(f"{path}: header length {n} exceeds the file size ({size} bytes)")
+            if n > MAX_HEADER:
+                raise SourceError(f"{path}: header length {n} exceeds safetensors' limit of {MAX_HEADER} bytes")
             raw = f.read(n)
     except OSError as e:
         raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise SourceError(f"{path}: header is not valid JSON ({_first_line(e)})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -86,25 +89,43 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise SourceError(f"{path}: tensors {a!r} and {b!r} overlap")
+    # As safetensors: the tensors fill the data section exactly, with no gap and nothing after.
+    pos = base
+    for start, end, name in spans:
+        if start > pos:
+            raise SourceError(f"{path}: {start - pos} bytes before tensor {name!r} belong to no tensor "
+                              "(safetensors data must be contiguous)")
+        pos = end
+    if pos != size:
+        raise SourceError(f"{path}: {size - pos} bytes after the last tensor belong to no tensor "
+                          "(a corrupt or padded file?)")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # not bool: JSON true is no size
 
 
 def _tensor_entry(path: Path, name: str, entry: object, base: int, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise SourceError(f"{path}: tensor {name!r}: entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SourceError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
         raise SourceError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    ):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise SourceError(f"{path}: tensor {name!r}: invalid data_offsets {offsets!r}")
     lo, hi = offsets
     if not 0 <= lo <= hi <= data_len:
+        hint = ": truncated file?" if 0 <= lo <= hi else ""
         raise SourceError(
-            f"{path}: tensor {name!r}: data_offsets {offsets} out of bounds (data is {data_len} bytes)"
+            f"{path}: tensor {name!r}: data_offsets {offsets} out of bounds (data is {data_len} bytes{hint})"
         )
     numel = 1
     for d in shape:
@@ -118,9 +139,16 @@ def _tensor_entry(path: Path, name: str, entry: object, base: int, data_len: int
     return TensorInfo(name, dtype, tuple(shape), path, base + lo, base + hi)
 
 
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte
+        raise SourceError(f"{path}: cannot be resolved ({_first_line(e)})") from None
+
+
 def _inside(folder: Path, path: Path) -> bool:
     try:
-        path.resolve().relative_to(folder.resolve())
+        _resolve(path).relative_to(_resolve(folder))
         return True
     except ValueError:
         return False
@@ -136,7 +164,9 @@ def _is_hub_blob(folder: Path, path: Path) -> bool:
 
 def shard_path(folder: Path, rel: str) -> Path:
     """Resolve a shard name from an index, refusing anything that escapes the folder."""
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise SourceError(f"{folder / INDEX_NAME}: invalid shard name {rel!r}")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise SourceError(f"{folder / INDEX_NAME}: shard path {rel!r} escapes the checkpoint folder")
     path = folder / rel
     if not (_inside(folder, path) or _is_hub_blob(folder, path)):
@@ -152,12 +182,17 @@ def read_index(folder: Path) -> dict[str, TensorInfo]:
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SourceError(f"{index_path}: not a valid safetensors index ({type(e).__name__})") from None
-        files = sorted(set(weight_map.values()), key=str)
+        except OSError as e:
+            raise SourceError(f"{index_path}: cannot read: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:
+            raise SourceError(f"{index_path}: not valid JSON ({_first_line(e)})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise SourceError(f"{index_path}: not a valid safetensors index (no \"weight_map\" object)")
+        for name, rel in weight_map.items():
+            if not isinstance(rel, str):
+                raise SourceError(f"{index_path}: tensor {name!r}: shard name {rel!r} is not a string")
+        files = sorted(set(weight_map.values()))
         tensors: dict[str, TensorInfo] = {}
         for rel in files:
             path = shard_path(folder, rel)
@@ -178,7 +213,7 @@ def read_index(folder: Path) -> dict[str, TensorInfo]:
             raise SourceError(f"{index_path}: tensor {extra[0]!r} is in a shard but not in the index")
         return tensors
     single = folder / SINGLE_NAME
-    if single.is_file():
+    if single.is_file() or single.is_symlink():
         if not (_inside(folder, single) or _is_hub_blob(folder, single)):
             raise SourceError(f"{single}: links outside the checkpoint folder")
         return read_header(single)[0]
@@ -229,7 +264,8 @@ class ByteCopier:
     def __init__(self) -> None:
         self.kernel = hasattr(os, "copy_file_range")
 
-    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
+    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int,
+             name: str = "source") -> None:
         while count > 0:
             if self.kernel:
                 try:
@@ -240,11 +276,11 @@ class ByteCopier:
                         continue
                     raise
                 if n == 0:
-                    raise SourceError(f"unexpected end of file while copying {count} bytes")
+                    raise SourceError(f"{name}: unexpected end of file while copying {count} bytes")
             else:
                 buf = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
                 if not buf:
-                    raise SourceError(f"unexpected end of file while copying {count} bytes")
+                    raise SourceError(f"{name}: unexpected end of file while copying {count} bytes")
                 n = os.pwrite(dst_fd, buf, dst_off)
             src_off += n
             dst_off += n

@@ -54,6 +54,8 @@ def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, pa
     """Return `raw` (one tensor's bytes) plus N(0, std^2) noise, rounded back to `dtype`."""
     import torch
 
+    if not raw:  # an empty tensor: nothing to add (torch.frombuffer refuses empty buffers)
+        return memoryview(raw)
     src = torch.frombuffer(raw, dtype=torch_dtype(dtype))
     out = torch.empty_like(src)
     compute = torch.float64 if dtype == "F64" else torch.float32
@@ -63,3 +65,13 @@ def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, pa
         x.add_(noise_block(seed, tensor, part, b, chunk.numel(), device).to(compute), alpha=std)
         out[lo:lo + BLOCK] = x.to(src.dtype).cpu()
     return memoryview(out.view(torch.uint8).numpy())
+
+
+def count_nonfinite(raw: bytearray, dtype: str) -> int:
+    """How many NaN or Inf values the bytes of a float tensor (`dtype`, a safetensors name) hold."""
+    import torch
+
+    if not raw or dtype not in _TORCH_DTYPES:
+        return 0
+    values = torch.frombuffer(raw, dtype=torch_dtype(dtype))
+    return values.numel() - int(torch.isfinite(values).sum())

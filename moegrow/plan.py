@@ -8,6 +8,7 @@ CUDA), the provenance record and `verify`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,8 +211,9 @@ def _check_noise(name: str, t: TensorMeta, std: float) -> None:
 def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                factor: int, *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
                top_k: str | int = "scale") -> Plan:
-    if noise < 0 or router_noise < 0:
-        raise GrowthError("noise std must be >= 0")
+    for flag, std in (("--noise", noise), ("--router-noise", router_noise)):
+        if not (math.isfinite(std) and std >= 0):
+            raise GrowthError(f"{flag}: the noise std must be a finite number >= 0, not {std}")
     anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
     check_moe_layers(config, layout, anatomy.moe_layers)
     new_config, changes = rewrite_width(config, layout, factor, top_k)

@@ -67,11 +67,17 @@ class Source:
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{path}: missing")
+        raise ConfigError(f"{path}: {'not a file' if path.exists() else 'missing'}")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else e!r})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: not a JSON object")
     return config

@@ -50,9 +50,51 @@ def _read_record(output: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or "tensors" not in record:
-        raise SourceError(f"{path}: not a moegrow provenance record")
+    problem = _record_problem(record)
+    if problem:
+        raise SourceError(f"{path}: not a valid moegrow provenance record ({problem})")
     return record
+
+
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with a provenance record's shape, if anything (see provenance.py)."""
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("operation") not in ("grow-depth", "grow-width", "grow"):
+        return f"unknown operation {record.get('operation')!r}"
+    tensors = record.get("tensors")
+    if not (isinstance(tensors, dict) and all(
+            isinstance(parts, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                            and is_num(p[1]) for p in parts)
+            for parts in tensors.values())):
+        return '"tensors" is not a mapping of output tensors to [source, noise] parts'
+    g = record.get("growth")
+    if not isinstance(g, dict):
+        return '"growth" is not an object'
+    checks = {
+        "layer_map": lambda v: isinstance(v, list) and all(is_int(x) for x in v),
+        "factor": lambda v: is_int(v) and v >= 1,
+        "noise": is_num,
+        "router_noise": is_num,
+        "seed": is_int,
+        "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
+    }
+    for key, ok in checks.items():
+        if g.get(key) is not None and not ok(g[key]):
+            return f"growth.{key} is {g[key]!r}"
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values (NaN equals NaN: both are written `NaN`)."""
+    return bool(a == b) or json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def _decode(raw: bytes, dtype: str) -> Any:
@@ -118,12 +160,16 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
     record = _read_record(output)
     out_config = read_config(output)
     out_tensors = read_index(output)
-    plan = rebuild_plan(source, record)
+    try:
+        plan = rebuild_plan(source, record)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SourceError(f"{output / RECORD_NAME}: growth flags are not valid ({type(e).__name__}: "
+                          f"{e})") from None
     if tensor_mapping(plan.tensors) != record["tensors"]:
         report.problems.append(f"{output / RECORD_NAME}: tensor mapping differs from the plan that "
                                "its flags describe")
     for key in sorted(set(plan.config) | set(out_config)):
-        if key != "transformers_version" and plan.config.get(key) != out_config.get(key):
+        if key != "transformers_version" and not _same(plan.config.get(key), out_config.get(key)):
             report.problems.append(f"{output / 'config.json'}: {key} is {out_config.get(key)!r}, "
                                    f"the growth gives {plan.config.get(key)!r}")
     try:
