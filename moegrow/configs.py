@@ -60,6 +60,18 @@ def _block_types(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
                       f"{', '.join(k for k, _ in layout.moe_block_types)})")
 
 
+def _moe_layer_list(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
+    """An explicit list of MoE layer indices (llama4_text `moe_layers`); else every
+    `interleave_moe_layer_step`-th layer, as the config class derives it."""
+    listed = config.get("moe_layers")
+    if listed is None:
+        step = int(config.get("interleave_moe_layer_step") or 1)
+        return set(range(step - 1, n, step))
+    if not isinstance(listed, list) or not all(isinstance(i, int) for i in listed):
+        raise ConfigError(f"config.json: moe_layers should be a list of layer indices, not {listed!r}")
+    return {i for i in listed if 0 <= i < n}
+
+
 # How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
 MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "all": _all,
@@ -67,6 +79,7 @@ MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "sparse_step": _sparse_step,
     "mlp_layer_types": _mlp_layer_types,
     "block_types": _block_types,
+    "moe_layer_list": _moe_layer_list,
 }
 
 

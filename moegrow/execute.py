@@ -255,13 +255,13 @@ class _Job:
 
         for i, part in enumerate(t.parts):
             src = self.tensors[part.source]
-            if part.noise == 0.0:
+            if part.is_copy:
                 self.copier.copy(self.fd(src.path), src.start, dst_fd, pos, src.nbytes, str(src.path))
             else:
                 raw = bytearray(pread_exact(self.fd(src.path), src.nbytes, src.start, str(src.path)))
                 if part.source not in self.nonfinite:  # these bytes pass through torch anyway
                     self.nonfinite[part.source] = count_nonfinite(raw, src.dtype)
-                data = add_noise(raw, src.dtype, part.noise, self.plan.seed, t.name, i, self.device)
+                data = add_noise(raw, src.dtype, part.noise, self.plan.seed, t.name, i, self.device, part.scale)
                 pwrite_all(dst_fd, data, pos)
             pos += src.nbytes
             self.progress(src.nbytes)

@@ -63,6 +63,30 @@ class WidthRule:
 
 
 @dataclass(frozen=True)
+class TensorRule:
+    """A tensor that width growth by f must scale by 1/f, originals included, to stay exact.
+
+    For families whose expert weights are not halved by duplication and whose config has no key
+    to absorb the factor (raw sigmoid weights, an expert-input score). ``rel`` is the name
+    relative to the layer prefix (for per-expert tensors: the part after the expert index).
+    ``when`` lists (config key, value) pairs that must all hold (a missing key reads as
+    ``default``); ``unless`` names boolean config keys that make the rule unnecessary.
+    Applies with ``--top-k scale`` only, the mode that claims function preservation.
+    """
+
+    rel: str
+    why: str
+    when: tuple[tuple[str, Any], ...] = ()
+    unless: tuple[str, ...] = ()
+    default: Any = None
+
+    def applies(self, config: Mapping[str, Any]) -> bool:
+        if any(config.get(k) for k in self.unless):
+            return False
+        return all(config.get(k, self.default) == v for k, v in self.when)
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where a family keeps its MoE parts and how it routes."""
 
@@ -92,6 +116,7 @@ class Layout:
     moe_block_types: tuple[tuple[str, str], ...] = ()
     depth_keys: tuple[DepthKey, ...] = ()
     width_rules: tuple[WidthRule, ...] = ()
+    tensor_rules: tuple[TensorRule, ...] = ()
     exact_width: bool = True
     notes: tuple[str, ...] = field(default=())
 
@@ -779,6 +804,26 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=(_MTP_OUTSIDE,
                "a PLE layer's n-gram table sizes and hashing derive from its rank in ple_layer_ids: depth "
                "maps that copy a PLE layer to another rank (any 2x map) are refused",),
+    ),
+    Layout(
+        name="llama4_text",
+        model_types=("llama4_text",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="feed_forward.experts.",
+        fused_experts=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+        router_weights=("feed_forward.router.weight",),
+        shared_prefix="feed_forward.shared_expert.",
+        routing=("top-k of the router logits; sigmoid of the k selected logits scales each expert's "
+                 "input (not its output); plus an always-on shared expert"),
+        moe_rule="moe_layer_list",
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("no_rope_layers", "per_layer"),
+                    DepthKey("moe_layers", "index_list")),
+        tensor_rules=(TensorRule("feed_forward.experts.down_proj",
+                                 "a selected pair (original and copy) gets the same input scale each, so "
+                                 "the pair's output would double, and no config key can absorb the factor"),),
+        notes=("width growth halves every expert's down projection (originals included): originals are "
+               "not byte-identical",),
     ),
 )
 

@@ -50,8 +50,8 @@ def noise_block(seed: int, tensor: str, part: int, block: int, numel: int, devic
 
 
 def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, part: int,
-              device: str) -> memoryview:
-    """Return `raw` (one tensor's bytes) plus N(0, std^2) noise, rounded back to `dtype`."""
+              device: str, scale: float = 1.0) -> memoryview:
+    """Return `raw` (one tensor's bytes) times `scale` plus N(0, std^2) noise, rounded back to `dtype`."""
     import torch
 
     if not raw:  # an empty tensor: nothing to add (torch.frombuffer refuses empty buffers)
@@ -62,7 +62,10 @@ def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, pa
     for b, lo in enumerate(range(0, src.numel(), BLOCK)):
         chunk = src[lo:lo + BLOCK]
         x = chunk.to(device=device, dtype=compute)
-        x.add_(noise_block(seed, tensor, part, b, chunk.numel(), device).to(compute), alpha=std)
+        if scale != 1.0:
+            x.mul_(scale)
+        if std:
+            x.add_(noise_block(seed, tensor, part, b, chunk.numel(), device).to(compute), alpha=std)
         out[lo:lo + BLOCK] = x.to(src.dtype).cpu()
     return memoryview(out.view(torch.uint8).numpy())
 

@@ -34,10 +34,15 @@ class Meta:
 
 @dataclass(frozen=True)
 class Part:
-    """A whole source tensor, plus Gaussian noise of std `noise` when non-zero."""
+    """A whole source tensor, times `scale`, plus Gaussian noise of std `noise` when non-zero."""
 
     source: str
     noise: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def is_copy(self) -> bool:
+        return self.noise == 0.0 and self.scale == 1.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class OutTensor:
 
     @property
     def is_copy(self) -> bool:
-        return all(p.noise == 0.0 for p in self.parts)
+        return all(p.is_copy for p in self.parts)
 
 
 @dataclass
@@ -218,19 +223,25 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     check_moe_layers(config, layout, anatomy.moe_layers)
     new_config, changes = rewrite_width(config, layout, factor, top_k)
     e_old = anatomy.num_experts
+    # tensors scaled by 1/factor, originals included (only where exactness claims it)
+    rules = [r for r in layout.tensor_rules if top_k == "scale" and r.applies(config)] if factor > 1 else []
+    scaled = {r.rel for r in rules}
     out: list[OutTensor] = []
     for name, t in tensors.items():
         role = anatomy.roles[name]
+        scale = 1.0 / factor if role.rel in scaled and role.kind in ("expert", "fused", "router_bias") else 1.0
+        if scale != 1.0:
+            _check_noise(name, t, scale)
         if role.kind == "expert":
             assert role.layer is not None and role.expert is not None
             _check_noise(name, t, noise)
             for c in range(factor):
                 new = expert_name(layout, role.layer, role.expert + c * e_old, role.rel)
-                out.append(OutTensor(new, t.dtype, t.shape, (Part(name, noise if c else 0.0),)))
+                out.append(OutTensor(new, t.dtype, t.shape, (Part(name, noise if c else 0.0, scale),)))
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
-            parts = tuple(Part(name, std if c else 0.0) for c in range(factor))
+            parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
             out.append(OutTensor(name, t.dtype, (t.shape[0] * factor, *t.shape[1:]), parts))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
@@ -243,6 +254,10 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
                              "function (only --top-k scale preserves it)")
     if not layout.exact_width:
         plan.warnings.append(f"{layout.name}: width growth cannot preserve this family's function")
+    for r in rules:
+        plan.config_changes.append(f"tensors *.{r.rel}: scaled by 1/{factor} ({r.why})")
+        plan.warnings.append(f"originals are not byte-identical: every {r.rel} (originals and copies) is "
+                             f"scaled by 1/{factor} because {r.why}")
     return plan
 
 
@@ -255,7 +270,7 @@ def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layo
     plan = plan_width(depth.config, virtual, layout, factor, **width)
     plan.tensors = [
         OutTensor(t.name, t.dtype, t.shape,
-                  tuple(Part(origin[p.source], p.noise) for p in t.parts))
+                  tuple(Part(origin[p.source], p.noise, p.scale) for p in t.parts))
         for t in plan.tensors
     ]
     plan.operation = "grow"

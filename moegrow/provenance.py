@@ -17,8 +17,11 @@ RECORD_NAME = "moegrow.json"
 
 
 def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
-    """{output tensor: [[source tensor, noise std], ...]} (parts concatenated along axis 0)."""
-    return {t.name: [[p.source, p.noise] for p in t.parts] for t in tensors}
+    """{output tensor: [[source tensor, noise std(, scale)], ...]} (parts concatenated along axis 0).
+
+    The scale appears only where a part is scaled (see layouts.TensorRule)."""
+    return {t.name: [[p.source, p.noise, *([p.scale] if p.scale != 1.0 else [])] for p in t.parts]
+            for t in tensors}
 
 
 def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:

@@ -71,10 +71,10 @@ def _record_problem(record: Any) -> str | None:
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     if not (isinstance(tensors, dict) and all(
-            isinstance(parts, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
-                                            and is_num(p[1]) for p in parts)
+            isinstance(parts, list) and all(isinstance(p, list) and len(p) in (2, 3) and isinstance(p[0], str)
+                                            and all(is_num(x) for x in p[1:]) for p in parts)
             for parts in tensors.values())):
-        return '"tensors" is not a mapping of output tensors to [source, noise] parts'
+        return '"tensors" is not a mapping of output tensors to [source, noise(, scale)] parts'
     g = record.get("growth")
     if not isinstance(g, dict):
         return '"growth" is not an object'
@@ -130,15 +130,20 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         got = reader.read(out.path, pos, src.nbytes)
         pos += src.nbytes
         want = reader.read(src.path, src.start, src.nbytes)
-        if part.noise == 0.0:
+        if part.is_copy:
             if got != want:
                 report.problems.append(f"{t.name}: part {i} differs from its source {part.source}")
             continue
-        diff = _decode(got, src.dtype) - _decode(want, src.dtype)
+        if part.noise == 0.0:  # scaled only: deterministic on any device
+            if got != bytes(add_noise(bytearray(want), src.dtype, 0.0, plan.seed, t.name, i, "cpu", part.scale)):
+                report.problems.append(f"{t.name}: part {i} is not {part.source} scaled by {part.scale:g}")
+            continue
+        diff = _decode(got, src.dtype) - _decode(want, src.dtype) * part.scale
         std = float(diff.std()) if diff.numel() > 1 else float(diff.abs().max())
         measured.append(std)
         if device == "cpu":
-            expect = bytes(add_noise(bytearray(want), src.dtype, part.noise, plan.seed, t.name, i, "cpu"))
+            expect = bytes(add_noise(bytearray(want), src.dtype, part.noise, plan.seed, t.name, i, "cpu",
+                                     part.scale))
             if got != expect:
                 report.problems.append(f"{t.name}: part {i} is not {part.source} plus the recorded "
                                        f"noise (seed {plan.seed}, std {part.noise})")

@@ -287,3 +287,54 @@ def test_per_layer_top_k_is_refused(tmp_path):
     code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x")
     assert code == 2 and "moe_topk" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+LLAMA4 = dict(vocab_size=64, hidden_size=16, intermediate_size=8, intermediate_size_mlp=24, num_hidden_layers=3,
+              num_attention_heads=2, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+              interleave_moe_layer_step=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+
+
+def _llama4(tmp_path):
+    config = transformers.AutoConfig.for_model("llama4_text", **LLAMA4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if "router" in name else 0.2)
+    return save(model.eval(), tmp_path / "src")
+
+
+def test_llama4_text_width_halves_down_projections(tmp_path):
+    """Expert-input scaling: exact only with every down projection halved, originals included."""
+    from safetensors.torch import load_file
+
+    src = _llama4(tmp_path)
+    code, out, err = run("grow-width", src, tmp_path / "out", "--experts", "2x", "--json")
+    assert code == 0, err
+    assert "not byte-identical" in err and "feed_forward.experts.down_proj" in err
+    diff = (logits(src) - logits(tmp_path / "out")).abs().max().item()
+    assert diff <= 1e-5, diff
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    down = "model.layers.1.feed_forward.experts.down_proj"
+    assert torch.equal(after[down], torch.cat([before[down] / 2] * 2))
+    gate_up = "model.layers.1.feed_forward.experts.gate_up_proj"
+    assert torch.equal(after[gate_up], torch.cat([before[gate_up]] * 2))
+    record = json.loads((tmp_path / "out" / "moegrow.json").read_text())
+    assert record["tensors"][down] == [[down, 0.0, 0.5], [down, 0.0, 0.5]]
+    assert run("verify", src, tmp_path / "out", "--forward", "--atol", "1e-5")[0] == 0
+    # without the halving (keep top-k: no exactness claimed) the originals stay byte-identical
+    assert run("grow-width", src, tmp_path / "keep", "--experts", "2x", "--top-k", "keep", "--quiet")[0] == 0
+    assert torch.equal(load_file(tmp_path / "keep" / "model.safetensors")[down][:4], before[down])
+
+
+@pytest.mark.parametrize("method", ["interpose", "stack"])
+def test_llama4_text_depth(method, tmp_path):
+    src = _llama4(tmp_path)
+    code, _, err = run("grow-depth", src, tmp_path / "out", "--layers", "2x", "--method", method, "--quiet")
+    assert code == 0, err
+    config = read_config(tmp_path / "out")
+    assert config["moe_layers"] == ([2, 3] if method == "interpose" else [1, 4])
+    assert len(config["no_rope_layers"]) == 6
+    logits(tmp_path / "out")
+    assert run("verify", src, tmp_path / "out")[0] == 0
