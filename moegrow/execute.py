@@ -13,6 +13,7 @@ leaves at most `.NAME.moegrow-partial-PID`, which the next run for that OUTPUT r
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -235,11 +236,29 @@ class _Job:
                  progress: Callable[[int], None] | None) -> None:
         self.plan = plan
         self.tensors = tensors
-        self.device = device
+        self._device = device
+        self._device_lock = threading.Lock()
         self.progress = progress or (lambda n: None)
         self.copier = ByteCopier()
         self.fds: dict[Path, int] = {}
         self.nonfinite: dict[str, int] = {}  # source tensor -> NaN/Inf count, of those noised
+
+    @property
+    def device(self) -> str:
+        """The device for tensor math, resolved (importing torch) at the first transformed part."""
+        with self._device_lock:
+            if self._device == "auto":
+                from .noise import resolve_device
+
+                self._device = resolve_device("auto")
+            return self._device
+
+    @property
+    def resolved_device(self) -> str:
+        """Where tensor math ran: `none` when every tensor was a byte copy."""
+        if all(t.is_copy for t in self.plan.tensors):
+            return "none"
+        return self.device
 
     def fd(self, path: Path) -> int:
         if path not in self.fds:
@@ -269,15 +288,19 @@ class _Job:
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
                  device: str, threads: int, progress: Callable[[int], None] | None,
-                 warnings: list[str] | None = None) -> list[str]:
+                 warnings: list[str] | None = None) -> tuple[list[str], str]:
     """Write the plan's tensors as safetensors shards (+ index when sharded) into `folder`.
 
     Source tensors that pass through torch (noised copies) are checked for NaN and Inf on the
-    way; one warning per such tensor is appended to `warnings`.
+    way; one warning per such tensor is appended to `warnings`. Returns the shard names and the
+    device the tensor math ran on.
     """
     shards = split_shards(plan.tensors, max_shard_size)
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
+    if any(not t.is_copy for t in plan.tensors):
+        # torch takes a second or more to import: do it while the byte copies run
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
@@ -288,8 +311,9 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             pwrite_all(fd, head, 0)
             os.ftruncate(fd, len(head) + sum(t.nbytes for t in shard))
             work.extend((t, fd, len(head) + off) for t, off in zip(shard, offsets))
-        # Large tensors first, so that one big tensor does not finish the job alone.
-        work.sort(key=lambda w: -w[0].nbytes)
+        # Byte copies first (they need no torch, which imports meanwhile), then transformed
+        # tensors; large ones first in each, so that one big tensor does not finish the job alone.
+        work.sort(key=lambda w: (not w[0].is_copy, -w[0].nbytes))
         if threads <= 1:
             for t, fd, pos in work:
                 job.write_tensor(t, fd, pos)
@@ -318,7 +342,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             "weight_map": {t.name: n for shard, n in zip(shards, names) for t in shard},
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
+    return names, job.resolved_device
 
 
 def copy_side_files(source_folder: Path, folder: Path) -> list[str]:
@@ -356,7 +380,8 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
         raise OutputError(f"{target.parent}: cannot create the output there: {e.strerror or e}") from None
     warnings: list[str] = []
     try:
-        names = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings)
+        names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings)
+        provenance = {**provenance, "noise_device": device}
         write_json(tmp / "config.json", plan.config)
         copy_side_files(source_folder, tmp)
         write_json(tmp / "moegrow.json", provenance)

@@ -101,13 +101,13 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     if strict:
         check_output(Path(output), source.folder, force)  # fail fast, before a full read
         check_finite(plan, source)
-    noisy = any(not t.is_copy for t in plan.tensors)
-    if noisy:
+    if device not in ("auto", "cpu", "cuda"):
+        raise GrowthError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and any(not t.is_copy for t in plan.tensors):
         from .noise import resolve_device
 
-        device = resolve_device(device)
-    else:
-        device = "none"  # byte copies only: no tensor math anywhere
+        resolve_device(device)  # fail now, not after the byte copies
+    # "auto" resolves when the first transformed tensor needs torch; execute records the result
     record = build_record(plan, source, device)
     return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
                    max_shard_size=max_shard_size, device=device, threads=threads, force=force,
