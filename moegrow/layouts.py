@@ -79,11 +79,17 @@ class TensorRule:
     when: tuple[tuple[str, Any], ...] = ()
     unless: tuple[str, ...] = ()
     default: Any = None
+    # per-key values assumed for keys the config lacks (the config class's defaults)
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+    def _get(self, config: Mapping[str, Any], key: str) -> Any:
+        value = config.get(key)
+        return value if value is not None else dict(self.defaults).get(key, self.default)
 
     def applies(self, config: Mapping[str, Any]) -> bool:
-        if any(config.get(k) for k in self.unless):
+        if any(self._get(config, k) for k in self.unless):
             return False
-        return all(config.get(k, self.default) == v for k, v in self.when)
+        return all(self._get(config, k) == v for k, v in self.when)
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,10 @@ _NUM_DENSE = DepthKey("num_dense_layers", "prefix_count")
 _SIGMOID_BIAS = "sigmoid scores; top-k of score + expert bias; normalised"
 _MTP_OUTSIDE = ("Hub checkpoints' MTP tensors (mtp.*) lie outside the decoder layers: they are copied "
                 "unchanged, not widened nor renumbered; transformers ignores them on load")
+_RAW_SIGMOID = ("unnormalised sigmoid weights do not halve, so a selected pair (original and copy) would "
+                "weigh twice, and no config key can absorb the factor")
+_HALVED_WHEN_RAW = ("width growth with unnormalised weights (norm_topk_prob false) halves every expert's "
+                    "down projection, originals included: originals are not byte-identical")
 _SIGMOID_GROUPS = ("sigmoid scores; selection on score + e_score_correction_bias, limited to the "
                    "topk_group best of n_group groups (group score = sum of its top 2); top-k; "
                    "normalised when norm_topk_prob; times routed_scaling_factor")
@@ -824,6 +834,63 @@ LAYOUTS: tuple[Layout, ...] = (
                                  "the pair's output would double, and no config key can absorb the factor"),),
         notes=("width growth halves every expert's down projection (originals included): originals are "
                "not byte-identical",),
+    ),
+    Layout(
+        name="flint",
+        model_types=("flint",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=("sigmoid scores; top-k of the scores; normalised when norm_topk_prob (the default); "
+                 "plus an ungated shared expert"),
+        moe_rule="sparse_step",
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("decoder_sparse_step", "sparse_step"),
+                    DepthKey("mlp_only_layers", "index_list")),
+        tensor_rules=(TensorRule("down_proj.weight", _RAW_SIGMOID, when=(("norm_topk_prob", False),),
+                                 defaults=(("norm_topk_prob", True),)),),
+        notes=("a config without mlp_only_layers makes layers 0 and 1 dense (the config class's default)",
+               _HALVED_WHEN_RAW),
+    ),
+    Layout(
+        name="kolibri1",
+        model_types=("kolibri1",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        # the correction bias is saved outside the MoE block (transformers renames it on load)
+        router_biases=("moe.router.expert_bias",),
+        buffers=("moe.router.expert_bias",),
+        shared_prefix="mlp.shared_experts.",
+        routing=("top-k of the raw router logits + expert_bias; weights = sigmoid of the selected "
+                 "logits, normalised only when norm_topk_prob (default false); plus a shared expert"),
+        depth_keys=(_COUNT, _LAYER_TYPES),
+        tensor_rules=(TensorRule("down_proj.weight", _RAW_SIGMOID, when=(("norm_topk_prob", False),),
+                                 defaults=(("norm_topk_prob", False),)),),
+        notes=(_HALVED_WHEN_RAW + " (the default)",),
+    ),
+    Layout(
+        name="cohere2_moe",
+        model_types=("cohere2_moe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("num_shared_experts",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_experts.",
+        routing=("top-k of the router logits; softmax over the k (expert_selection_fn softmax), or "
+                 "sigmoid of the k, normalised when norm_topk_prob; plus shared experts, summed or "
+                 "averaged with the routed output"),
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES),
+        tensor_rules=(TensorRule("down_proj.weight", _RAW_SIGMOID,
+                                 when=(("expert_selection_fn", "sigmoid"), ("norm_topk_prob", False)),
+                                 defaults=(("expert_selection_fn", "softmax"), ("norm_topk_prob", True))),),
+        notes=(_HALVED_WHEN_RAW + " with expert_selection_fn sigmoid",
+               "a config without mlp_layer_types is read as all-MoE (the unsaved first_k_dense_replace "
+               "kwarg defaults to 0) and refused if its tensors disagree"),
     ),
 )
 

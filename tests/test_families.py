@@ -8,6 +8,7 @@ has it. Run with ``--junitxml`` to collect the measured logit differences (recor
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -100,6 +101,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "nemotron_h": dict(**DEEPSEEK_LIKE, moe_shared_expert_intermediate_size=8, head_dim=8, norm_topk_prob=True,
                        layers_block_type=["mamba", "moe", "attention"], mamba_num_heads=4, mamba_head_dim=8,
                        ssm_state_size=8, n_groups=2, **GROUPS),
+    # sigmoid weights: exact unnormalised only with every expert's down projection halved (TensorRule)
+    "flint": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                  shared_expert_intermediate_size=12, mlp_only_layers=[0], sliding_window=8),
+    "kolibri1": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                     shared_expert_intermediate_size=12, sliding_window=8),  # raw sigmoid: the default
+    "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=8, num_shared_experts=1, sliding_window=8,
+                        mlp_layer_types=["dense", "sparse", "sparse"]),
 }
 # families that AutoModelForCausalLM does not map (so `verify --forward` cannot load them either)
 MODEL_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
@@ -338,3 +346,34 @@ def test_llama4_text_depth(method, tmp_path):
     assert len(config["no_rope_layers"]) == 6
     logits(tmp_path / "out")
     assert run("verify", src, tmp_path / "out")[0] == 0
+
+
+@pytest.mark.parametrize("family, overrides, scaled", [
+    ("flint", {"norm_topk_prob": True}, False),
+    ("flint", {"norm_topk_prob": False}, True),
+    ("kolibri1", {"norm_topk_prob": True}, False),
+    ("kolibri1", {"norm_topk_prob": False}, True),
+    ("cohere2_moe", {"expert_selection_fn": "softmax", "norm_topk_prob": False}, False),
+    ("cohere2_moe", {"expert_selection_fn": "sigmoid", "norm_topk_prob": True}, False),
+    ("cohere2_moe", {"expert_selection_fn": "sigmoid", "norm_topk_prob": False}, True),
+])
+def test_raw_sigmoid_halves_down_projections(family, overrides, scaled, tmp_path, record_property):
+    """Unnormalised sigmoid weights: every expert's down projection is halved (originals included);
+    otherwise the originals stay byte-identical."""
+    from safetensors.torch import load_file
+
+    src = save(build(family, **overrides), tmp_path / "src")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x")
+    assert code == 0, err
+    assert ("not byte-identical" in err) == scaled, err
+    diff = (logits(src) - logits(out)).abs().max().item()
+    record_property("max_logit_diff", diff)
+    assert diff <= 1e-5, diff
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for name, t in before.items():
+        if ".experts." in name:
+            copy = re.sub(r"\.experts\.(\d+)\.", lambda m: f".experts.{int(m[1]) + 4}.", name)
+            want = t / 2 if scaled and "down_proj" in name else t
+            assert torch.equal(after[name], want) and torch.equal(after[copy], want), name
+    assert run("verify", src, out, "--forward", "--atol", "1e-5")[0] == 0
