@@ -120,6 +120,9 @@ TopK = Annotated[str, typer.Option(
     help="scale: top-k times the growth factor, so that at zero noise the grown model computes "
     "the source's function; keep: same top-k (same FLOPs per token, not function-preserving); "
     "or an integer.")]
+AllowInexact = Annotated[bool, typer.Option(
+    "--allow-inexact", help="Grow the width of a family whose routing no duplication can preserve "
+    "(phimoe), which is refused without it; the result is not function-preserving (a warning says so).")]
 
 
 def _open(source: str, revision: str | None):  # noqa: ANN202 - Source, imported lazily
@@ -269,7 +272,10 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
     out.print(f"  experts: {info['num_experts']} routed, top-{info['top_k']}, "
               f"{info['num_shared_experts']} shared")
     out.print(f"  routing: {info['routing']}")
-    out.print(f"  width growth function-preserving: {'yes' if info['width_exact'] else 'no'}")
+    exact = "yes" if info["width_exact"] else f"no ({info['width_inexact_reason']})"
+    out.print(f"  width growth function-preserving: {exact}", markup=False)
+    if info["width_refused"]:
+        out.print(f"  width growth refused: {info['width_refused']}", markup=False)
     out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
     out.print(f"  dtypes: {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}")
     out.print(f"  {info['num_tensors']} tensors, {_gib(info['total_bytes'])} in {len(info['files'])} file(s)")
@@ -291,11 +297,12 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
                router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
                revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
-               json_out: Json = False, threads: Threads = 2, strict: Strict = False) -> None:
+               json_out: Json = False, threads: Threads = 2, strict: Strict = False,
+               allow_inexact: AllowInexact = False) -> None:
     """Grow width: duplicate every expert (copies after originals) and its router rows."""
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
-                seed=seed, top_k=top_k)
+                seed=seed, top_k=top_k, allow_inexact=allow_inexact)
 
 
 @app.command("grow")
@@ -304,11 +311,11 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
-         threads: Threads = 2, strict: Strict = False) -> None:
+         threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False) -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
-                noise=noise, router_noise=router_noise, seed=seed, top_k=top_k)
+                noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact)
 
 
 @app.command()

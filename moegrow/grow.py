@@ -37,7 +37,7 @@ __all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
 def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
              layer_map: str | list[int] | None = None, experts: str | None = None,
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-             top_k: str | int = "scale") -> Plan:
+             top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments."""
     where = f"{source.spec}/config.json"
     layout = layout_for(source.config, where)
@@ -61,7 +61,7 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
             raise GrowthError("give --experts (e.g. 2x)")
         factor = parse_experts(experts, layout.num_experts(config))
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
-    width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k)
+    width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact)
     if operation == "grow-depth":
         return plan_depth(config, tensors, layout, lmap or [])
     if operation == "grow-width":
@@ -78,7 +78,8 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     experts = f"{g['factor']}x" if g.get("factor") else None
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
-                    seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale")
+                    seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale",
+                    allow_inexact=bool(g.get("allow_inexact")))
 
 
 def check_finite(plan: Plan, source: Source) -> None:

@@ -42,6 +42,8 @@ def describe(source: Source) -> dict[str, Any]:
         "num_shared_experts": shared,
         "routing": layout.routing,
         "width_exact": layout.exact_width,
+        "width_inexact_reason": layout.inexact_reason or None,
+        "width_refused": layout.width_refused or None,
         "total_params": total,
         "active_params": active,
         "dtypes": dict(sorted(dtypes.items())),

@@ -123,7 +123,15 @@ class Layout:
     depth_keys: tuple[DepthKey, ...] = ()
     width_rules: tuple[WidthRule, ...] = ()
     tensor_rules: tuple[TensorRule, ...] = ()
+    # False where no width growth can compute the source's function (refused without --allow-inexact);
+    # inexact_reason says why (shown by inspect and in the refusal)
     exact_width: bool = True
+    inexact_reason: str = ""
+    # non-empty where duplication itself cannot be expressed: width growth is refused, flag or not
+    width_refused: str = ""
+    # tensors every layer but layer 0 has (zaya's router_states_scale): depth maps that move a copy of
+    # layer 0 elsewhere, or another layer to 0, are refused
+    not_in_first_layer: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     # -- config access -------------------------------------------------------------------------
@@ -891,6 +899,59 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=(_HALVED_WHEN_RAW + " with expert_selection_fn sigmoid",
                "a config without mlp_layer_types is read as all-MoE (the unsaved first_k_dense_replace "
                "kwarg defaults to 0) and refused if its tensors disagree"),
+    ),
+    Layout(
+        name="phimoe",
+        model_types=("phimoe",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="block_sparse_moe.experts.",
+        router_weights=("block_sparse_moe.gate.weight",),
+        routing=("sparsemixer, hard-wired top-2: the argmax expert, weighted by a softmax masked near the "
+                 "max; then the argmax of the rest, likewise"),
+        depth_keys=(_COUNT,),
+        exact_width=False,
+        inexact_reason=("sparsemixer routing always picks 2 experts (num_experts_per_tok is not read): after "
+                        "duplication the second pick is the first pick's copy and the weights change"),
+    ),
+    Layout(
+        name="zaya",
+        model_types=("zaya",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        # mlp.gate.router_mlp.out_proj.weight and mlp.gate.balancing_biases have E+1 rows (the last is the
+        # skip class): not router rows in moegrow's sense, so width growth is refused
+        router_weights=(),
+        routing=("a router MLP (fed the previous layer's router state) gives E+1 classes, the last a skip "
+                 "class; softmax; top-1 of probabilities + balancing_biases; the skip class gets weight 0"),
+        depth_keys=(_COUNT, _LAYER_TYPES),
+        exact_width=False,
+        inexact_reason=("top-k is validated == 1 (a copied pair cannot both be picked), and the skip class, "
+                        "not duplicated, keeps its share of the softmax"),
+        width_refused=("the router's last row (mlp.gate.router_mlp.out_proj.weight, mlp.gate.balancing_biases: "
+                       "E+1 rows) is a skip class that must stay after the copies, and top-k must stay 1: "
+                       "moegrow's duplication cannot express this"),
+        not_in_first_layer=("mlp.gate.router_states_scale",),
+    ),
+    Layout(
+        name="doge",
+        model_types=("doge",),
+        experts_keys=("num_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        # product-key experts: one row per expert in two embeddings; the router has 2*sqrt(E) rows
+        fused_experts=("mlp.down_embed.weight", "mlp.up_embed.weight"),
+        router_weights=(),
+        routing=("product keys: 2 x sqrt(E) key logits, top sqrt(E) per axis, summed over pairs, top-k, "
+                 "softmax over the k; a dense MLP runs beside the experts"),
+        depth_keys=(_COUNT,),
+        exact_width=False,
+        inexact_reason="product-key routing: the router scores sqrt(E) keys per axis, not experts",
+        width_refused=("product-key experts: the router (mlp.router_gate.weight) has 2*sqrt(E) rows, one per "
+                       "key, not one per expert, and E must stay a square (2x cannot; 4x would need both key "
+                       "sets duplicated and the experts re-indexed, which moegrow's duplication cannot express)"),
     ),
 )
 

@@ -82,6 +82,7 @@ class Plan:
     router_noise: float = 0.0
     config_changes: list[str] = field(default_factory=list)
     exact: bool = True           # claims the same function as the source (at zero noise)
+    allow_inexact: bool = False  # --allow-inexact: a family whose width growth cannot be exact
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -155,10 +156,24 @@ def _ordered(tensors: list[OutTensor]) -> list[OutTensor]:
     return sorted(tensors, key=lambda t: natural_key(t.name))
 
 
+def _check_first_layer(layout: Layout, layer_map: Sequence[int]) -> None:
+    """Refuse a map that moves layer 0 (which lacks `not_in_first_layer` tensors) or moves another
+    layer to position 0."""
+    if not layout.not_in_first_layer:
+        return
+    bad = next((j for j, m in enumerate(layer_map) if (m == 0) != (j == 0)), None)
+    if bad is not None:
+        what = "a copy of layer 0" if layer_map[bad] == 0 else f"a copy of layer {layer_map[bad]}"
+        raise GrowthError(f"{layout.name}: layer 0 has no {', '.join(layout.not_in_first_layer)} and every "
+                          f"later layer has one, so this layer map (new layer {bad} = {what}) would load with "
+                          f"a missing or unexpected tensor")
+
+
 def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                layer_map: Sequence[int]) -> Plan:
     anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
     check_moe_layers(config, layout, anatomy.moe_layers)
+    _check_first_layer(layout, layer_map)
     new_config, changed = rewrite_depth(config, layout, layer_map, anatomy.moe_layers)
     n_old, n_new = anatomy.num_layers, len(layer_map)
     targets: dict[int, list[int]] = {}
@@ -215,7 +230,12 @@ def _check_noise(name: str, t: TensorMeta, std: float) -> None:
 
 def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                factor: int, *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-               top_k: str | int = "scale") -> Plan:
+               top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
+    if layout.width_refused:
+        raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width_refused}")
+    if not layout.exact_width and not allow_inexact:
+        raise GrowthError(f"{layout.name}: width growth cannot preserve this family's function "
+                          f"({layout.inexact_reason}); pass --allow-inexact to grow it anyway")
     for flag, std in (("--noise", noise), ("--router-noise", router_noise)):
         if not (math.isfinite(std) and std >= 0):
             raise GrowthError(f"{flag}: the noise std must be a finite number >= 0, not {std}")
@@ -248,12 +268,13 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     exact = layout.exact_width and top_k == "scale"
     plan = Plan("grow-width", layout, dict(config), new_config, _ordered(out), seed=seed,
                 experts=e_old * factor, factor=factor, top_k=top_k, noise=noise,
-                router_noise=router_noise, config_changes=changes, exact=exact)
+                router_noise=router_noise, config_changes=changes, exact=exact, allow_inexact=allow_inexact)
     if top_k != "scale":
         plan.warnings.append(f"--top-k {top_k}: the grown model does not compute the source's "
                              "function (only --top-k scale preserves it)")
     if not layout.exact_width:
-        plan.warnings.append(f"{layout.name}: width growth cannot preserve this family's function")
+        plan.warnings.append(f"--allow-inexact: the result is not function-preserving: {layout.name} "
+                             f"{layout.inexact_reason}")
     for r in rules:
         plan.config_changes.append(f"tensors *.{r.rel}: scaled by 1/{factor} ({r.why})")
         plan.warnings.append(f"originals are not byte-identical: every {r.rel} (originals and copies) is "

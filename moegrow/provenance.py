@@ -38,6 +38,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "noise": plan.noise,
             "router_noise": plan.router_noise,
             "seed": plan.seed,
+            "allow_inexact": plan.allow_inexact,
         },
         "noise_device": device,
         "function_preserving": plan.function_preserving,

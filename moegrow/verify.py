@@ -85,6 +85,7 @@ def _record_problem(record: Any) -> str | None:
         "router_noise": is_num,
         "seed": is_int,
         "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
+        "allow_inexact": lambda v: isinstance(v, bool),
     }
     for key, ok in checks.items():
         if g.get(key) is not None and not ok(g[key]):
