@@ -72,6 +72,16 @@ def _dim0(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 0
 
 
+def _expert_dim(name: str, shape: tuple[int, ...], axis: int, where: str) -> int:
+    """The size of a tensor's expert axis; an axis past 0 only where every leading dim is 1."""
+    if axis == 0:
+        return _dim0(shape)
+    if len(shape) <= axis or any(d != 1 for d in shape[:axis]):
+        raise ConfigError(f"{where}: {name} has shape {list(shape)}; its expert axis {axis} needs every "
+                          f"dim before it to be 1 (moegrow concatenates copies as bytes)")
+    return shape[axis]
+
+
 def _lookup(config: Mapping[str, Any], key: str) -> Any:
     value: Any = config
     for part in key.split("."):  # a dotted key reaches into nested dicts
@@ -96,6 +106,7 @@ _DEPTH_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
                           lambda v: isinstance(v, list) and all(map(_is_int, v))),
     "per_layer": ("a list", lambda v: isinstance(v, list)),
     "moe_types": ("a list", lambda v: isinstance(v, list)),
+    "moe_range": ("an integer layer index", _is_int),
 }
 
 
@@ -149,7 +160,7 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
         if r.kind == "expert":
             experts_in.setdefault(r.layer, set()).add(r.expert)  # type: ignore[arg-type]
         elif r.kind in ("fused", "router", "router_bias"):
-            n = _dim0(shapes[name])
+            n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where)
             if r.kind == "fused":
                 experts_in.setdefault(r.layer, set()).update(range(n))  # type: ignore[arg-type]
             if n != num_experts:

@@ -72,6 +72,38 @@ def _moe_layer_list(config: Mapping[str, Any], n: int, layout: Layout) -> set[in
     return {i for i in listed if 0 <= i < n}
 
 
+def _range_values(config: Mapping[str, Any], n: int, layout: Layout) -> tuple[int, int, int]:
+    (skey, sdef), (ekey, edef), (ikey, idef) = layout.moe_range
+    values = []
+    for key, default in ((skey, sdef), (ekey, edef), (ikey, idef)):
+        v = config.get(key)
+        v = default if v is None else v
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"config.json: {key} must be an integer layer index, not {v!r}")
+        values.append(v)
+    start, end, interval = values
+    if interval < 1:
+        raise ConfigError(f"config.json: {ikey} must be a positive integer, not {interval!r}")
+    return start, n - 1 if end == -1 else end, interval
+
+
+def _layer_range(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
+    """ernie4_5_moe: MoE iff start <= i <= end and (i + 1) % interval == 0."""
+    start, end, interval = _range_values(config, n, layout)
+    return {i for i in range(n) if start <= i <= end and (i + 1) % interval == 0}
+
+
+def _express_range(want: set[int], n_new: int, interval: int) -> tuple[int, int, int] | None:
+    """A (start, end, interval) that gives exactly `want`, trying the source's interval first."""
+    if not want:
+        return None
+    lo, hi = min(want), max(want)
+    for iv in dict.fromkeys((interval, *range(1, n_new + 1))):
+        if {i for i in range(lo, hi + 1) if (i + 1) % iv == 0} == want:
+            return lo, hi, iv
+    return None
+
+
 # How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
 MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "all": _all,
@@ -80,6 +112,7 @@ MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "mlp_layer_types": _mlp_layer_types,
     "block_types": _block_types,
     "moe_layer_list": _moe_layer_list,
+    "layer_range": _layer_range,
 }
 
 
@@ -176,6 +209,17 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
         elif dk.kind == "dense_prefix":
             # informational only (another key decides): the new run of leading dense layers
             _set(new, dk.key, next((j for j in range(len(layer_map)) if j in want), len(layer_map)))
+        elif dk.kind == "moe_range":
+            _, _, interval = _range_values(config, n_old, layout)
+            found = _express_range(want, len(layer_map), interval)
+            if found is None:
+                keys = ", ".join(k for k, _ in layout.moe_range)
+                raise GrowthError(f"config keys {keys} (one range of MoE layers) cannot express this layer "
+                                  f"map: the new MoE layers would be {sorted(want)}")
+            for (key, _), v in zip(layout.moe_range, found, strict=True):
+                if _get(new, key) != v:
+                    _set(new, key, v)
+                    changed.append(key)
         elif dk.kind == "sparse_step":
             if int(value) != 1:
                 # Every-Nth-layer cannot survive a layer map: make the dense layers explicit.

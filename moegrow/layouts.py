@@ -29,7 +29,9 @@ class DepthKey:
     rewritten to 1 plus an explicit index list, see `configs.py`), ``moe_types`` (a per-layer
     list of "sparse" / "dense"; written out from the tensors when the source config leaves it to
     a default), ``dense_prefix`` (a count of leading dense layers that another key overrides; set
-    to the new leading dense run). A dotted key reaches into a nested dict.
+    to the new leading dense run), ``moe_range`` (the start key of the layout's `moe_range`
+    triple: start, end and interval are rewritten together to the new MoE layers, refused where
+    no start / end / interval can say them). A dotted key reaches into a nested dict.
     """
 
     key: str
@@ -132,6 +134,12 @@ class Layout:
     # tensors every layer but layer 0 has (zaya's router_states_scale): depth maps that move a copy of
     # layer 0 elsewhere, or another layer to 0, are refused
     not_in_first_layer: tuple[str, ...] = ()
+    # the expert axis of a router / router-bias / fused tensor where it is not 0, as (rel, axis) pairs:
+    # only where every leading dim is 1 (so concatenating along it is concatenating bytes)
+    expert_axis: tuple[tuple[str, int], ...] = ()
+    # rule `layer_range`: (start key, default), (end key, default; -1 = last layer), (interval key, default);
+    # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
+    moe_range: tuple[tuple[str, int], ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     # -- config access -------------------------------------------------------------------------
@@ -150,6 +158,10 @@ class Layout:
             raise ConfigError(f"config.json: {key} is {value!r}; moegrow needs one integer "
                               f"{what} (per-layer values are not supported)")
         return int(value)
+
+    def axis_of(self, rel: str) -> int:
+        """The expert axis of a router, router-bias or fused tensor (see `expert_axis`)."""
+        return dict(self.expert_axis).get(rel, 0)
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
         return self._int(config, self.experts_keys, "expert count")
@@ -899,6 +911,29 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=(_HALVED_WHEN_RAW + " with expert_selection_fn sigmoid",
                "a config without mlp_layer_types is read as all-MoE (the unsaved first_k_dense_replace "
                "kwarg defaults to 0) and refused if its tensors disagree"),
+    ),
+    Layout(
+        name="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        experts_keys=("moe_num_experts", "num_experts"),
+        top_k_keys=("moe_k", "num_experts_per_tok"),
+        shared_experts_keys=("moe_num_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.moe_statics.e_score_correction_bias",),
+        expert_axis=(("mlp.moe_statics.e_score_correction_bias", 1),),  # [1, E]
+        routing=("softmax (float32) over all experts; top-k of probabilities + e_score_correction_bias; "
+                 "weights = probabilities / clamp(sum, moe_norm_min); plus shared experts"),
+        moe_rule="layer_range",
+        moe_range=(("moe_layer_start_index", 1), ("moe_layer_end_index", -1), ("moe_layer_interval", 1)),
+        depth_keys=(_COUNT, DepthKey("moe_layer_start_index", "moe_range")),
+        tensor_rules=(TensorRule("mlp.moe_statics.e_score_correction_bias",
+                                 "the correction bias is added to softmax probabilities, which halve with "
+                                 "twice the experts; the bias must halve with them to keep the selection"),),
+        notes=("width growth halves the correction bias (originals included): originals are not byte-identical",
+               "the MoE layers are a range (start, end, interval): stacking a model with a dense first layer "
+               "cannot be expressed and is refused"),
     ),
     Layout(
         name="phimoe",

@@ -262,7 +262,9 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
             parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
-            out.append(OutTensor(name, t.dtype, (t.shape[0] * factor, *t.shape[1:]), parts))
+            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked): a byte concatenation
+            shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
+            out.append(OutTensor(name, t.dtype, shape, parts))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
     exact = layout.exact_width and top_k == "scale"

@@ -108,6 +108,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
                      shared_expert_intermediate_size=12, sliding_window=8),  # raw sigmoid: the default
     "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=8, num_shared_experts=1, sliding_window=8,
                         mlp_layer_types=["dense", "sparse", "sparse"]),
+    # correction bias [1,E] added to softmax probabilities: halved; MoE layers a start/end/interval range
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=8, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, head_dim=8),
     # no width growth can be exact: refused without --allow-inexact (phimoe) or always (zaya, doge)
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8, head_dim=8, router_hidden_size=16),
@@ -121,12 +124,12 @@ MODEL_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
 STACK_REFUSED = {"deepseek_v2": "first_k_dense_replace", "glm4_moe": "first_k_dense_replace",
                  "dots1": "first_k_dense_replace", "mistral4": "first_k_dense_replace",
                  "afmoe": "num_dense_layers", "lfm2_moe": "num_dense_layers", "qwen4_exp_text": "ple_layer_ids",
-                 "zaya": "router_states_scale"}
+                 "zaya": "router_states_scale", "ernie4_5_moe": "moe_layer_start_index"}
 # a PLE layer's tensor shapes follow its rank in ple_layer_ids: no 2x map keeps every copy's rank;
 # zaya's layer 0 has no router_states_scale (every later layer has one): no 2x map keeps layer 0 alone at 0
 INTERPOSE_REFUSED = {"qwen4_exp_text": "ple_layer_ids", "zaya": "router_states_scale"}
 EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk")
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k")
 GROUP_KEYS = ("n_group", "num_expert_group", "topk_group")
 
 
@@ -435,3 +438,50 @@ def test_zaya_depth_map_keeping_layer_0_in_place(tmp_path, family_source):
     assert code == 0, err
     logits(out)
     assert run("verify", src, out)[0] == 0
+
+
+def test_ernie_correction_bias_halved_along_expert_axis_1(family_source, tmp_path):
+    """ernie4_5_moe's bias is [1, E]: the plan says [1, 2E] (expert axis 1), values halved."""
+    from safetensors.torch import load_file
+
+    src = family_source("ernie4_5_moe")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    bias = "model.layers.1.mlp.moe_statics.e_score_correction_bias"
+    assert before[bias].shape == (1, 4) and after[bias].shape == (1, 8)
+    assert torch.equal(after[bias], torch.cat([before[bias] / 2] * 2, dim=1))
+    gate = "model.layers.1.mlp.gate.weight"
+    assert torch.equal(after[gate], torch.cat([before[gate]] * 2))
+    # without the halving the grown model selects differently
+    config = read_config(out)
+    assert (config["moe_layer_start_index"], config["moe_layer_end_index"]) == (1, 2)
+
+
+def test_ernie_depth_rewrites_the_moe_range(family_source, tmp_path):
+    src = family_source("ernie4_5_moe")
+    out = tmp_path / "out"
+    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--quiet")
+    assert code == 0, err
+    config = read_config(out)
+    assert (config["moe_layer_start_index"], config["moe_layer_end_index"], config["moe_layer_interval"]) == (2, 5, 1)
+    # layers 0,1 copied from dense layer 0; 3 of 4 layers then 1 dense: every other layer MoE -> interval 2
+    code, _, err = run("grow-depth", src, tmp_path / "alt", "--layer-map", "0,1,0,1,0,2", "--quiet")
+    assert code == 0, err
+    config = read_config(tmp_path / "alt")
+    assert (config["moe_layer_start_index"], config["moe_layer_end_index"], config["moe_layer_interval"]) == (1, 5, 2)
+    logits(tmp_path / "alt")
+    assert run("verify", src, tmp_path / "alt")[0] == 0
+
+
+def test_expert_axis_past_0_needs_leading_dims_of_1(family_source, ckpt_copy):
+    from safetensors.torch import load_file, save_file
+
+    src = ckpt_copy(family_source("ernie4_5_moe"))
+    tensors = load_file(src / "model.safetensors")
+    bias = "model.layers.1.mlp.moe_statics.e_score_correction_bias"
+    tensors[bias] = torch.zeros(2, 4)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run("grow-width", src, src.parent / "out", "--experts", "2x")
+    assert code == 2 and bias in err and "expert axis 1" in err and len(err.strip().splitlines()) == 1, err
