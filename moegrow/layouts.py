@@ -540,7 +540,7 @@ LAYOUTS: tuple[Layout, ...] = (
         routing="router logits with a bias; top-k of the logits, softmax over the k",
         depth_keys=(_COUNT, _LAYER_TYPES),
         notes=("The Hub release's MXFP4 experts (*_blocks / *_scales, uint8, expert axis first) are "
-               "duplicated like the others but cannot take --noise; only the dequantised form is tested.",),
+               "duplicated byte for byte like the others but cannot take --noise (refused, naming the tensor).",),
     ),
     Layout(
         name="mistral4",

@@ -223,9 +223,21 @@ def parse_experts(spec: str, n_old: int) -> int:
     return factor
 
 
-def _check_noise(name: str, t: TensorMeta, std: float) -> None:
-    if std and t.dtype not in FLOAT_DTYPES:
-        raise GrowthError(f"cannot add noise to {name}: dtype {t.dtype} is not a float type")
+# quantised checkpoints' per-expert scales (DeepSeek-V3 fp8 `weight_scale_inv`, MXFP4 `*_scales`)
+_QUANT_SUFFIXES = ("_scale_inv", "_scales", "weight_scale", "input_scale", "_blocks")
+
+
+def _check_noise(name: str, t: TensorMeta, std: float, what: str = "add noise to") -> None:
+    """Noise (or scaling) needs float values: quantised weights and their scales are refused."""
+    if not std:
+        return
+    if t.dtype not in FLOAT_DTYPES:
+        quant = "quantised " if t.dtype.startswith(("F8", "F4", "U8", "I8")) else ""
+        raise GrowthError(f"cannot {what} {name}: dtype {t.dtype} is not a float type ({quant}weights cannot "
+                          f"take noise or scaling; grow with --noise 0, or dequantise first)")
+    if name.endswith(_QUANT_SUFFIXES):
+        raise GrowthError(f"cannot {what} {name}: it is a quantisation scale or block tensor (quantised "
+                          f"weights cannot take noise or scaling; grow with --noise 0, or dequantise first)")
 
 
 def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
@@ -251,7 +263,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         role = anatomy.roles[name]
         scale = 1.0 / factor if role.rel in scaled and role.kind in ("expert", "fused", "router_bias") else 1.0
         if scale != 1.0:
-            _check_noise(name, t, scale)
+            _check_noise(name, t, scale, f"scale by 1/{factor}")
         if role.kind == "expert":
             assert role.layer is not None and role.expert is not None
             _check_noise(name, t, noise)

@@ -485,3 +485,87 @@ def test_expert_axis_past_0_needs_leading_dims_of_1(family_source, ckpt_copy):
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     code, _, err = run("grow-width", src, src.parent / "out", "--experts", "2x")
     assert code == 2 and bias in err and "expert axis 1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _requantise(folder, replace) -> dict:
+    """Rewrite a checkpoint's tensors through `replace(name, tensor) -> {name: tensor}`; returns them."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for name, t in load_file(folder / "model.safetensors").items():
+        tensors.update(replace(name, t))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return tensors
+
+
+def test_gpt_oss_mxfp4_blocks_and_scales_are_duplicated(family_source, ckpt_copy):
+    """A Hub-style gpt_oss release: experts as MXFP4 uint8 *_blocks / *_scales (expert axis first)."""
+    from safetensors.torch import load_file
+
+    src = ckpt_copy(family_source("gpt_oss"))
+    gen = torch.Generator().manual_seed(0)
+
+    def mxfp4(name, t):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return {name: t}
+        e, rows = t.shape[0], t.shape[2]  # stored [E, in, out]; MXFP4 rows are the outputs
+        groups = max(1, t.shape[1] // 32)
+        return {f"{name}_blocks": torch.randint(0, 256, (e, rows, groups, 16), dtype=torch.uint8, generator=gen),
+                f"{name}_scales": torch.randint(118, 130, (e, rows, groups), dtype=torch.uint8, generator=gen)}
+
+    before = _requantise(src, mxfp4)
+    config = read_config(src)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (src / "config.json").write_text(json.dumps(config))
+    out = src.parent / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    after = load_file(out / "model.safetensors")
+    quantised = [n for n in before if n.endswith(("_blocks", "_scales"))]
+    assert len(quantised) == 4 * 3
+    for name in quantised:
+        assert after[name].dtype == torch.uint8 and torch.equal(after[name], torch.cat([before[name]] * 2)), name
+    assert read_config(out)["quantization_config"] == config["quantization_config"]
+    assert run("verify", src, out)[0] == 0
+    code, stdout, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
+    assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
+    assert "mlp.experts." in err and "quantis" in err, err
+    assert not (src.parent / "noisy").exists()
+
+
+def test_deepseek_fp8_scales_travel_with_their_experts(checkpoints, ckpt_copy):
+    """A DeepSeek-V3 style fp8 checkpoint: float8_e4m3fn expert weights, one weight_scale_inv per weight."""
+    from safetensors.torch import load_file
+
+    src = ckpt_copy(checkpoints["deepseek_v3"])
+    gen = torch.Generator().manual_seed(0)
+
+    def fp8(name, t):
+        if ".mlp.experts." not in name:
+            return {name: t}
+        blocks = [-(-d // 128) for d in t.shape]
+        return {name: t.to(torch.float8_e4m3fn), f"{name}_scale_inv": torch.rand(blocks, generator=gen) + 0.5}
+
+    before = _requantise(src, fp8)
+    config = read_config(src)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(config))
+    out = src.parent / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    after = load_file(out / "model.safetensors")
+    e_old = config["n_routed_experts"]
+    moved = 0
+    for name, t in before.items():
+        m = re.search(r"\.experts\.(\d+)\.", name)
+        if m:
+            copy = name.replace(m[0], f".experts.{int(m[1]) + e_old}.")
+            for grown in (after[name], after[copy]):
+                assert grown.dtype == t.dtype and torch.equal(grown.view(torch.uint8), t.view(torch.uint8)), name
+            moved += name.endswith("_scale_inv")
+    assert moved == 2 * e_old * 3  # two MoE layers, three projections per expert
+    assert run("verify", src, out)[0] == 0
+    code, stdout, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
+    assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
+    assert ".mlp.experts." in err and "quantis" in err, err
