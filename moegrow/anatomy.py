@@ -128,7 +128,7 @@ def check_config(config: Mapping[str, Any], layout: Layout, where: str = "config
         if what == "layer count" and layout.layers_list_key(config) is not None:
             continue  # the length of a per-layer list (see Layout.layers_list_keys)
         key = layout.config_key(config, aliases, what)
-        value = config[key]
+        value = _lookup(config, key)
         if not (_is_int(value) and value >= 1):
             raise ConfigError(f"{where}: {key} (the {what}) must be a positive integer, not {value!r}")
         counts[what] = (key, value)
@@ -161,6 +161,11 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
             experts_in.setdefault(r.layer, set()).add(r.expert)  # type: ignore[arg-type]
         elif r.kind in ("fused", "router", "router_bias"):
             n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where)
+            rows = layout.rows_per_expert(config, r.rel)
+            if n % rows:
+                raise ConfigError(f"{where}: {name} has {n} rows, not a multiple of {layout.rows_per_expert_key}"
+                                  f"={rows} (the rows of one expert)")
+            n //= rows
             if r.kind == "fused":
                 experts_in.setdefault(r.layer, set()).update(range(n))  # type: ignore[arg-type]
             if n != num_experts:

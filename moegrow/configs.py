@@ -257,13 +257,13 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
     ekey = layout.config_key(config, layout.experts_keys, "expert count")
     kkey = layout.config_key(config, layout.top_k_keys, "top-k")
     e_old, k_old = layout.num_experts(config), layout.top_k(config)
-    new[ekey] = e_old * factor
-    changes.append(f"{ekey}: {e_old} -> {new[ekey]}")
+    _set(new, ekey, e_old * factor)
+    changes.append(f"{ekey}: {e_old} -> {e_old * factor}")
     k_new = k_old * factor if top_k == "scale" else k_old if top_k == "keep" else int(top_k)
-    if not 1 <= k_new <= new[ekey]:
-        raise GrowthError(f"top-k {k_new} is out of range for {new[ekey]} experts")
+    if not 1 <= k_new <= e_old * factor:
+        raise GrowthError(f"top-k {k_new} is out of range for {e_old * factor} experts")
     if k_new != k_old:
-        new[kkey] = k_new
+        _set(new, kkey, k_new)
         changes.append(f"{kkey}: {k_old} -> {k_new}")
     for rule in layout.width_rules:
         key = next((k for k in rule.keys if config.get(k) is not None), None)

@@ -7,7 +7,7 @@ from typing import Any
 
 from .anatomy import analyse
 from .configs import check_moe_layers
-from .layouts import layout_for
+from .layouts import layout_for, lookup
 from .plan import param_counts
 from .source import Source
 
@@ -21,8 +21,8 @@ def describe(source: Source) -> dict[str, Any]:
     check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")
     top_k = layout.top_k(config)
     total, active = param_counts(shapes, anatomy, layout, top_k)
-    if layout.shared_experts_keys and any(config.get(k) is not None for k in layout.shared_experts_keys):
-        shared = int(config[layout.config_key(config, layout.shared_experts_keys, "shared experts")])
+    if layout.shared_experts_keys and any(lookup(config, k) is not None for k in layout.shared_experts_keys):
+        shared = int(lookup(config, layout.config_key(config, layout.shared_experts_keys, "shared experts")))
     else:
         prefix = layout.shared_prefix
         shared = int(bool(prefix) and any(r.rel.startswith(prefix) for r in anatomy.roles.values()))

@@ -16,6 +16,16 @@ from typing import Any
 from .errors import ConfigError, UnsupportedModelError
 
 
+def lookup(config: Mapping[str, Any], key: str) -> Any:
+    """A config value; a dotted key reaches into nested dicts (dbrx's ``ffn_config.moe_num_experts``)."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
 @dataclass(frozen=True)
 class DepthKey:
     """A layer-indexed config key and how a layer map rewrites it.
@@ -83,15 +93,30 @@ class TensorRule:
     default: Any = None
     # per-key values assumed for keys the config lacks (the config class's defaults)
     defaults: tuple[tuple[str, Any], ...] = ()
+    # top-k weights divided by their p-norm, p = this key (dbrx): a selected group of f copies weighs
+    # f^(1 - 1/p) times the original, so the scale is f^(1/p - 1); no scaling when p is null or 1
+    p_norm_key: str = ""
 
     def _get(self, config: Mapping[str, Any], key: str) -> Any:
-        value = config.get(key)
+        value = lookup(config, key)
         return value if value is not None else dict(self.defaults).get(key, self.default)
 
     def applies(self, config: Mapping[str, Any]) -> bool:
         if any(self._get(config, k) for k in self.unless):
             return False
+        if self.p_norm_key and self._get(config, self.p_norm_key) in (None, 1):
+            return False
         return all(self._get(config, k) == v for k, v in self.when)
+
+    def scale(self, config: Mapping[str, Any], factor: int) -> float:
+        """The factor every matching tensor is multiplied by (where `applies`)."""
+        if not self.p_norm_key:
+            return 1.0 / factor
+        p = self._get(config, self.p_norm_key)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+            raise ConfigError(f"config.json: {self.p_norm_key}={p!r}: only a p-norm with p > 0 (or null) "
+                              f"can be kept exact")
+        return float(factor) ** (1.0 / p - 1.0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +159,8 @@ class Layout:
     # tensors every layer but layer 0 has (zaya's router_states_scale): depth maps that move a copy of
     # layer 0 elsewhere, or another layer to 0, are refused
     not_in_first_layer: tuple[str, ...] = ()
+    # fused experts stored 2-D with this many rows per expert along axis 0 (dbrx: [E*F, H]); a config key
+    rows_per_expert_key: str = ""
     # the expert axis of a router / router-bias / fused tensor where it is not 0, as (rel, axis) pairs:
     # only where every leading dim is 1 (so concatenating along it is concatenating bytes)
     expert_axis: tuple[tuple[str, int], ...] = ()
@@ -147,17 +174,26 @@ class Layout:
     def config_key(self, config: Mapping[str, Any], aliases: tuple[str, ...], what: str) -> str:
         """The first alias present in config (the one to write back)."""
         for k in aliases:
-            if config.get(k) is not None:
+            if lookup(config, k) is not None:
                 return k
         raise ConfigError(f"config.json: no {what} key (looked for {', '.join(aliases)})")
 
     def _int(self, config: Mapping[str, Any], aliases: tuple[str, ...], what: str) -> int:
         key = self.config_key(config, aliases, what)
-        value = config[key]
+        value = lookup(config, key)
         if isinstance(value, (list, dict)):
             raise ConfigError(f"config.json: {key} is {value!r}; moegrow needs one integer "
                               f"{what} (per-layer values are not supported)")
         return int(value)
+
+    def rows_per_expert(self, config: Mapping[str, Any], rel: str) -> int:
+        """Rows per expert along a fused tensor's expert axis (1 unless `rows_per_expert_key`)."""
+        if not self.rows_per_expert_key or rel not in self.fused_experts:
+            return 1
+        value = lookup(config, self.rows_per_expert_key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"config.json: {self.rows_per_expert_key} must be a positive integer, not {value!r}")
+        return value
 
     def axis_of(self, rel: str) -> int:
         """The expert axis of a router, router-bias or fused tensor (see `expert_axis`)."""
@@ -934,6 +970,29 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=("width growth halves the correction bias (originals included): originals are not byte-identical",
                "the MoE layers are a range (start, end, interval): stacking a model with a dense first layer "
                "cannot be expressed and is refused"),
+    ),
+    Layout(
+        name="dbrx",
+        model_types=("dbrx",),
+        layer_prefix="transformer.blocks.",
+        layers_keys=("n_layers", "num_hidden_layers"),
+        experts_keys=("ffn_config.moe_num_experts",),
+        top_k_keys=("ffn_config.moe_top_k",),
+        experts_prefix="ffn.experts.mlp.",
+        # 2-D [E*F, H] each (w2 transposed): expert e is rows e*F .. (e+1)*F - 1, F = ffn_hidden_size
+        fused_experts=("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"),
+        rows_per_expert_key="ffn_config.ffn_hidden_size",
+        router_weights=("ffn.router.layer.weight",),
+        routing=("softmax over all experts; top-k; weights divided by their p-norm, p = "
+                 "ffn_config.moe_normalize_expert_weights (default 1; null: not normalised)"),
+        depth_keys=(DepthKey("n_layers", "count"),),
+        tensor_rules=(TensorRule("ffn.experts.mlp.w2", "top-k weights divided by their p-norm with p != 1 make a "
+                                 "selected pair weigh 2^(1-1/p) times the original",
+                                 p_norm_key="ffn_config.moe_normalize_expert_weights"),),
+        notes=("config keys nested in ffn_config (moe_num_experts, moe_top_k, ffn_hidden_size) are read and "
+               "written there",
+               "with moe_normalize_expert_weights p not 1 (nor null), width growth scales every expert's w2 by "
+               "f^(1/p - 1), originals included"),
     ),
     Layout(
         name="phimoe",

@@ -18,7 +18,7 @@ from .anatomy import Anatomy, analyse, expert_name, layer_name
 from .configs import check_moe_layers, rewrite_depth, rewrite_width
 from .errors import GrowthError
 from .io import DTYPE_SIZES, FLOAT_DTYPES
-from .layouts import Layout
+from .layouts import Layout, lookup
 
 
 class TensorMeta(Protocol):
@@ -190,7 +190,7 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         rel = name[len(layout.layer_prefix):].partition(".")[2]
         for j in targets.get(role.layer, []):
             out.append(OutTensor(layer_name(layout, j, rel), t.dtype, t.shape, (Part(name),)))
-    changes = [f"{k}: {config.get(k)!r} -> {new_config.get(k)!r}" for k in changed]
+    changes = [f"{k}: {lookup(config, k)!r} -> {lookup(new_config, k)!r}" for k in changed]
     # Depth growth adds layers to the residual stream: it never keeps the source's function.
     plan = Plan("grow-depth", layout, dict(config), new_config, _ordered(out),
                 layer_map=list(layer_map), config_changes=changes, exact=False)
@@ -257,13 +257,13 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     e_old = anatomy.num_experts
     # tensors scaled by 1/factor, originals included (only where exactness claims it)
     rules = [r for r in layout.tensor_rules if top_k == "scale" and r.applies(config)] if factor > 1 else []
-    scaled = {r.rel for r in rules}
+    scaled = {r.rel: r.scale(config, factor) for r in rules}
     out: list[OutTensor] = []
     for name, t in tensors.items():
         role = anatomy.roles[name]
-        scale = 1.0 / factor if role.rel in scaled and role.kind in ("expert", "fused", "router_bias") else 1.0
+        scale = scaled.get(role.rel, 1.0) if role.kind in ("expert", "fused", "router_bias") else 1.0
         if scale != 1.0:
-            _check_noise(name, t, scale, f"scale by 1/{factor}")
+            _check_noise(name, t, scale, f"scale by {scale:.6g}")
         if role.kind == "expert":
             assert role.layer is not None and role.expert is not None
             _check_noise(name, t, noise)
@@ -290,9 +290,10 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         plan.warnings.append(f"--allow-inexact: the result is not function-preserving: {layout.name} "
                              f"{layout.inexact_reason}")
     for r in rules:
-        plan.config_changes.append(f"tensors *.{r.rel}: scaled by 1/{factor} ({r.why})")
+        by = f"1/{factor}" if scaled[r.rel] == 1.0 / factor else f"{scaled[r.rel]:.6g}"
+        plan.config_changes.append(f"tensors *.{r.rel}: scaled by {by} ({r.why})")
         plan.warnings.append(f"originals are not byte-identical: every {r.rel} (originals and copies) is "
-                             f"scaled by 1/{factor} because {r.why}")
+                             f"scaled by {by} because {r.why}")
     return plan
 
 

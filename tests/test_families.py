@@ -569,3 +569,59 @@ def test_deepseek_fp8_scales_travel_with_their_experts(checkpoints, ckpt_copy):
     code, stdout, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
     assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
     assert ".mlp.experts." in err and "quantis" in err, err
+
+
+def _dbrx(folder, p=1.0):
+    config = transformers.AutoConfig.for_model(
+        "dbrx", vocab_size=64, d_model=16, n_layers=3, n_heads=2, max_seq_len=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=8, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=p))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            w.normal_(0, 0.5 if "router" in name else 0.2)
+    return save(model.eval(), folder)
+
+
+@pytest.mark.parametrize("p", [1.0, None, 2.0])
+def test_dbrx_width(p, tmp_path, record_property):
+    """Nested ffn_config keys; 2-D fused [E*F, H] experts; p-norm normalisation (p=2 scales w2 by 2^-1/2)."""
+    from safetensors.torch import load_file
+
+    src = _dbrx(tmp_path / "src", p)
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x")
+    assert code == 0, err
+    assert ("not byte-identical" in err) == (p == 2.0), err
+    diff = (logits(src) - logits(out)).abs().max().item()
+    record_property("max_logit_diff", diff)
+    assert diff <= 1e-5, diff
+    ffn = read_config(out)["ffn_config"]
+    assert (ffn["moe_num_experts"], ffn["moe_top_k"], ffn["ffn_hidden_size"]) == (8, 4, 8)
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    w1, w2 = "transformer.blocks.1.ffn.experts.mlp.w1", "transformer.blocks.1.ffn.experts.mlp.w2"
+    assert after[w1].shape == (64, 16) and torch.equal(after[w1], torch.cat([before[w1]] * 2))
+    scale = 2 ** -0.5 if p == 2.0 else 1.0
+    assert torch.allclose(after[w2], torch.cat([before[w2] * scale] * 2))
+    assert run("verify", src, out, "--forward", "--atol", "1e-5")[0] == 0
+
+
+@pytest.mark.parametrize("method", ["interpose", "stack"])
+def test_dbrx_depth(method, tmp_path):
+    src = _dbrx(tmp_path / "src")
+    out = tmp_path / "out"
+    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", method, "--quiet")
+    assert code == 0, err
+    assert read_config(out)["n_layers"] == 6
+    logits(out)
+    assert run("verify", src, out)[0] == 0
+
+
+def test_dbrx_rows_must_divide_into_experts(tmp_path):
+    src = _dbrx(tmp_path / "src")
+    config = read_config(src)
+    config["ffn_config"]["ffn_hidden_size"] = 5
+    (src / "config.json").write_text(json.dumps(config))
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x")
+    assert code == 2 and "ffn_hidden_size" in err and len(err.strip().splitlines()) == 1, err
