@@ -107,6 +107,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "kolibri1": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
                      shared_expert_intermediate_size=12, sliding_window=8),  # raw sigmoid: the default
     "cohere2_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=8, num_shared_experts=1, sliding_window=8,
+                        logit_scale=1.0,  # the default 0.0625 shrinks the logits the test compares
                         mlp_layer_types=["dense", "sparse", "sparse"]),
     # correction bias [1,E] added to softmax probabilities: halved; MoE layers a start/end/interval range
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=8, moe_num_shared_experts=1,
