@@ -90,6 +90,17 @@ def logits(folder: Path) -> torch.Tensor:
         return model(input_ids=TOKENS).logits
 
 
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with safetensors itself."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            out.update({k: s.get_tensor(k) for k in s.keys()})  # noqa: SIM118
+    return out
+
+
 def run(*args: str) -> tuple[int, str, str]:
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
     import io

@@ -6,21 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from .conftest import FAMILIES, logits, run
-
-
-def tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})  # noqa: SIM118
-    return out
+from .conftest import FAMILIES, logits, run, weights
 
 
 def check_map(src, out, layer_map):
-    before, after = tensors(src), tensors(out)
+    before, after = weights(src), weights(out)
     per_layer = [k for k in before if k.startswith("model.layers.")]
     assert len(after) == len(before) - len(per_layer) + sum(
         1 for k in per_layer for m in layer_map if k.startswith(f"model.layers.{m}."))

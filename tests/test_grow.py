@@ -9,21 +9,13 @@ import pytest
 import torch
 import transformers
 
-from .conftest import FAMILIES, build_model, logits, run, save
+from .conftest import FAMILIES, build_model, logits, run, save, weights
 
 
 def digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def weights(folder):
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})  # noqa: SIM118
-    return out
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])

@@ -6,17 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from .conftest import FAMILIES, logits, run
-
-
-def tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})  # noqa: SIM118
-    return out
+from .conftest import FAMILIES, logits, run, weights
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -45,7 +36,7 @@ def test_width_noise_on_copies_only_and_deterministic(family, checkpoints, tmp_p
         assert code == 0, err
     for f in (tmp_path / "a").iterdir():  # same seed twice: identical files
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
-    before, after = tensors(src), tensors(tmp_path / "a")
+    before, after = weights(src), weights(tmp_path / "a")
     n_experts = json.loads((src / "config.json").read_text())
     n_experts = next(n_experts[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
                      if k in n_experts)
@@ -79,7 +70,7 @@ def test_router_rows_duplicated_with_router_noise(checkpoints, tmp_path):
     code, _, err = run("grow-width", src, tmp_path / "o", "--experts", "16", "--router-noise", "0.05",
                        "--quiet")
     assert code == 0, err
-    before, after = tensors(src), tensors(tmp_path / "o")
+    before, after = weights(src), weights(tmp_path / "o")
     w0, w1 = before["model.layers.1.mlp.gate.weight"], after["model.layers.1.mlp.gate.weight"]
     assert torch.equal(w1[:8], w0)
     assert 0.03 < (w1[8:] - w0).std().item() < 0.07
