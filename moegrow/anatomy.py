@@ -117,6 +117,7 @@ def check_config(config: Mapping[str, Any], layout: Layout, where: str = "config
     count; a layer count given by a per-layer list must not be empty), every layer-indexed key
     the layout rewrites must have its kind's type, and every width-rule key must be a number.
     """
+    config = layout.text(config)  # a multimodal config: its text decoder's
     counts = {}
     checks = [(layout.experts_keys, "expert count"), (layout.top_k_keys, "top-k")]
     list_key = layout.layers_list_key(config) if hasattr(layout, "layers_list_key") else None
@@ -150,6 +151,7 @@ def check_config(config: Mapping[str, Any], layout: Layout, where: str = "config
 def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], layout: Layout,
             where: str = "config.json") -> Anatomy:
     """Classify every tensor and check that config and tensors agree on layers and experts."""
+    config = layout.text(config)  # a multimodal config: its text decoder's
     check_config(config, layout, where)
     roles = {name: classify(name, layout) for name in shapes}
     num_layers = layout.num_layers(config)

@@ -264,6 +264,9 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
         return
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"[bold]{info['source']}[/bold]  model_type={info['model_type']}")
+    if info["text_config"]:
+        out.print(f"  multimodal: text decoder {info['family']} ({info['text_config']}, layers "
+                  f"{info['layer_prefix']}N); other tensors are copied untouched", markup=False)
     dense = info["dense_layers"]
     extra = info["extra_layers"]
     out.print(f"  layers: {info['num_layers']} ({len(info['moe_layers'])} MoE, {len(dense)} dense"

@@ -117,12 +117,14 @@ MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
 
 
 def config_moe_layers(config: Mapping[str, Any], layout: Layout) -> set[int]:
+    config = layout.text(config)
     return MOE_RULES[layout.moe_rule](config, layout.num_layers(config), layout)
 
 
 def check_moe_layers(config: Mapping[str, Any], layout: Layout, moe_layers: Sequence[int],
                      where: str = "config.json") -> None:
     """Refuse a config whose MoE layers differ from the layers that hold expert tensors."""
+    config = layout.text(config)
     n = layout.num_layers(config)
     said = config_moe_layers(config, layout)
     found = {i for i in moe_layers if i < n}
@@ -163,8 +165,10 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                   moe_layers: Sequence[int]) -> tuple[dict[str, Any], list[str]]:
     """The config after depth growth by `layer_map` (new layer j copies old layer layer_map[j]).
 
-    Returns the new config and the keys changed. Refuses a map the config cannot express.
+    Returns the new config and the keys changed (dotted paths from the top: a multimodal config's
+    decoder keys as ``text_config.KEY``). Refuses a map the config cannot express.
     """
+    outer, config = config, layout.text(config)
     n_old = layout.num_layers(config)
     new = copy.deepcopy(dict(config))
     changed: list[str] = []
@@ -236,7 +240,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
         keys = ", ".join(d.key for d in layout.depth_keys if d.kind != "count")
         raise GrowthError(f"the config ({keys}) cannot express this layer map: new layer "
                           f"{sorted(want ^ got)[0]} would change between dense and MoE")
-    return new, sorted(set(changed))
+    return layout.wrap(outer, new), sorted({layout.key_path(outer, k) for k in changed})
 
 
 def parse_top_k(value: str) -> str | int:
@@ -252,19 +256,24 @@ def parse_top_k(value: str) -> str | int:
 def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
                   top_k: str | int) -> tuple[dict[str, Any], list[str]]:
     """The config after width growth by `factor`; returns (config, descriptions of changes)."""
+    outer, config = config, layout.text(config)
+
+    def path(key: str) -> str:
+        return layout.key_path(outer, key)
+
     new = copy.deepcopy(dict(config))
     changes: list[str] = []
     ekey = layout.config_key(config, layout.experts_keys, "expert count")
     kkey = layout.config_key(config, layout.top_k_keys, "top-k")
     e_old, k_old = layout.num_experts(config), layout.top_k(config)
     _set(new, ekey, e_old * factor)
-    changes.append(f"{ekey}: {e_old} -> {e_old * factor}")
+    changes.append(f"{path(ekey)}: {e_old} -> {e_old * factor}")
     k_new = k_old * factor if top_k == "scale" else k_old if top_k == "keep" else int(top_k)
     if not 1 <= k_new <= e_old * factor:
         raise GrowthError(f"top-k {k_new} is out of range for {e_old * factor} experts")
     if k_new != k_old:
         _set(new, kkey, k_new)
-        changes.append(f"{kkey}: {k_old} -> {k_new}")
+        changes.append(f"{path(kkey)}: {k_old} -> {k_new}")
     for rule in layout.width_rules:
         key = next((k for k in rule.keys if config.get(k) is not None), None)
         if key is None or any(config.get(k) for k in rule.unless_keys):
@@ -276,5 +285,5 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
             new[key] = value / factor
         else:  # pragma: no cover
             raise AssertionError(rule.op)
-        changes.append(f"{key}: {value} -> {new[key]} ({rule.why})")
-    return new, changes
+        changes.append(f"{path(key)}: {value} -> {new[key]} ({rule.why})")
+    return layout.wrap(outer, new), changes

@@ -21,8 +21,9 @@ def describe(source: Source) -> dict[str, Any]:
     check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")
     top_k = layout.top_k(config)
     total, active = param_counts(shapes, anatomy, layout, top_k)
-    if layout.shared_experts_keys and any(lookup(config, k) is not None for k in layout.shared_experts_keys):
-        shared = int(lookup(config, layout.config_key(config, layout.shared_experts_keys, "shared experts")))
+    text = layout.text(config)  # a multimodal config: its text decoder's
+    if layout.shared_experts_keys and any(lookup(text, k) is not None for k in layout.shared_experts_keys):
+        shared = int(lookup(text, layout.config_key(text, layout.shared_experts_keys, "shared experts")))
     else:
         prefix = layout.shared_prefix
         shared = int(bool(prefix) and any(r.rel.startswith(prefix) for r in anatomy.roles.values()))
@@ -33,6 +34,9 @@ def describe(source: Source) -> dict[str, Any]:
         "revision": source.commit or source.revision,
         "model_type": config["model_type"],
         "family": layout.name,
+        # multimodal: the text decoder's config key and layer prefix (its other tensors are copied untouched)
+        "text_config": layout.wrapper.text_config_key if layout.wrapper else None,
+        "layer_prefix": layout.layer_prefix,
         "num_layers": anatomy.num_layers,
         "moe_layers": [i for i in anatomy.moe_layers if i < anatomy.num_layers],
         "dense_layers": [i for i in range(anatomy.num_layers) if i not in anatomy.moe_layers],

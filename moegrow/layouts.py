@@ -9,8 +9,9 @@ Adding a family is adding an entry here; no other module branches on model_type.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ConfigError, UnsupportedModelError
@@ -120,6 +121,20 @@ class TensorRule:
 
 
 @dataclass(frozen=True)
+class Wrapper:
+    """A multimodal checkpoint whose text decoder is a supported family.
+
+    The decoder's config is nested under ``text_config_key`` (its own model_type picks the layout)
+    and its layers are saved under ``layer_prefix``; every other tensor (vision tower, projector)
+    and every other config key is copied untouched.
+    """
+
+    model_types: tuple[str, ...]
+    text_config_key: str
+    layer_prefix: str
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where a family keeps its MoE parts and how it routes."""
 
@@ -168,17 +183,49 @@ class Layout:
     # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
     moe_range: tuple[tuple[str, int], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
+    wrapper: Wrapper | None = None
 
     # -- config access -------------------------------------------------------------------------
 
+    def _wrapped(self, config: Mapping[str, Any]) -> bool:
+        return self.wrapper is not None and config.get("model_type") in self.wrapper.model_types
+
+    def text(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The decoder's config: the nested text config of a multimodal config, else config itself.
+
+        Idempotent (a text config is returned as is), so every entry point may call it."""
+        if not self._wrapped(config):
+            return config
+        assert self.wrapper is not None
+        sub = config.get(self.wrapper.text_config_key)
+        if not isinstance(sub, Mapping):
+            raise ConfigError(f"config.json: no {self.wrapper.text_config_key} (the text decoder's config)")
+        return sub
+
+    def wrap(self, config: Mapping[str, Any], text: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of config with its decoder config replaced by `text` (config's own keys untouched)."""
+        if not self._wrapped(config):
+            return dict(text)
+        assert self.wrapper is not None
+        new = copy.deepcopy(dict(config))
+        new[self.wrapper.text_config_key] = dict(text)
+        return new
+
+    def key_path(self, config: Mapping[str, Any], key: str) -> str:
+        """A decoder config key as a dotted path from the top of config (``text_config.num_experts``)."""
+        return f"{self.wrapper.text_config_key}.{key}" if self._wrapped(config) and self.wrapper else key
+
     def config_key(self, config: Mapping[str, Any], aliases: tuple[str, ...], what: str) -> str:
-        """The first alias present in config (the one to write back)."""
+        """The first alias present in the decoder config (the one to write back)."""
+        config = self.text(config)
         for k in aliases:
             if lookup(config, k) is not None:
                 return k
         raise ConfigError(f"config.json: no {what} key (looked for {', '.join(aliases)})")
 
     def _int(self, config: Mapping[str, Any], aliases: tuple[str, ...], what: str) -> int:
+        config = self.text(config)
         key = self.config_key(config, aliases, what)
         value = lookup(config, key)
         if isinstance(value, (list, dict)):
@@ -190,6 +237,7 @@ class Layout:
         """Rows per expert along a fused tensor's expert axis (1 unless `rows_per_expert_key`)."""
         if not self.rows_per_expert_key or rel not in self.fused_experts:
             return 1
+        config = self.text(config)
         value = lookup(config, self.rows_per_expert_key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ConfigError(f"config.json: {self.rows_per_expert_key} must be a positive integer, not {value!r}")
@@ -207,9 +255,11 @@ class Layout:
 
     def layers_list_key(self, config: Mapping[str, Any]) -> str | None:
         """The per-layer list (or string) that gives the layer count, if the family has one."""
+        config = self.text(config)
         return next((k for k in self.layers_list_keys if isinstance(config.get(k), (list, str))), None)
 
     def num_layers(self, config: Mapping[str, Any]) -> int:
+        config = self.text(config)
         key = self.layers_list_key(config)
         if key is not None:
             return len(config[key])
@@ -1049,11 +1099,22 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
 )
 
+# Multimodal checkpoints whose text decoder is one of the families above: the decoder grows, the rest is copied.
+WRAPPERS: tuple[Wrapper, ...] = (
+    Wrapper(("llama4",), "text_config", "language_model.model.layers."),
+    Wrapper(("qwen3_5_moe",), "text_config", "model.language_model.layers."),
+)
+
 _BY_TYPE: dict[str, Layout] = {t: lay for lay in LAYOUTS for t in lay.model_types}
+_WRAPPER_BY_TYPE: dict[str, Wrapper] = {t: w for w in WRAPPERS for t in w.model_types}
 
 
 def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
+
+
+def supported_wrapper_types() -> list[str]:
+    return sorted(_WRAPPER_BY_TYPE)
 
 
 def layout_for(config: Mapping[str, Any], where: str = "config.json") -> Layout:
@@ -1061,10 +1122,24 @@ def layout_for(config: Mapping[str, Any], where: str = "config.json") -> Layout:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise ConfigError(f"{where}: no model_type")
+    wrapper = _WRAPPER_BY_TYPE.get(model_type)
+    if wrapper is not None:
+        text = config.get(wrapper.text_config_key)
+        text_type = text.get("model_type") if isinstance(text, Mapping) else None
+        if not isinstance(text_type, str):
+            raise ConfigError(f"{where}: model_type {model_type!r} needs {wrapper.text_config_key} "
+                              f"with a model_type (the text decoder's config)")
+        layout = _BY_TYPE.get(text_type)
+        if layout is None:
+            raise UnsupportedModelError(
+                f"{where}: {wrapper.text_config_key}.model_type {text_type!r} (the text decoder of "
+                f"{model_type!r}) is not a supported MoE family (supported: {', '.join(supported_model_types())})")
+        return replace(layout, layer_prefix=wrapper.layer_prefix, wrapper=wrapper)
     layout = _BY_TYPE.get(model_type)
     if layout is None:
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} is not a supported MoE family "
-            f"(supported: {', '.join(supported_model_types())})"
+            f"(supported: {', '.join(supported_model_types())}; multimodal, with a supported text "
+            f"decoder: {', '.join(supported_wrapper_types())})"
         )
     return layout

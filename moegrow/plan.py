@@ -256,8 +256,9 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     new_config, changes = rewrite_width(config, layout, factor, top_k)
     e_old = anatomy.num_experts
     # tensors scaled by 1/factor, originals included (only where exactness claims it)
-    rules = [r for r in layout.tensor_rules if top_k == "scale" and r.applies(config)] if factor > 1 else []
-    scaled = {r.rel: r.scale(config, factor) for r in rules}
+    text = layout.text(config)  # a multimodal config: its text decoder's
+    rules = [r for r in layout.tensor_rules if top_k == "scale" and r.applies(text)] if factor > 1 else []
+    scaled = {r.rel: r.scale(text, factor) for r in rules}
     out: list[OutTensor] = []
     for name, t in tensors.items():
         role = anatomy.roles[name]
