@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError, GrowthError
-from .layouts import Layout
+from .layouts import Layout, lookup
 
 
 def _all(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
@@ -144,16 +144,6 @@ def _prefix_count(key: str, k: int, layer_map: Sequence[int], n_old: int) -> int
     return new_k
 
 
-def _get(config: Mapping[str, Any], key: str) -> Any:
-    """A config value; a dotted key reaches into nested dicts (``linear_attn_config.kda_layers``)."""
-    value: Any = config
-    for part in key.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _set(config: dict[str, Any], key: str, value: Any) -> None:
     *path, last = key.split(".")
     for part in path:
@@ -176,7 +166,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
     want = {j for j, m in enumerate(layer_map) if m in source_moe}
     # sparse_step last: it overrides its companion index list
     for dk in sorted(layout.depth_keys, key=lambda d: d.kind == "sparse_step"):
-        value = _get(new, dk.key)
+        value = lookup(new, dk.key)
         if value is None and dk.kind == "moe_types" and "." not in dk.key:
             # a default derived from other keys cannot follow every map: write the list out
             new[dk.key] = [MOE_TYPE if j in want else DENSE_TYPE for j in range(len(layer_map))]
@@ -221,7 +211,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                 raise GrowthError(f"config keys {keys} (one range of MoE layers) cannot express this layer "
                                   f"map: the new MoE layers would be {sorted(want)}")
             for (key, _), v in zip(layout.moe_range, found, strict=True):
-                if _get(new, key) != v:
+                if lookup(new, key) != v:
                     _set(new, key, v)
                     changed.append(key)
         elif dk.kind == "sparse_step":
@@ -233,7 +223,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                 changed.append(companion)
         else:  # pragma: no cover - layouts are checked by tests
             raise AssertionError(dk.kind)
-        if _get(new, dk.key) != _get(config, dk.key):
+        if lookup(new, dk.key) != lookup(config, dk.key):
             changed.append(dk.key)
     got = config_moe_layers(new, layout)
     if want != got:
