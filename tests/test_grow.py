@@ -145,3 +145,17 @@ def test_cli_entry_points(checkpoints):
     r = subprocess.run([sys.executable, "-m", "moegrow", "inspect", str(checkpoints["mixtral"]) + "-nope"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_device_choice_is_recorded(checkpoints, tmp_path):
+    src = checkpoints["olmoe"]
+    assert run("grow-width", src, tmp_path / "cpu", "--experts", "2x", "--noise", "0.01", "--device", "cpu",
+               "--quiet")[0] == 0
+    assert json.loads((tmp_path / "cpu" / "moegrow.json").read_text())["noise_device"] == "cpu"
+    assert run("grow-width", src, tmp_path / "copy", "--experts", "2x", "--quiet")[0] == 0
+    assert json.loads((tmp_path / "copy" / "moegrow.json").read_text())["noise_device"] == "none"
+    if not torch.cuda.is_available():
+        code, _, err = run("grow-width", src, tmp_path / "cuda", "--experts", "2x", "--noise", "0.01",
+                           "--device", "cuda")
+        assert code == 2 and "CUDA" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "cuda").exists()
