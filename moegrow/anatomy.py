@@ -105,8 +105,10 @@ _DEPTH_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "index_list_1based": ("a list of layer indices",
                           lambda v: isinstance(v, list) and all(map(_is_int, v))),
     "per_layer": ("a list", lambda v: isinstance(v, list)),
+    "per_layer_reuse": ("a list", lambda v: isinstance(v, list)),
     "moe_types": ("a list", lambda v: isinstance(v, list)),
     "moe_range": ("an integer layer index", _is_int),
+    "period": ("a positive integer", lambda v: _is_int(v) and v >= 1),
 }
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError, GrowthError
-from .layouts import Layout, lookup
+from .layouts import DepthKey, Layout, lookup
 
 
 def _all(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
@@ -104,6 +104,39 @@ def _express_range(want: set[int], n_new: int, interval: int) -> tuple[int, int,
     return None
 
 
+def _period_values(config: Mapping[str, Any], dk: DepthKey) -> tuple[int, int]:
+    values = []
+    for key, default in ((dk.key, dk.default[0]), (dk.companion, dk.default[1])):
+        v = lookup(config, key)
+        v = default if v is None else v
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"config.json: {key} must be a non-negative integer, not {v!r}")
+        values.append(v)
+    period, offset = values
+    if period < 1:
+        raise ConfigError(f"config.json: {dk.key} must be a positive integer, not {period!r}")
+    return period, offset
+
+
+def _periodic(config: Mapping[str, Any], n: int, dk: DepthKey) -> set[int]:
+    period, offset = _period_values(config, dk)
+    return {i for i in range(n) if i % period == offset}
+
+
+def _moe_period(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
+    """jamba: MoE iff i % period == offset (the layout's `moe_period_key` and its companion)."""
+    return _periodic(config, n, next(d for d in layout.depth_keys if d.key == layout.moe_period_key))
+
+
+def _express_period(want: set[int], n_new: int, period: int) -> tuple[int, int] | None:
+    """A (period, offset) that selects exactly `want` of n_new layers, trying the source's period first."""
+    for p in dict.fromkeys((period, *range(1, n_new + 1))):
+        for o in range(p):
+            if {i for i in range(n_new) if i % p == o} == want:
+                return p, o
+    return None
+
+
 # How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
 MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "all": _all,
@@ -113,6 +146,7 @@ MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "block_types": _block_types,
     "moe_layer_list": _moe_layer_list,
     "layer_range": _layer_range,
+    "period": _moe_period,
 }
 
 
@@ -151,6 +185,24 @@ def _set(config: dict[str, Any], key: str, value: Any) -> None:
     config[last] = value
 
 
+def _reused(types: Sequence[Any], j: int, reuses: str) -> int | None:
+    """The nearest layer before j that does not reuse (the one layer j reuses), if any."""
+    return next((i for i in range(j - 1, -1, -1) if types[i] != reuses), None)
+
+
+def _check_reuse(dk: DepthKey, value: Sequence[Any], layer_map: Sequence[int]) -> None:
+    """Refuse a map where a copied reusing layer would reuse a layer other than a copy of its original's."""
+    new = [value[m] for m in layer_map]
+    for j, m in enumerate(layer_map):
+        if new[j] != dk.reuses:
+            continue
+        was, now = _reused(value, m, dk.reuses), _reused(new, j, dk.reuses)
+        if now is None or layer_map[now] != was:
+            got = "no earlier layer" if now is None else f"a copy of layer {layer_map[now]}"
+            raise GrowthError(f"config key {dk.key} cannot express this layer map: new layer {j} (a copy of "
+                              f"'{dk.reuses}' layer {m}, which reuses layer {was}) would reuse {got}")
+
+
 def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence[int],
                   moe_layers: Sequence[int]) -> tuple[dict[str, Any], list[str]]:
     """The config after depth growth by `layer_map` (new layer j copies old layer layer_map[j]).
@@ -172,7 +224,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
             new[dk.key] = [MOE_TYPE if j in want else DENSE_TYPE for j in range(len(layer_map))]
             changed.append(dk.key)
             continue
-        if value is None:
+        if value is None and dk.kind != "period":  # a period pair has defaults
             continue
         if dk.kind == "count":
             _set(new, dk.key, len(layer_map))
@@ -180,6 +232,12 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
             if not isinstance(value, list) or len(value) != n_old:
                 raise ConfigError(f"config.json: {dk.key} should list {n_old} layers, has "
                                   f"{len(value) if isinstance(value, list) else value!r}")
+            _set(new, dk.key, [value[m] for m in layer_map])
+        elif dk.kind == "per_layer_reuse":
+            if not isinstance(value, list) or len(value) != n_old:
+                raise ConfigError(f"config.json: {dk.key} should list {n_old} layers, has "
+                                  f"{len(value) if isinstance(value, list) else value!r}")
+            _check_reuse(dk, value, layer_map)
             _set(new, dk.key, [value[m] for m in layer_map])
         elif dk.kind == "per_layer_chars":
             if not isinstance(value, str) or len(value) != n_old:
@@ -211,6 +269,18 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                 raise GrowthError(f"config keys {keys} (one range of MoE layers) cannot express this layer "
                                   f"map: the new MoE layers would be {sorted(want)}")
             for (key, _), v in zip(layout.moe_range, found, strict=True):
+                if lookup(new, key) != v:
+                    _set(new, key, v)
+                    changed.append(key)
+        elif dk.kind == "period":
+            period, offset = _period_values(config, dk)
+            chosen = {j for j, m in enumerate(layer_map) if m < n_old and m % period == offset}
+            found = _express_period(chosen, len(layer_map), period)
+            if found is None:
+                raise GrowthError(f"config keys {dk.key}, {dk.companion} (every {period}th layer from layer "
+                                  f"{offset}) cannot express this layer map: the selected layers would be "
+                                  f"{sorted(chosen)}")
+            for key, v in zip((dk.key, dk.companion), found, strict=True):
                 if lookup(new, key) != v:
                     _set(new, key, v)
                     changed.append(key)

@@ -42,11 +42,19 @@ class DepthKey:
     a default), ``dense_prefix`` (a count of leading dense layers that another key overrides; set
     to the new leading dense run), ``moe_range`` (the start key of the layout's `moe_range`
     triple: start, end and interval are rewritten together to the new MoE layers, refused where
-    no start / end / interval can say them). A dotted key reaches into a nested dict.
+    no start / end / interval can say them), ``period`` (layer i is selected iff i % key == companion:
+    the period and its offset key are rewritten together to the copies of the selected layers, refused
+    where no period / offset can say them; ``default`` gives both when the config lacks them),
+    ``per_layer_reuse`` (a per-layer list where the value ``reuses`` marks a layer that reuses the
+    nearest earlier layer without it: copied like ``per_layer``, refused where a copy would reuse a
+    layer other than a copy of its original's). A dotted key reaches into a nested dict.
     """
 
     key: str
     kind: str
+    companion: str = ""
+    default: tuple[int, int] = (1, 0)
+    reuses: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,8 @@ class Layout:
     # rule `layer_range`: (start key, default), (end key, default; -1 = last layer), (interval key, default);
     # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
     moe_range: tuple[tuple[str, int], ...] = ()
+    # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
+    moe_period_key: str = ""
     notes: tuple[str, ...] = field(default=())
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
@@ -1096,6 +1106,44 @@ LAYOUTS: tuple[Layout, ...] = (
         width_refused=("product-key experts: the router (mlp.router_gate.weight) has 2*sqrt(E) rows, one per "
                        "key, not one per expert, and E must stay a square (2x cannot; 4x would need both key "
                        "sets duplicated and the experts re-indexed, which moegrow's duplication cannot express)"),
+    ),
+    Layout(
+        name="jamba",
+        model_types=("jamba",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="feed_forward.experts.",
+        router_weights=("feed_forward.router.weight",),
+        routing="softmax over all experts, top-k, weights not renormalised",
+        moe_rule="period",
+        moe_period_key="expert_layer_period",
+        depth_keys=(_COUNT, DepthKey("expert_layer_period", "period", "expert_layer_offset", (2, 1)),
+                    DepthKey("attn_layer_period", "period", "attn_layer_offset", (8, 4))),
+        notes=("MoE layers are every expert_layer_period-th from expert_layer_offset and attention layers every "
+               "attn_layer_period-th from attn_layer_offset: a depth map is refused unless one period / offset "
+               "pair says each new set (stacking works when the layer count is a multiple of both periods; "
+               "interposition only with period 1)",),
+    ),
+    Layout(
+        name="hy_v4",
+        model_types=("hy_v4",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts (with hyper-connections)",
+        moe_rule="mlp_layer_types",
+        default_dense=1,  # the config class's default mlp_layer_types: one dense layer, then MoE
+        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES, DepthKey("indexer_types", "per_layer_reuse", reuses="shared")),
+        width_rules=_group_rules(),
+        notes=("indexer_types 'shared' layers reuse the top-k of the nearest earlier 'full' layer: a depth map "
+               "is refused where a copied shared layer would reuse anything but a copy of its original's "
+               "full layer (interposition and stacking keep the pattern)",),
     ),
 )
 

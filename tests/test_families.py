@@ -112,6 +112,14 @@ FAMILY_CONFIGS: dict[str, dict] = {
     # correction bias [1,E] added to softmax probabilities: halved; MoE layers a start/end/interval range
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=8, moe_num_shared_experts=1,
                          moe_layer_start_index=1, head_dim=8),
+    # fused experts, group routing, hyper-connections; 'shared' indexer layers reuse the last 'full' one's top-k
+    "hy_v4": dict(**DEEPSEEK_LIKE, norm_topk_prob=True, **GROUPS, **MLA, index_n_heads=2, index_head_dim=16,
+                  index_topk=8, hc_mult=2, mlp_layer_types=["dense", "sparse", "sparse"],
+                  indexer_types=["full", "shared", "full"]),
+    # MoE / attention layers every Nth from an offset: stacking keeps them, interposition cannot
+    "jamba": dict(num_experts=4, num_experts_per_tok=2, expert_layer_period=3, expert_layer_offset=1,
+                  attn_layer_period=3, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=4,
+                  use_mamba_kernels=False),
     # no width growth can be exact: refused without --allow-inexact (phimoe) or always (zaya, doge)
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8, head_dim=8, router_hidden_size=16),
@@ -128,7 +136,8 @@ STACK_REFUSED = {"deepseek_v2": "first_k_dense_replace", "glm4_moe": "first_k_de
                  "zaya": "router_states_scale", "ernie4_5_moe": "moe_layer_start_index"}
 # a PLE layer's tensor shapes follow its rank in ple_layer_ids: no 2x map keeps every copy's rank;
 # zaya's layer 0 has no router_states_scale (every later layer has one): no 2x map keeps layer 0 alone at 0
-INTERPOSE_REFUSED = {"qwen4_exp_text": "ple_layer_ids", "zaya": "router_states_scale"}
+INTERPOSE_REFUSED = {"qwen4_exp_text": "ple_layer_ids", "zaya": "router_states_scale",
+                     "jamba": "expert_layer_period"}
 EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k")
 GROUP_KEYS = ("n_group", "num_expert_group", "topk_group")
@@ -626,3 +635,35 @@ def test_dbrx_rows_must_divide_into_experts(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x")
     assert code == 2 and "ffn_hidden_size" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_jamba_periods(tmp_path):
+    """Every layer MoE (period 1): interposition keeps period 1; a map that breaks the attention period is refused."""
+    src = save(build("jamba", expert_layer_period=1, expert_layer_offset=0), tmp_path / "src")
+    code, _, err = run("grow-depth", src, tmp_path / "out", "--layers", "2x", "--method", "interpose", "--quiet")
+    assert code == 2 and "attn_layer_period" in err and len(err.strip().splitlines()) == 1, err
+    src = save(build("jamba", expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0),
+               tmp_path / "src1")
+    code, _, err = run("grow-depth", src, tmp_path / "out1", "--layers", "2x", "--method", "interpose", "--quiet")
+    assert code == 0, err
+    new = read_config(tmp_path / "out1")
+    assert (new["expert_layer_period"], new["expert_layer_offset"], new["num_hidden_layers"]) == (1, 0, 6)
+    logits(tmp_path / "out1")
+    stacked = tmp_path / "stacked"
+    code, _, err = run("grow-depth", save(build("jamba"), tmp_path / "src3"), stacked,
+                       "--layers", "2x", "--method", "stack", "--quiet")
+    assert code == 0, err
+    new = read_config(stacked)
+    assert (new["expert_layer_period"], new["expert_layer_offset"]) == (3, 1)
+    assert (new["attn_layer_period"], new["attn_layer_offset"]) == (3, 2)
+
+
+def test_hy_v4_indexer_reuse(family_source, tmp_path):
+    """A copied 'shared' indexer layer must reuse a copy of its original's 'full' layer."""
+    src = family_source("hy_v4")  # indexer_types full, shared, full
+    code, _, err = run("grow-depth", src, tmp_path / "out", "--layer-map", "0,1,2,1", "--quiet")
+    assert code == 2 and "indexer_types" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run("grow-depth", src, tmp_path / "ok", "--layer-map", "0,1,1,2", "--quiet")
+    assert code == 0, err
+    assert read_config(tmp_path / "ok")["indexer_types"] == ["full", "shared", "shared", "full"]
+    logits(tmp_path / "ok")
