@@ -99,6 +99,8 @@ def _is_int(value: Any) -> bool:
 _DEPTH_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "count": ("a positive integer", lambda v: _is_int(v) and v >= 1),
     "prefix_count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "suffix_count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "per_layer_dict": ("a dict keyed by layer index", lambda v: isinstance(v, dict)),
     "dense_prefix": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "sparse_step": ("a positive integer", lambda v: _is_int(v) and v >= 1),
     "index_list": ("a list of layer indices", lambda v: isinstance(v, list) and all(map(_is_int, v))),

@@ -239,6 +239,18 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
                                   f"{len(value) if isinstance(value, list) else value!r}")
             _check_reuse(dk, value, layer_map)
             _set(new, dk.key, [value[m] for m in layer_map])
+        elif dk.kind == "per_layer_dict":
+            if not isinstance(value, dict) or not all(str(k).isdigit() for k in value):
+                raise ConfigError(f"config.json: {dk.key} must be a dict keyed by layer index, not {value!r}")
+            entries = {int(k): v for k, v in value.items()}
+            _set(new, dk.key, {str(j): copy.deepcopy(entries[m]) for j, m in enumerate(layer_map) if m in entries})
+        elif dk.kind == "suffix_count":
+            k = int(value)
+            new_k = sum(1 for m in layer_map if m >= n_old - k)
+            if any(m < n_old - k for m in layer_map[len(layer_map) - new_k:]):
+                raise GrowthError(f"config key {dk.key}={k} (the last {k} layers differ) cannot express this "
+                                  f"layer map: layers copied from the last {k} are not all at the end")
+            _set(new, dk.key, new_k)
         elif dk.kind == "per_layer_chars":
             if not isinstance(value, str) or len(value) != n_old:
                 raise ConfigError(f"config.json: {dk.key} should have one character for each of "

@@ -47,7 +47,10 @@ class DepthKey:
     where no period / offset can say them; ``default`` gives both when the config lacks them),
     ``per_layer_reuse`` (a per-layer list where the value ``reuses`` marks a layer that reuses the
     nearest earlier layer without it: copied like ``per_layer``, refused where a copy would reuse a
-    layer other than a copy of its original's). A dotted key reaches into a nested dict.
+    layer other than a copy of its original's), ``suffix_count`` (the last N layers are special: the
+    copies of the last N must be the new last layers), ``per_layer_dict`` (a dict keyed by layer
+    index, a string in JSON: each new layer gets its original's entry, if any). A dotted key reaches
+    into a nested dict.
     """
 
     key: str
@@ -190,6 +193,8 @@ class Layout:
     # rule `layer_range`: (start key, default), (end key, default; -1 = last layer), (interval key, default);
     # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
     moe_range: tuple[tuple[str, int], ...] = ()
+    # (config key, why): depth growth is refused while the key is truthy (non-layer tensors sized by the layer count)
+    depth_refused_keys: tuple[tuple[str, str], ...] = ()
     # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
     moe_period_key: str = ""
     notes: tuple[str, ...] = field(default=())
@@ -1144,6 +1149,28 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=("indexer_types 'shared' layers reuse the top-k of the nearest earlier 'full' layer: a depth map "
                "is refused where a copied shared layer would reuse anything but a copy of its original's "
                "full layer (interposition and stacking keep the pattern)",),
+    ),
+    Layout(
+        name="gemma4_text",
+        model_types=("gemma4_text",),
+        experts_keys=("num_experts",),
+        top_k_keys=("top_k_experts",),
+        experts_prefix="experts.",
+        fused_experts=("experts.gate_up_proj", "experts.down_proj"),
+        # the router sits at layer level beside a dense MLP; per_expert_scale [E] multiplies the selected weights
+        router_weights=("router.proj.weight",),
+        router_biases=("router.per_expert_scale",),
+        routing=("softmax over all experts; top-k; renormalised over the k; times the selected experts' "
+                 "per_expert_scale; added to a dense MLP's output"),
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("per_layer_config", "per_layer_dict"),
+                    DepthKey("num_kv_shared_layers", "suffix_count")),
+        depth_refused_keys=(("hidden_size_per_layer_input", "the per-layer input embeddings "
+                             "(embed_tokens_per_layer, per_layer_model_projection) hold one slice per layer in "
+                             "one tensor, which a layer copy cannot re-slice"),),
+        notes=("per_layer_config (per-layer attention overrides, keyed by layer index) follows the layer map",
+               "the last num_kv_shared_layers layers reuse earlier layers' keys and values (and have no k/v "
+               "projections): a map must keep their copies last",
+               "depth growth with per-layer input embeddings (hidden_size_per_layer_input > 0) is refused"),
     ),
 )
 

@@ -174,6 +174,10 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
     check_moe_layers(config, layout, anatomy.moe_layers)
     _check_first_layer(layout, layer_map)
+    text = layout.text(config)
+    for key, why in layout.depth_refused_keys:
+        if lookup(text, key):
+            raise GrowthError(f"{layout.name}: depth growth with {key}={lookup(text, key)!r} is not supported: {why}")
     new_config, changed = rewrite_depth(config, layout, layer_map, anatomy.moe_layers)
     n_old, n_new = anatomy.num_layers, len(layer_map)
     targets: dict[int, list[int]] = {}

@@ -116,6 +116,10 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "hy_v4": dict(**DEEPSEEK_LIKE, norm_topk_prob=True, **GROUPS, **MLA, index_n_heads=2, index_head_dim=16,
                   index_topk=8, hc_mult=2, mlp_layer_types=["dense", "sparse", "sparse"],
                   indexer_types=["full", "shared", "full"]),
+    # router at layer level (router.proj, per_expert_scale [E]) beside a dense MLP; per_layer_config by layer index
+    "gemma4_text": dict(num_experts=4, top_k_experts=2, moe_intermediate_size=8, enable_moe_block=True, head_dim=8,
+                        global_head_dim=16, hidden_size_per_layer_input=0, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention", "full_attention"]),
     # MoE / attention layers every Nth from an offset: stacking keeps them, interposition cannot
     "jamba": dict(num_experts=4, num_experts_per_tok=2, expert_layer_period=3, expert_layer_offset=1,
                   attn_layer_period=3, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=4,
@@ -139,7 +143,7 @@ STACK_REFUSED = {"deepseek_v2": "first_k_dense_replace", "glm4_moe": "first_k_de
 INTERPOSE_REFUSED = {"qwen4_exp_text": "ple_layer_ids", "zaya": "router_states_scale",
                      "jamba": "expert_layer_period"}
 EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k")
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts")
 GROUP_KEYS = ("n_group", "num_expert_group", "topk_group")
 
 
@@ -667,3 +671,26 @@ def test_hy_v4_indexer_reuse(family_source, tmp_path):
     assert code == 0, err
     assert read_config(tmp_path / "ok")["indexer_types"] == ["full", "shared", "shared", "full"]
     logits(tmp_path / "ok")
+
+
+def test_gemma4_text_depth_keys(family_source, tmp_path):
+    """per_layer_config follows the map; kv-shared layers must stay last; per-layer input embeddings refuse depth."""
+    src = family_source("gemma4_text")  # per_layer_config {"1": ..., "2": ...}: the full-attention layers
+    out = tmp_path / "out"
+    assert run("grow-depth", src, out, "--layers", "2x", "--method", "stack", "--quiet")[0] == 0
+    assert sorted(read_config(out)["per_layer_config"], key=int) == ["1", "2", "4", "5"]
+    shared = save(build("gemma4_text", num_kv_shared_layers=1), tmp_path / "shared")
+    code, _, err = run("grow-depth", shared, tmp_path / "s1", "--layers", "2x", "--method", "interpose", "--quiet")
+    assert code == 0, err
+    assert read_config(tmp_path / "s1")["num_kv_shared_layers"] == 2
+    # loads cleanly (transformers' forward with kv-shared layers needs per-layer inputs, so it is not run)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s1", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    code, _, err = run("grow-depth", shared, tmp_path / "s2", "--layers", "2x", "--method", "stack", "--quiet")
+    assert code == 2 and "num_kv_shared_layers" in err and len(err.strip().splitlines()) == 1, err
+    ple = save(build("gemma4_text", hidden_size_per_layer_input=4, vocab_size_per_layer_input=64), tmp_path / "ple")
+    code, _, err = run("grow-depth", ple, tmp_path / "p1", "--layers", "2x", "--quiet")
+    assert code == 2 and "hidden_size_per_layer_input" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run("grow-width", ple, tmp_path / "p2", "--experts", "2x", "--quiet")
+    assert code == 0, err
+    assert (logits(ple) - logits(tmp_path / "p2")).abs().max().item() <= 1e-5
