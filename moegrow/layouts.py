@@ -1172,6 +1172,25 @@ LAYOUTS: tuple[Layout, ...] = (
                "projections): a map must keep their copies last",
                "depth growth with per-layer input embeddings (hidden_size_per_layer_input > 0) is refused"),
     ),
+    Layout(
+        name="dots3_note_text",
+        model_types=("dots3_note_text",),
+        experts_keys=_ROUTED,
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        routing=_SIGMOID_GROUPS + "; plus shared experts",
+        moe_rule="mlp_layer_types",
+        default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
+        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES, DepthKey("per_layer_config", "per_layer_dict")),
+        width_rules=_group_rules(),
+        notes=("per_layer_config (the sliding-attention layers' attention shapes, keyed by layer index) follows "
+               "the layer map",),
+    ),
 )
 
 # Multimodal checkpoints whose text decoder is one of the families above: the decoder grows, the rest is copied.

@@ -120,6 +120,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "gemma4_text": dict(num_experts=4, top_k_experts=2, moe_intermediate_size=8, enable_moe_block=True, head_dim=8,
                         global_head_dim=16, hidden_size_per_layer_input=0, sliding_window=8,
                         layer_types=["sliding_attention", "full_attention", "full_attention"]),
+    # MLA with sliding-attention layers of other shapes: per_layer_config {"1": {...}} keyed by layer index
+    "dots3_note_text": dict(**DEEPSEEK_LIKE, norm_topk_prob=True, **GROUPS, **{**MLA, "head_dim": 16},
+                            shared_experts_intermediate_size=8, index_n_heads=2, index_head_dim=16, index_topk=8,
+                            mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8,
+                            layer_types=["indexed_attention", "sliding_attention", "indexed_attention"],
+                            swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=8, swa_kv_lora_rank=8,
+                            swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8),
     # MoE / attention layers every Nth from an offset: stacking keeps them, interposition cannot
     "jamba": dict(num_experts=4, num_experts_per_tok=2, expert_layer_period=3, expert_layer_offset=1,
                   attn_layer_period=3, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=4,
@@ -694,3 +701,14 @@ def test_gemma4_text_depth_keys(family_source, tmp_path):
     code, _, err = run("grow-width", ple, tmp_path / "p2", "--experts", "2x", "--quiet")
     assert code == 0, err
     assert (logits(ple) - logits(tmp_path / "p2")).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("method, keys", [("interpose", ["2", "3"]), ("stack", ["1", "4"])])
+def test_dots3_note_per_layer_config(method, keys, family_source, tmp_path):
+    """The sliding layer's other attention shapes (per_layer_config, keyed by layer index) follow the map."""
+    src = family_source("dots3_note_text")
+    assert list(read_config(src)["per_layer_config"]) == ["1"]
+    code, _, err = run("grow-depth", src, tmp_path / "out", "--layers", "2x", "--method", method, "--quiet")
+    assert code == 0, err
+    new = read_config(tmp_path / "out")["per_layer_config"]
+    assert sorted(new, key=int) == keys and all(v == read_config(src)["per_layer_config"]["1"] for v in new.values())
