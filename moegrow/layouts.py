@@ -846,11 +846,12 @@ LAYOUTS: tuple[Layout, ...] = (
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="mlp_layer_types",
         default_dense=3,  # first_k_dense_replace's default
-        depth_keys=(_COUNT, _MOE_TYPES, _FIRST_K_INFO, _LAYER_TYPES, DepthKey("indexer_types", "per_layer")),
+        depth_keys=(_COUNT, _MOE_TYPES, _FIRST_K_INFO, _LAYER_TYPES,
+                    DepthKey("indexer_types", "per_layer_reuse", reuses="shared")),
         width_rules=_group_rules(),
         notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",
-               "indexer_types 'shared' layers reuse the previous layer's indexer: a layer map copies the "
-               "list, so a copied shared layer reuses its new predecessor's",),
+               "indexer_types 'shared' layers reuse the previous full layer's top-k: a depth map under which "
+               "a copied shared layer would reuse a different full layer than its original did is refused",),
     ),
     Layout(
         name="bailing_hybrid",
