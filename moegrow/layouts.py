@@ -305,6 +305,18 @@ _RAW_SIGMOID = ("unnormalised sigmoid weights do not halve, so a selected pair (
                 "weigh twice, and no config key can absorb the factor")
 _HALVED_WHEN_RAW = ("width growth with unnormalised weights (norm_topk_prob false) halves every expert's "
                     "down projection, originals included: originals are not byte-identical")
+# Tensor names and count keys shared by the DeepSeek-V3-style families (one entry each, differing in
+# routing details and layer-indexed keys only).
+_DEEPSEEK_PARTS: dict[str, Any] = dict(
+    experts_keys=_ROUTED,
+    top_k_keys=("num_experts_per_tok",),
+    shared_experts_keys=("n_shared_experts",),
+    shared_prefix="mlp.shared_experts.",
+    experts_prefix="mlp.experts.",
+    router_weights=("mlp.gate.weight",),
+    router_biases=("mlp.gate.e_score_correction_bias",),
+    buffers=("mlp.gate.e_score_correction_bias",),
+)
 _SIGMOID_GROUPS = ("sigmoid scores; selection on score + e_score_correction_bias, limited to the "
                    "topk_group best of n_group groups (group score = sum of its top 2); top-k; "
                    "normalised when norm_topk_prob; times routed_scaling_factor")
@@ -476,14 +488,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="glm4_moe",
         model_types=("glm4_moe",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="first_k_dense",
         depth_keys=(_COUNT, _FIRST_K),
@@ -493,14 +498,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="dots1",
         model_types=("dots1",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="first_k_dense",
         depth_keys=(_COUNT, _FIRST_K, _LAYER_TYPES, DepthKey("max_window_layers", "prefix_count")),
@@ -509,14 +507,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="solar_open",
         model_types=("solar_open",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         depth_keys=(_COUNT,),
         width_rules=_group_rules(),
@@ -573,14 +564,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="glm4_moe_lite",
         model_types=("glm4_moe_lite",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="mlp_layer_types",
         depth_keys=(_COUNT, _MLP_TYPES, _FIRST_K_INFO),
@@ -589,14 +573,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="deepseek_v32",
         model_types=("deepseek_v32",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="mlp_layer_types",
         depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES, _FIRST_K_INFO),
@@ -786,14 +763,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="axk1",
         model_types=("axk1",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts; a post-MoE RMSNorm",
         moe_rule="mlp_layer_types",
         default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
@@ -803,14 +773,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="axk2",
         model_types=("axk2",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + " (n_group may be null: no groups); plus shared experts",
         moe_rule="mlp_layer_types",
         default_dense=1,
@@ -835,14 +798,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="glm_moe_dsa",
         model_types=("glm_moe_dsa",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="mlp_layer_types",
         default_dense=3,  # first_k_dense_replace's default
@@ -1176,14 +1132,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="dots3_note_text",
         model_types=("dots3_note_text",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
+        **_DEEPSEEK_PARTS,
         routing=_SIGMOID_GROUPS + "; plus shared experts",
         moe_rule="mlp_layer_types",
         default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
