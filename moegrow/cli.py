@@ -334,9 +334,7 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
 
     src = _open(source, revision)
     record = _read_record(output)
-    total = sum(len(v) for v in record.get("tensors", {}).values())
-    with _progress(total, "verify", False) as progress:
-        report = run_verify(src, output, progress)
+    report = run_verify(src, output)
     if forward:
         diff = forward_diff(src.folder, output)
         exact = bool(record.get("function_preserving"))
