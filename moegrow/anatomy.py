@@ -161,6 +161,8 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
     num_layers = layout.num_layers(config)
     num_experts = layout.num_experts(config)
     layer_ids = sorted({r.layer for r in roles.values() if r.layer is not None})
+    segments = layout.segment_counts(config)  # [routed, *extra slots (zero / shared experts)]
+    slots = sum(segments)
     experts_in: dict[int, set[int]] = {}
     for name, r in roles.items():
         if r.kind == "expert":
@@ -172,12 +174,19 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
                 raise ConfigError(f"{where}: {name} has {n} rows, not a multiple of {layout.rows_per_expert_key}"
                                   f"={rows} (the rows of one expert)")
             n //= rows
+            segment = layout.segment_of(r.rel)
+            if segment is not None:  # one extra segment only (fused shared experts)
+                if n != segments[segment]:
+                    key = layout.expert_segments[segment - 1]
+                    raise ConfigError(f"{where}: says {key}={segments[segment]} but {name} has {n} rows")
+                continue
             if r.kind == "fused":
                 experts_in.setdefault(r.layer, set()).update(range(n))  # type: ignore[arg-type]
-            if n != num_experts:
-                raise ConfigError(f"{where}: says {num_experts} experts but {name} has {n} rows")
+            if n != num_experts and n != slots:
+                extra = f" (or {slots} with {', '.join(layout.expert_segments)})" if slots != num_experts else ""
+                raise ConfigError(f"{where}: says {num_experts} experts{extra} but {name} has {n} rows")
     for layer, found in sorted(experts_in.items()):
-        if len(found) != num_experts or found != set(range(num_experts)):
+        if found != set(range(num_experts)) and found != set(range(slots)):
             raise ConfigError(f"{where}: says {num_experts} experts but layer {layer} has "
                               f"{len(found)} (indices {min(found)}..{max(found)})")
     decoder = [i for i in layer_ids if i < num_layers]

@@ -241,7 +241,8 @@ class _Job:
         self.progress = progress or (lambda n: None)
         self.copier = ByteCopier()
         self.fds: dict[Path, int] = {}
-        self.nonfinite: dict[str, int] = {}  # source tensor -> NaN/Inf count, of those noised
+        # source tensor -> NaN/Inf count, of those noised whole (None: only a run of its rows was)
+        self.nonfinite: dict[str, int | None] = {}
 
     @property
     def device(self) -> str:
@@ -269,21 +270,44 @@ class _Job:
         for fd in self.fds.values():
             os.close(fd)
 
-    def write_tensor(self, t: OutTensor, dst_fd: int, pos: int) -> None:
-        from .noise import add_noise, count_nonfinite
+    def _part_bytes(self, t: OutTensor, i: int, raw: bytearray) -> bytearray | memoryview:
+        """Part i of `t` from its source bytes `raw`: scaled, noised or shifted (see `Part`)."""
+        from .noise import count_nonfinite, transform
 
+        part = t.parts[i]
+        src = self.tensors[part.source]
+        if part.is_copy:
+            return raw
+        if self.nonfinite.get(part.source) is None:  # these bytes pass through torch anyway
+            self.nonfinite[part.source] = count_nonfinite(raw, src.dtype) if part.rows is None else None
+        return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device)
+
+    def write_tensor(self, t: OutTensor, dst_fd: int, pos: int) -> None:
+        if not t.flat:
+            return self._write_joined(t, dst_fd, pos)
         for i, part in enumerate(t.parts):
             src = self.tensors[part.source]
+            off, n = part.span(src.nbytes)
             if part.is_copy:
-                self.copier.copy(self.fd(src.path), src.start, dst_fd, pos, src.nbytes, str(src.path))
+                self.copier.copy(self.fd(src.path), src.start + off, dst_fd, pos, n, str(src.path))
             else:
-                raw = bytearray(pread_exact(self.fd(src.path), src.nbytes, src.start, str(src.path)))
-                if part.source not in self.nonfinite:  # these bytes pass through torch anyway
-                    self.nonfinite[part.source] = count_nonfinite(raw, src.dtype)
-                data = add_noise(raw, src.dtype, part.noise, self.plan.seed, t.name, i, self.device, part.scale)
-                pwrite_all(dst_fd, data, pos)
-            pos += src.nbytes
-            self.progress(src.nbytes)
+                raw = bytearray(pread_exact(self.fd(src.path), n, src.start + off, str(src.path)))
+                pwrite_all(dst_fd, self._part_bytes(t, i, raw), pos)
+            pos += n
+            self.progress(n)
+
+    def _write_joined(self, t: OutTensor, dst_fd: int, pos: int) -> None:
+        """Parts concatenated along an inner axis (an expert-index table's top-k axis): through torch."""
+        from .noise import join
+
+        pieces = []
+        for i, part in enumerate(t.parts):
+            src = self.tensors[part.source]
+            raw = bytearray(pread_exact(self.fd(src.path), src.nbytes, src.start, str(src.path)))
+            pieces.append((bytearray(self._part_bytes(t, i, raw)), src.shape))
+        data = join(pieces, t.dtype, t.axis)
+        pwrite_all(dst_fd, data, pos)
+        self.progress(len(data))
 
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,

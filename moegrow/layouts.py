@@ -197,6 +197,16 @@ class Layout:
     depth_refused_keys: tuple[tuple[str, str], ...] = ()
     # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
     moe_period_key: str = ""
+    # config keys counting extra slots after the routed experts on a router's expert axis (longcat_flash's
+    # zero experts, inkling_text's router-gated shared experts): a tensor spanning routed + extra slots
+    # is duplicated segment by segment, [E, E copies, Z, Z copies], so that every segment stays whole
+    expert_segments: tuple[str, ...] = ()
+    # (rel, segment): tensors that hold one extra segment only (inkling's fused shared experts), duplicated
+    # whole; segment 1 is the first key of `expert_segments`
+    segment_tensors: tuple[tuple[str, int], ...] = ()
+    # integer tables of expert indices, top-k wide in their last dim (deepseek_v4's hash routing
+    # `tid2eid`): widened to cat(t, t + E, ...) so that each token picks every copy of its experts
+    expert_tables: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
@@ -264,6 +274,23 @@ class Layout:
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
         return self._int(config, self.experts_keys, "expert count")
+
+    def segment_counts(self, config: Mapping[str, Any]) -> list[int]:
+        """Slots per segment of the expert axis: [routed experts, *extra slots] (see `expert_segments`)."""
+        config = self.text(config)
+        counts = [self.num_experts(config)]
+        for key in self.expert_segments:
+            value = lookup(config, key)
+            if value is None:
+                value = 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"config.json: {key} must be an integer >= 0, not {value!r}")
+            counts.append(value)
+        return counts
+
+    def segment_of(self, rel: str) -> int | None:
+        """The one segment a tensor holds (see `segment_tensors`), or None."""
+        return dict(self.segment_tensors).get(rel)
 
     def top_k(self, config: Mapping[str, Any]) -> int:
         return self._int(config, self.top_k_keys, "top-k")

@@ -14,6 +14,8 @@ from typing import Any
 BLOCK = 1 << 22  # elements per noise block (16 MiB of float32)
 
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_INT_DTYPES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+               "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 
 
 def block_seed(seed: int, tensor: str, part: int, block: int) -> int:
@@ -37,7 +39,34 @@ def resolve_device(device: str) -> str:
 def torch_dtype(dtype: str) -> Any:
     import torch
 
-    return getattr(torch, _TORCH_DTYPES[dtype])
+    return getattr(torch, _TORCH_DTYPES.get(dtype) or _INT_DTYPES[dtype])
+
+
+def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, index: int,
+              device: str) -> memoryview:
+    """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted or noised."""
+    if part.add:
+        return shift(raw, dtype, part.add)
+    return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale)
+
+
+def shift(raw: bytearray, dtype: str, add: int) -> memoryview:
+    """An integer tensor's bytes with `add` added to every value (expert indices moved to copies)."""
+    import torch
+
+    if not raw:
+        return memoryview(raw)
+    values = torch.frombuffer(raw, dtype=torch_dtype(dtype)) + add
+    return memoryview(values.view(torch.uint8).numpy())
+
+
+def join(pieces: list[tuple[bytearray, tuple[int, ...]]], dtype: str, axis: int) -> memoryview:
+    """Tensors (bytes, shape) of one dtype concatenated along `axis`, as bytes."""
+    import torch
+
+    tensors = [torch.frombuffer(raw, dtype=torch_dtype(dtype)).view(shape) if raw
+               else torch.empty(shape, dtype=torch_dtype(dtype)) for raw, shape in pieces]
+    return memoryview(torch.cat(tensors, dim=axis).contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def noise_block(seed: int, tensor: str, part: int, block: int, numel: int, device: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .anatomy import Anatomy, analyse, expert_name, layer_name
@@ -34,15 +34,32 @@ class Meta:
 
 @dataclass(frozen=True)
 class Part:
-    """A whole source tensor, times `scale`, plus Gaussian noise of std `noise` when non-zero."""
+    """A source tensor (or a run of its rows), times `scale`, plus Gaussian noise of std `noise`.
+
+    ``rows`` = (start, stop, of): only rows start..stop of the source's `of` rows along its expert
+    axis (every leading dim is 1, so they are one byte range); a segmented duplication takes the
+    routed rows and the extra rows (zero or shared experts) of a router as separate parts.
+    ``add``: an integer added to every value of an integer tensor (an expert-index table pointing
+    at the copies: deepseek_v4's hash routing).
+    """
 
     source: str
     noise: float = 0.0
     scale: float = 1.0
+    rows: tuple[int, int, int] | None = None
+    add: int = 0
 
     @property
     def is_copy(self) -> bool:
-        return self.noise == 0.0 and self.scale == 1.0
+        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0
+
+    def span(self, nbytes: int) -> tuple[int, int]:
+        """(offset, length) of this part's bytes within its source tensor of `nbytes` bytes."""
+        if self.rows is None:
+            return 0, nbytes
+        start, stop, of = self.rows
+        row = nbytes // of
+        return start * row, (stop - start) * row
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,12 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
+    axis: int = 0  # the parts are concatenated along this axis
+
+    @property
+    def flat(self) -> bool:
+        """Concatenating the parts is concatenating their bytes (every dim before `axis` is 1)."""
+        return all(d == 1 for d in self.shape[:self.axis])
 
     @property
     def nbytes(self) -> int:
@@ -227,6 +250,9 @@ def parse_experts(spec: str, n_old: int) -> int:
     return factor
 
 
+_INT_MAX = {"I8": 2**7 - 1, "U8": 2**8 - 1, "I16": 2**15 - 1, "U16": 2**16 - 1, "I32": 2**31 - 1,
+            "U32": 2**32 - 1, "I64": 2**63 - 1, "U64": 2**64 - 1}
+
 # quantised checkpoints' per-expert scales (DeepSeek-V3 fp8 `weight_scale_inv`, MXFP4 `*_scales`)
 _QUANT_SUFFIXES = ("_scale_inv", "_scales", "weight_scale", "input_scale", "_blocks")
 
@@ -263,6 +289,16 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     text = layout.text(config)  # a multimodal config: its text decoder's
     rules = [r for r in layout.tensor_rules if top_k == "scale" and r.applies(text)] if factor > 1 else []
     scaled = {r.rel: r.scale(text, factor) for r in rules}
+    segments = layout.segment_counts(text)
+    starts = [sum(segments[:s]) for s in range(len(segments))]
+    k_old = layout.top_k(text)
+    k_new = int(lookup(layout.text(new_config), layout.config_key(text, layout.top_k_keys, "top-k")))
+
+    def new_index(e: int, c: int) -> int:
+        """Expert slot e's copy c: every segment keeps its slots together, copies after originals."""
+        s = max(i for i, start in enumerate(starts) if start <= e)
+        return starts[s] * factor + c * segments[s] + (e - starts[s])
+
     out: list[OutTensor] = []
     for name, t in tensors.items():
         role = anatomy.roles[name]
@@ -273,15 +309,32 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             assert role.layer is not None and role.expert is not None
             _check_noise(name, t, noise)
             for c in range(factor):
-                new = expert_name(layout, role.layer, role.expert + c * e_old, role.rel)
+                new = expert_name(layout, role.layer, new_index(role.expert, c), role.rel)
                 out.append(OutTensor(new, t.dtype, t.shape, (Part(name, noise if c else 0.0, scale),)))
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
-            parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
             axis = layout.axis_of(role.rel)  # leading dims are 1 (checked): a byte concatenation
+            n = t.shape[axis]
+            per = layout.rows_per_expert(text, role.rel)  # rows per slot
+            if layout.segment_of(role.rel) is None and n == sum(segments) * per != e_old * per:
+                parts = tuple(Part(name, std if c else 0.0, scale, (start * per, (start + count) * per, n))
+                              for start, count in zip(starts, segments) if count for c in range(factor))
+            else:  # routed experts only, or one extra segment only: duplicated whole
+                parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
             out.append(OutTensor(name, t.dtype, shape, parts))
+        elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
+            if k_new != k_old * factor:
+                raise GrowthError(f"{name}: an expert table {k_old} wide can follow top-k {k_old} -> "
+                                  f"{k_old * factor} (--top-k scale) or stay (--top-k keep), not -> {k_new}")
+            if t.dtype not in _INT_MAX:
+                raise GrowthError(f"{name}: an expert-index table must hold integers, not {t.dtype}")
+            if e_old * factor - 1 > _INT_MAX[t.dtype]:
+                raise GrowthError(f"{name}: {t.dtype} cannot hold expert index {e_old * factor - 1}")
+            shape = (*t.shape[:-1], t.shape[-1] * factor)
+            out.append(OutTensor(name, t.dtype, shape, tuple(Part(name, add=c * e_old) for c in range(factor)),
+                                 axis=len(t.shape) - 1))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
     exact = layout.exact_width and top_k == "scale"
@@ -311,7 +364,7 @@ def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layo
     plan = plan_width(depth.config, virtual, layout, factor, **width)
     plan.tensors = [
         OutTensor(t.name, t.dtype, t.shape,
-                  tuple(Part(origin[p.source], p.noise, p.scale) for p in t.parts))
+                  tuple(replace(p, source=origin[p.source]) for p in t.parts), t.axis)
         for t in plan.tensors
     ]
     plan.operation = "grow"

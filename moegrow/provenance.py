@@ -10,18 +10,36 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .plan import OutTensor, Plan
+from .plan import OutTensor, Part, Plan
 from .source import Source
 
 RECORD_NAME = "moegrow.json"
 
 
-def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
-    """{output tensor: [[source tensor, noise std(, scale)], ...]} (parts concatenated along axis 0).
+def part_record(p: Part, axis: int = 0) -> list[Any]:
+    """[source, noise] + [scale] where scaled + [{rows, add, axis}] where a part has any of them."""
+    extra: dict[str, Any] = {}
+    if p.rows is not None:
+        extra["rows"] = list(p.rows)
+    if p.add:
+        extra["add"] = p.add
+    if axis:
+        extra["axis"] = axis
+    record: list[Any] = [p.source, p.noise]
+    if p.scale != 1.0 or extra:
+        record.append(p.scale)
+    if extra:
+        record.append(extra)
+    return record
 
-    The scale appears only where a part is scaled (see layouts.TensorRule)."""
-    return {t.name: [[p.source, p.noise, *([p.scale] if p.scale != 1.0 else [])] for p in t.parts]
-            for t in tensors}
+
+def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
+    """{output tensor: [[source tensor, noise std(, scale(, extras))], ...]}, parts concatenated along
+    axis 0 unless extras say `axis`.
+
+    The scale appears only where a part is scaled (see layouts.TensorRule) or has extras: `rows`
+    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table)."""
+    return {t.name: [part_record(p, t.axis) for p in t.parts] for t in tensors}
 
 
 def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:

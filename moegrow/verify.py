@@ -70,11 +70,18 @@ def _record_problem(record: Any) -> str | None:
     if record.get("operation") not in ("grow-depth", "grow-width", "grow"):
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
-    if not (isinstance(tensors, dict) and all(
-            isinstance(parts, list) and all(isinstance(p, list) and len(p) in (2, 3) and isinstance(p[0], str)
-                                            and all(is_num(x) for x in p[1:]) for p in parts)
-            for parts in tensors.values())):
-        return '"tensors" is not a mapping of output tensors to [source, noise(, scale)] parts'
+    def is_extra(x: Any) -> bool:  # see provenance.part_record
+        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis"} and all(
+            (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows" else is_int(v)
+            for k, v in x.items())
+
+    def is_part(p: Any) -> bool:
+        return (isinstance(p, list) and len(p) in (2, 3, 4) and isinstance(p[0], str)
+                and all(is_num(x) for x in p[1:3]) and (len(p) < 4 or is_extra(p[3])))
+
+    if not (isinstance(tensors, dict) and all(isinstance(parts, list) and all(map(is_part, parts))
+                                              for parts in tensors.values())):
+        return '"tensors" is not a mapping of output tensors to [source, noise(, scale(, extras))] parts'
     g = record.get("growth")
     if not isinstance(g, dict):
         return '"growth" is not an object'
@@ -106,6 +113,22 @@ def _decode(raw: bytes, dtype: str) -> Any:
     return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype)).to(torch.float64)
 
 
+def _check_joined(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, reader: _Reader,
+                  report: Report) -> None:
+    """A tensor whose parts join along an inner axis (an expert-index table): rebuilt and compared whole."""
+    from .noise import join, transform
+
+    pieces = []
+    for i, part in enumerate(t.parts):
+        src = source.tensors[part.source]
+        raw = bytearray(reader.read(src.path, src.start, src.nbytes))
+        data = raw if part.is_copy else transform(raw, src.dtype, part, plan.seed, t.name, i, "cpu")
+        pieces.append((bytearray(data), src.shape))
+    if reader.read(out.path, out.start, out.nbytes) != bytes(join(pieces, t.dtype, t.axis)):
+        sources = ", ".join(sorted({p.source for p in t.parts}))
+        report.problems.append(f"{t.name}: differs from {sources} joined along axis {t.axis} as the plan says")
+
+
 class _Reader:
     def __init__(self) -> None:
         self.fds: dict[Path, int] = {}
@@ -122,15 +145,23 @@ class _Reader:
 
 def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, device: str,
                   reader: _Reader, report: Report) -> None:
-    from .noise import add_noise
+    from .noise import add_noise, shift
 
+    if not t.flat:
+        _check_joined(t, out, plan, source, reader, report)
+        return
     pos = out.start
     measured = []
     for i, part in enumerate(t.parts):
         src = source.tensors[part.source]
-        got = reader.read(out.path, pos, src.nbytes)
-        pos += src.nbytes
-        want = reader.read(src.path, src.start, src.nbytes)
+        off, n = part.span(src.nbytes)
+        got = reader.read(out.path, pos, n)
+        pos += n
+        want = reader.read(src.path, src.start + off, n)
+        if part.add:
+            if got != bytes(shift(bytearray(want), src.dtype, part.add)):
+                report.problems.append(f"{t.name}: part {i} is not {part.source} plus {part.add}")
+            continue
         if part.is_copy:
             if got != want:
                 report.problems.append(f"{t.name}: part {i} differs from its source {part.source}")
