@@ -273,7 +273,8 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
               + (f": {dense}" if dense else "") + ")"
               + (f", extra (MTP) layers {extra}" if extra else ""), markup=False)
     out.print(f"  experts: {info['num_experts']} routed, top-{info['top_k']}, "
-              f"{info['num_shared_experts']} shared")
+              f"{info['num_shared_experts']} shared"
+              + "".join(f", {n} extra router slots ({k})" for k, n in info["expert_segments"].items() if n))
     out.print(f"  routing: {info['routing']}")
     exact = "yes" if info["width_exact"] else f"no ({info['width_inexact_reason']})"
     out.print(f"  width growth function-preserving: {exact}", markup=False)

@@ -44,6 +44,8 @@ def describe(source: Source) -> dict[str, Any]:
         "num_experts": anatomy.num_experts,
         "top_k": top_k,
         "num_shared_experts": shared,
+        # slots after the routed experts on the router's axis (zero experts, router-gated shared experts)
+        "expert_segments": dict(zip(layout.expert_segments, layout.segment_counts(config)[1:])),
         "routing": layout.routing,
         "width_exact": layout.exact_width,
         "width_inexact_reason": layout.inexact_reason or None,

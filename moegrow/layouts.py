@@ -1021,6 +1021,57 @@ LAYOUTS: tuple[Layout, ...] = (
                "cannot be expressed and is refused"),
     ),
     Layout(
+        name="longcat_flash",
+        model_types=("longcat_flash",),
+        layers_keys=("num_layers",),  # each layer holds two attention blocks and two dense MLPs
+        experts_keys=("n_routed_experts", "num_local_experts"),
+        top_k_keys=("moe_topk", "num_experts_per_tok"),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.router.classifier.weight",),
+        router_biases=("mlp.router.classifier.bias", "mlp.router.e_score_correction_bias"),
+        buffers=("mlp.router.e_score_correction_bias",),
+        # router rows and gate/up slots: n_routed_experts routed, then zero_expert_num identity experts
+        expert_segments=("zero_expert_num",),
+        routing=("softmax (float32) over routed + zero (identity) experts; top-k of probabilities + "
+                 "e_score_correction_bias; weights = probabilities x routed_scaling_factor (not renormalised)"),
+        depth_keys=(DepthKey("num_layers", "count"),),
+        width_rules=(WidthRule("zero_expert_num", "mul", "zero (identity) experts are duplicated with the routed "
+                               "ones: a selected pair of copies weighs as much as the original"),),
+        tensor_rules=(TensorRule("mlp.router.e_score_correction_bias",
+                                 "the correction bias is added to softmax probabilities, which halve with "
+                                 "twice the experts; the bias must halve with them to keep the selection"),),
+        notes=("router rows, correction bias and gate/up slots are [routed, zero] and grow segment by segment: "
+               "[E, E copies, Z, Z copies]",
+               "width growth halves the correction bias (originals included): originals are not byte-identical"),
+    ),
+    Layout(
+        name="inkling_text",
+        model_types=("inkling_text",),
+        experts_keys=("n_routed_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="mlp.shared_experts.",
+        experts_prefix="mlp.experts.",
+        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.shared_experts.gate_proj",
+                       "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.e_score_correction_bias",),
+        buffers=("mlp.gate.e_score_correction_bias",),
+        # the router scores routed then shared experts ([E+S] rows); the fused shared experts are [S, ...]
+        expert_segments=("n_shared_experts",),
+        segment_tensors=(("mlp.shared_experts.gate_proj", 1), ("mlp.shared_experts.up_proj", 1),
+                         ("mlp.shared_experts.down_proj", 1)),
+        routing=("sigmoid (float32); top-k of routed score + e_score_correction_bias; weights = sigmoid of the "
+                 "k routed and S shared logits, normalised over all k + S, times route_scale and global_scale; "
+                 "the shared experts' outputs are scaled by their weights"),
+        moe_rule="mlp_layer_types",
+        depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES, DepthKey("local_layer_ids", "index_list")),
+        width_rules=(WidthRule("n_shared_experts", "mul", "the router normalises over routed and shared experts: "
+                               "the shared experts are duplicated too, so every weight halves with its pair"),),
+        notes=("the shared experts are duplicated (n_shared_experts x2) and take --noise like routed copies; "
+               "router rows grow as [E, E copies, S, S copies]",),
+    ),
+    Layout(
         name="dbrx",
         model_types=("dbrx",),
         layer_prefix="transformer.blocks.",

@@ -131,6 +131,15 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "jamba": dict(num_experts=4, num_experts_per_tok=2, expert_layer_period=3, expert_layer_offset=1,
                   attn_layer_period=3, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=4,
                   use_mamba_kernels=False),
+    # zero (identity) experts after the routed ones: router rows [E+Z] grow as [E, E copies, Z, Z copies]
+    "longcat_flash": dict(num_hidden_layers=6,  # = 2 x num_layers (a property)
+                          n_routed_experts=4, zero_expert_num=2, moe_topk=2, expert_ffn_hidden_size=8,
+                          ffn_hidden_size=16, **MLA),
+    # router rows [E+S]: routed then router-gated shared experts, normalised together; the shared grow too
+    "inkling_text": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
+                         head_dim=8, swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_head_dim=8,
+                         sliding_window_size=8, rel_extent=16, d_rel=4, local_layer_ids=[0, 2],
+                         mlp_layer_types=["dense", "sparse", "sparse"]),
     # no width growth can be exact: refused without --allow-inexact (phimoe) or always (zaya, doge)
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8, head_dim=8, router_hidden_size=16),
@@ -478,6 +487,51 @@ def test_ernie_correction_bias_halved_along_expert_axis_1(family_source, tmp_pat
     # without the halving the grown model selects differently
     config = read_config(out)
     assert (config["moe_layer_start_index"], config["moe_layer_end_index"]) == (1, 2)
+
+
+def test_longcat_router_rows_grow_segment_by_segment(family_source, tmp_path):
+    """Routed rows then zero-expert rows, each followed by its copies; noised copies verify, tampering fails."""
+    from safetensors.torch import load_file, save_file
+
+    src = family_source("longcat_flash")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--router-noise", "0.01",
+                       "--quiet")
+    assert code == 0, err
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    gate, bias = "model.layers.1.mlp.router.classifier.weight", "model.layers.1.mlp.router.e_score_correction_bias"
+    assert before[gate].shape[0] == 6 and after[gate].shape[0] == 12
+    assert torch.equal(after[gate][:4], before[gate][:4]) and torch.equal(after[gate][8:10], before[gate][4:6])
+    for copy, orig in ((slice(4, 8), slice(0, 4)), (slice(10, 12), slice(4, 6))):
+        noise = after[gate][copy] - before[gate][orig]
+        assert 0.005 < noise.std() < 0.02
+    assert torch.equal(after[bias], torch.cat([before[bias][:4]] * 2 + [before[bias][4:]] * 2) / 2)
+    # zero-expert slots 4, 5 carry gate/up weights: they move to 8, 9 (and copies to 10, 11)
+    up = "model.layers.1.mlp.experts.{}.up_proj.weight"
+    assert torch.equal(after[up.format(8)], before[up.format(4)])
+    assert "model.layers.1.mlp.experts.8.down_proj.weight" not in after
+    code, _, err = run("verify", src, out)
+    assert code == 0, err
+    after[gate][10, 0] += 1.0  # a zero-expert copy's row
+    save_file(after, out / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run("verify", src, out)
+    assert code == 1 and gate in stdout + err
+
+
+def test_inkling_shared_experts_grow_with_the_routed(family_source, tmp_path):
+    """inkling_text's router normalises over routed + shared: both double, rows [E, E copies, S, S copies]."""
+    from safetensors.torch import load_file
+
+    src = family_source("inkling_text")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    assert read_config(out)["n_shared_experts"] == 2
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    gate = before["model.layers.1.mlp.gate.weight"]  # [4 routed + 1 shared, H]
+    assert torch.equal(after["model.layers.1.mlp.gate.weight"], torch.cat([gate[:4], gate[:4], gate[4:], gate[4:]]))
+    shared = "model.layers.1.mlp.shared_experts.up_proj"
+    assert torch.equal(after[shared], torch.cat([before[shared]] * 2))
 
 
 def test_ernie_depth_rewrites_the_moe_range(family_source, tmp_path):
