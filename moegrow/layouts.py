@@ -1072,6 +1072,28 @@ LAYOUTS: tuple[Layout, ...] = (
                "router rows grow as [E, E copies, S, S copies]",),
     ),
     Layout(
+        name="deepseek_v4",
+        model_types=("deepseek_v4",),
+        experts_keys=("n_routed_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        shared_experts_keys=("n_shared_experts",),
+        shared_prefix="ffn.shared_experts.",
+        experts_prefix="ffn.experts.",
+        router_weights=("ffn.gate.weight",),
+        router_biases=("ffn.gate.bias",),  # the correction bias (e_score_correction_bias in memory)
+        buffers=("ffn.gate.bias", "ffn.gate.tid2eid"),
+        # hash layers pick experts from a token -> expert table [vocab, top-k]
+        expert_tables=("ffn.gate.tid2eid",),
+        routing=("scoring_func (sqrtsoftplus) of the logits, elementwise; top-k of score + correction bias, or "
+                 "tid2eid[token] in hash_moe layers; weights normalised over the k, times routed_scaling_factor; "
+                 "plus a shared expert"),
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("mlp_layer_types", "per_layer")),
+        notes=("hash_moe layers' token -> expert table tid2eid [vocab, k] grows to [vocab, 2k] = "
+               "[tid2eid, tid2eid + E]: each token picks both copies of its experts, each at half the weight",
+               "tensor names as save_pretrained writes them (model.layers.N.ffn...); MTP tensors (mtp.*) are "
+               "copied unchanged (transformers ignores them on load)"),
+    ),
+    Layout(
         name="dbrx",
         model_types=("dbrx",),
         layer_prefix="transformer.blocks.",

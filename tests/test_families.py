@@ -140,6 +140,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
                          head_dim=8, swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_head_dim=8,
                          sliding_window_size=8, rel_extent=16, d_rel=4, local_layer_ids=[0, 2],
                          mlp_layer_types=["dense", "sparse", "sparse"]),
+    # hash layers: token -> expert table tid2eid [vocab, k] grows to [vocab, 2k] = [t, t + E]
+    "deepseek_v4": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
+                        num_key_value_heads=1, head_dim=16, q_lora_rank=8, o_groups=2, o_lora_rank=8,
+                        index_n_heads=2, index_head_dim=8, index_topk=4, hc_mult=2, sliding_window=8,
+                        mlp_layer_types=["hash_moe", "moe", "moe"],
+                        layer_types=["sliding_attention", "compressed_sparse_attention",
+                                     "heavily_compressed_attention"]),
     # no width growth can be exact: refused without --allow-inexact (phimoe) or always (zaya, doge)
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8, head_dim=8, router_hidden_size=16),
@@ -177,6 +184,8 @@ def build(model_type: str, seed: int = 0, **overrides):
         for name, b in model.named_buffers():
             if "correction_bias" in name or "expert_bias" in name:
                 b.uniform_(-0.3, 0.3)
+            if name.endswith("tid2eid"):  # hash routing: k distinct experts per token
+                b.copy_(torch.stack([torch.randperm(config.num_local_experts)[:b.shape[1]] for _ in b]))
     return model.eval()
 
 
@@ -532,6 +541,27 @@ def test_inkling_shared_experts_grow_with_the_routed(family_source, tmp_path):
     assert torch.equal(after["model.layers.1.mlp.gate.weight"], torch.cat([gate[:4], gate[:4], gate[4:], gate[4:]]))
     shared = "model.layers.1.mlp.shared_experts.up_proj"
     assert torch.equal(after[shared], torch.cat([before[shared]] * 2))
+
+
+def test_deepseek_v4_hash_table_points_at_the_copies(family_source, tmp_path):
+    """tid2eid [vocab, k] -> [vocab, 2k] = [t, t + E]; verify rebuilds it and catches a wrong entry."""
+    from safetensors.torch import load_file, save_file
+
+    src = family_source("deepseek_v4")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--quiet")
+    assert code == 0, err
+    table = "model.layers.0.ffn.gate.tid2eid"
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert after[table].dtype == torch.int64
+    assert torch.equal(after[table], torch.cat([before[table], before[table] + 4], dim=1))
+    assert "model.layers.1.ffn.gate.tid2eid" not in after  # an ordinary MoE layer
+    code, _, err = run("verify", src, out)
+    assert code == 0, err
+    after[table][5, 3] = after[table][5, 1]  # a token sent to the original twice
+    save_file(after, out / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run("verify", src, out)
+    assert code == 1 and table in stdout + err
 
 
 def test_ernie_depth_rewrites_the_moe_range(family_source, tmp_path):
