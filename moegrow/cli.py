@@ -25,7 +25,7 @@ from rich.console import Console
 from . import __version__
 from .anatomy import analyse
 from .errors import MoegrowError, VerificationFailed
-from .execute import DEFAULT_MAX_SHARD, parse_size
+from .execute import DEFAULT_MAX_SHARD, format_size, parse_size
 from .plan import Plan, param_counts
 
 app = typer.Typer(
@@ -191,17 +191,13 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
     }
 
 
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
-
-
 def _print_summary(s: dict[str, Any], title: str) -> None:
     err.print(f"[bold]{title}[/bold] {s['operation']} ({s['model_type']})")
     err.print(f"  layers {s['layers'][0]} -> {s['layers'][1]}, experts {s['experts'][0]} -> "
               f"{s['experts'][1]}, top-k {s['top_k'][0]} -> {s['top_k'][1]}")
     err.print(f"  params {s['total_params'][0]:,} -> {s['total_params'][1]:,} total, "
               f"{s['active_params'][0]:,} -> {s['active_params'][1]:,} active")
-    err.print(f"  {s['tensors']} tensors, {_gib(s['bytes_in'])} read, {_gib(s['bytes_out'])} written")
+    err.print(f"  {s['tensors']} tensors, {format_size(s['bytes_in'])} read, {format_size(s['bytes_out'])} written")
     if s["layer_map"] is not None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
@@ -282,7 +278,7 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
         out.print(f"  width growth refused: {info['width_refused']}", markup=False)
     out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
     out.print(f"  dtypes: {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}")
-    out.print(f"  {info['num_tensors']} tensors, {_gib(info['total_bytes'])} in {len(info['files'])} file(s)")
+    out.print(f"  {info['num_tensors']} tensors, {format_size(info['total_bytes'])} in {len(info['files'])} file(s)")
 
 
 @app.command("grow-depth")

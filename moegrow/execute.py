@@ -384,6 +384,22 @@ def copy_side_files(source_folder: Path, folder: Path) -> list[str]:
     return copied
 
 
+def check_space(plan: Plan, folder: Path) -> None:
+    """Refuse before writing anything when the output's filesystem cannot hold the tensors."""
+    needed = sum(t.nbytes for t in plan.tensors)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # not knowable here (e.g. a network filesystem): the write reports ENOSPC
+    if needed > free:
+        raise OutputError(f"{folder}: not enough free space: the output needs {format_size(needed)}, "
+                          f"the filesystem has {format_size(free)} free")
+
+
+def format_size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -396,6 +412,7 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
     target = _absolute(output)
     clean_stale_partials(target)  # first: it may put back an OUTPUT that a killed --force run moved
     check_output(output, source_folder, force)
+    check_space(plan, target.parent)
     start = time.perf_counter()
     tmp = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}"
     try:

@@ -45,21 +45,26 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
     # config against tensors before any option is read against the config
     analyse({n: t.shape for n, t in tensors.items()}, config, layout, where)
     lmap: list[int] | None = None
+    n_old = layout.num_layers(config)
+    depth = 1.0
     if operation in ("grow-depth", "grow"):
-        n_old = layout.num_layers(config)
         if isinstance(layer_map, list):  # from a provenance record: checked as --layer-map is
             lmap = parse_layer_map(",".join(map(str, layer_map)), n_old)
         elif layer_map:
             lmap = parse_layer_map(layer_map, n_old)
         elif layers:
-            lmap = layer_map_for(method, n_old, parse_layers(layers, n_old))
+            n_new = parse_layers(layers, n_old)
+            check_plan_size(len(tensors) * n_new / n_old, f"--layers {layers}")
+            lmap = layer_map_for(method, n_old, n_new)
         else:
             raise GrowthError("give --layers (e.g. 2x) or --layer-map")
+        depth = len(lmap) / n_old
     factor = 1
     if operation in ("grow-width", "grow"):
         if not experts:
             raise GrowthError("give --experts (e.g. 2x)")
         factor = parse_experts(experts, layout.num_experts(config))
+        check_plan_size(len(tensors) * depth * factor, f"--experts {experts}")
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
     width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact)
     if operation == "grow-depth":
@@ -69,6 +74,16 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
     if operation == "grow":
         return plan_grow(config, tensors, layout, lmap or [], factor, **width)
     raise GrowthError(f"unknown operation {operation!r}")
+
+
+MAX_PLAN_TENSORS = 10_000_000  # DeepSeek-V3 grown 8x in width is about 0.4 million
+
+
+def check_plan_size(estimate: float, flag: str) -> None:
+    """Refuse a growth whose plan alone would exhaust memory (a factor typed with extra zeros)."""
+    if estimate > MAX_PLAN_TENSORS:
+        raise GrowthError(f"{flag}: the output would have about {estimate:,.0f} tensors; moegrow refuses more "
+                          f"than {MAX_PLAN_TENSORS:,} (is the factor a typo?)")
 
 
 def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:

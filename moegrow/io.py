@@ -278,7 +278,7 @@ class ByteCopier:
                 if n == 0:
                     raise SourceError(f"{name}: unexpected end of file while copying {count} bytes")
             else:
-                buf = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
+                buf = _pread(src_fd, min(count, _COPY_CHUNK), src_off, name)
                 if not buf:
                     raise SourceError(f"{name}: unexpected end of file while copying {count} bytes")
                 n = os.pwrite(dst_fd, buf, dst_off)
@@ -287,11 +287,19 @@ class ByteCopier:
             count -= n
 
 
+def _pread(fd: int, count: int, offset: int, name: str) -> bytes:
+    """os.pread, with a read error reported against the source file (not the output being written)."""
+    try:
+        return os.pread(fd, count, offset)
+    except OSError as e:
+        raise SourceError(f"{name}: cannot read: {e.strerror or e}") from None
+
+
 def pread_exact(fd: int, count: int, offset: int, name: str) -> bytes:
     """Read exactly `count` bytes at `offset` (a short read is a truncated file)."""
     parts = []
     while count > 0:
-        b = os.pread(fd, min(count, _COPY_CHUNK), offset)
+        b = _pread(fd, min(count, _COPY_CHUNK), offset, name)
         if not b:
             raise SourceError(f"{name}: unexpected end of file")
         parts.append(b)

@@ -835,3 +835,28 @@ def test_random_corruption_keeps_the_contract(data, fuzz_bases, tmp_path_factory
         expect(["verify", victim, fuzz_bases["grown"]], {0, 1, 2})
     assert snapshot(victim) == before
     shutil.rmtree(work)
+
+
+def test_not_enough_space_is_refused_before_writing(checkpoints, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    src, out = checkpoints["mixtral"], tmp_path / "out"
+    fails(["grow-width", src, out, "--experts", "2x"], src, out, str(tmp_path), "not enough free space",
+          "the filesystem has")
+
+
+@pytest.mark.parametrize("flag, spec", [("--experts", "1000000000x"), ("--layers", "1000000000x")])
+def test_absurd_factors_are_refused_before_planning(flag, spec, checkpoints, tmp_path):
+    src, out = checkpoints["mixtral"], tmp_path / "out"
+    command = "grow-width" if flag == "--experts" else "grow-depth"
+    fails([command, src, out, flag, spec], src, out, flag, "is the factor a typo")
+    fails([command, src, out, flag, spec, "--dry-run"], src, out, flag, "is the factor a typo")
+
+
+def test_source_read_error_names_the_source(checkpoints, tmp_path, monkeypatch):
+    """An I/O error reading the source is the source's problem, not a failed write to OUTPUT."""
+    monkeypatch.setattr(os, "pread", _fail_after(os.pread, 0, errno.EIO))
+    src, out = checkpoints["mixtral"], tmp_path / "out"
+    line = fails(["grow-width", src, out, "--experts", "2x", "--noise", "0.01"], src, out,
+                 "cannot read", "Input/output error")
+    assert str(src) in line and "write failed" not in line
