@@ -26,6 +26,7 @@ from . import __version__
 from .anatomy import analyse
 from .errors import MoegrowError, VerificationFailed
 from .execute import DEFAULT_MAX_SHARD, format_size, parse_size
+from .io import read_index
 from .plan import Plan, param_counts
 
 app = typer.Typer(
@@ -331,7 +332,9 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
 
     src = _open(source, revision)
     record = _read_record(output)
-    report = run_verify(src, output)
+    total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
+    with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
+        report = run_verify(src, output, progress)
     if forward:
         diff = forward_diff(src.folder, output)
         exact = bool(record.get("function_preserving"))

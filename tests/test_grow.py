@@ -159,3 +159,19 @@ def test_device_choice_is_recorded(checkpoints, tmp_path):
                            "--device", "cuda")
         assert code == 2 and "CUDA" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "cuda").exists()
+
+
+def test_progress_counts_every_output_byte(checkpoints, tmp_path):
+    """grow and verify report progress in output bytes: the bar ends exactly at its total."""
+    from moegrow.grow import open_source, plan_for, write
+    from moegrow.io import read_index
+    from moegrow.verify import verify
+
+    src = open_source(str(checkpoints["qwen2_moe"]))
+    plan = plan_for(src, "grow", layers="2x", experts="2x", noise=0.01)
+    grown, checked = [], []
+    write(plan, src, tmp_path / "out", progress=grown.append)
+    total = sum(t.nbytes for t in read_index(tmp_path / "out").values())
+    report = verify(src, tmp_path / "out", progress=checked.append)
+    assert report.ok, report.problems
+    assert sum(grown) == total and sum(checked) == total and len(checked) == len(plan.tensors)
