@@ -791,7 +791,8 @@ LAYOUTS: tuple[Layout, ...] = (
         experts_keys=("n_routed_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok",),
         experts_prefix="mlp.experts.",
-        # fused [E,2F,H] (gate and up interleaved along dim 1 on load) and [E,H,F]; the MXFP8 release's scales too
+        # fused [E,2F,H] (gate and up interleaved along dim 1 on load) and [E,H,F]; the MXFP8 release's scales
+        # (assumed expert axis first; tested on a hand-built checkpoint only)
         fused_experts=("mlp.experts.w13_weight", "mlp.experts.w2_weight",
                        "mlp.experts.w13_weight_scale", "mlp.experts.w2_weight_scale"),
         router_weights=("mlp.gate.weight",),

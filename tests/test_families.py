@@ -762,3 +762,30 @@ def test_inkling2_text_depth_refused(family_source, tmp_path):
     assert info["layer_prefix"] == "model.llm.layers." and info["moe_layers"] == [0, 1, 2]
     assert "attn_res" in info["depth_refused"] and info["width_refused"] is None
     assert "depth growth refused" in run("inspect", src)[1]
+
+
+def test_inkling2_mxfp8_scales_travel_with_their_experts(family_source, ckpt_copy):
+    """An MXFP8-style inkling2_text release: float8 w13/w2 weights with uint8 *_weight_scale, expert axis first."""
+    from safetensors.torch import load_file
+
+    src = ckpt_copy(family_source("inkling2_text"))
+
+    def mxfp8(name, t):
+        if not name.endswith(("experts.w13_weight", "experts.w2_weight")):
+            return {name: t}
+        blocks = t.shape[0] * t.shape[1] * -(-t.shape[2] // 32)  # one scale per 32 inputs
+        scale = (torch.arange(blocks) % 256).to(torch.uint8).reshape(*t.shape[:2], -1)
+        return {name: t.to(torch.float8_e4m3fn), f"{name}_scale": scale}
+
+    before = _requantise(src, mxfp8)
+    out = src.parent / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    after = load_file(out / "model.safetensors")
+    quantised = [n for n in before if ".experts.w" in n]
+    assert len(quantised) == 3 * 4
+    for name in quantised:
+        assert torch.equal(after[name].view(torch.uint8), torch.cat([before[name].view(torch.uint8)] * 2)), name
+    assert run("verify", src, out)[0] == 0
+    code, _, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
+    assert code == 2 and "quantis" in err and len(err.strip().splitlines()) == 1, err
