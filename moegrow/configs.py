@@ -355,6 +355,13 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
             new[key] = value * factor
         elif rule.op == "div":
             new[key] = value / factor
+        elif rule.op == "top_k":
+            if k_new == k_old:
+                continue
+            if (value * k_new) % k_old:
+                raise GrowthError(f"config key {key}={value} ({rule.why}) cannot follow top-k {k_old} -> {k_new}: "
+                                  f"{value} x {k_new} / {k_old} is not a whole number")
+            new[key] = value * k_new // k_old
         else:  # pragma: no cover
             raise AssertionError(rule.op)
         changes.append(f"{path(key)}: {value} -> {new[key]} ({rule.why})")

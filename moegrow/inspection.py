@@ -50,6 +50,7 @@ def describe(source: Source) -> dict[str, Any]:
         "width_exact": layout.exact_width,
         "width_inexact_reason": layout.inexact_reason or None,
         "width_refused": layout.width_refused or None,
+        "depth_refused": layout.depth_refused or None,
         "total_params": total,
         "active_params": active,
         "dtypes": dict(sorted(dtypes.items())),

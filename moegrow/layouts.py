@@ -64,7 +64,8 @@ class DepthKey:
 class WidthRule:
     """A config change that keeps width growth by a factor f function-preserving.
 
-    op ``mul`` multiplies the key by f, ``div`` divides it by f. ``unless`` names a boolean
+    op ``mul`` multiplies the key by f, ``div`` divides it by f, ``top_k`` multiplies it like top-k
+    (by new top-k / old top-k: a count proportional to the experts per token). ``unless`` names a boolean
     config key (or its aliases) that, when true, makes the rule unnecessary. ``aliases`` are other
     names of ``key``; the first present is rewritten.
     """
@@ -182,6 +183,8 @@ class Layout:
     inexact_reason: str = ""
     # non-empty where duplication itself cannot be expressed: width growth is refused, flag or not
     width_refused: str = ""
+    # non-empty where no layer copy can be loaded (layer-indexed tensors outside the layers): depth growth is refused
+    depth_refused: str = ""
     # tensors every layer but layer 0 has (zaya's router_states_scale): depth maps that move a copy of
     # layer 0 elsewhere, or another layer to 0, are refused
     not_in_first_layer: tuple[str, ...] = ()
@@ -631,6 +634,27 @@ LAYOUTS: tuple[Layout, ...] = (
         depth_keys=(_COUNT,),
     ),
     Layout(
+        name="jetmoe",
+        model_types=("jetmoe",),
+        experts_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",  # no per-expert form: every expert tensor is fused, expert axis first
+        # MoE MLP experts [E,2F,H] / [E,H,F], and attention experts (MoA: per expert, the query projection
+        # [E,kv*d,H] and the output projection [E,H,kv*d]); mlp.bias and self_attention.experts.bias are
+        # per-output [H] (added once after the experts), not per-expert
+        fused_experts=("mlp.input_linear.weight", "mlp.output_linear.weight",
+                       "self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight"),
+        router_weights=("mlp.router.layer.weight", "self_attention.experts.router.layer.weight"),
+        routing=("top-k of the router logits, softmax over the k, for the MoE MLP and for the attention experts "
+                 "(each selected one projects num_key_value_heads query heads and back), which share the expert "
+                 "count and top-k"),
+        depth_keys=(_COUNT,),
+        width_rules=(WidthRule("num_attention_heads", "top_k", "the attention heads are num_key_value_heads x "
+                               "top-k (one group of query heads per selected attention expert)"),),
+        notes=("width growth duplicates the attention experts too; with top-k doubled each token runs twice the "
+               "query heads (a pair of identical heads per original, each weighted half)",),
+    ),
+    Layout(
         name="gpt_oss",
         model_types=("gpt_oss",),
         experts_keys=("num_local_experts", "num_experts"),
@@ -786,6 +810,28 @@ LAYOUTS: tuple[Layout, ...] = (
         depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES),
         notes=("a config that gives moe_layer_freq instead of mlp_layer_types is read as all-MoE and "
                "refused if its tensors disagree",),
+    ),
+    Layout(
+        name="inkling2_text",
+        model_types=("inkling2_text",),
+        layer_prefix="model.llm.layers.",
+        experts_keys=("n_routed_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        # fused [E,2F,H] (gate and up interleaved along dim 1 on load) and [E,H,F]; the MXFP8 release's scales
+        # (assumed expert axis first; tested on a hand-built checkpoint only)
+        fused_experts=("mlp.experts.w13_weight", "mlp.experts.w2_weight",
+                       "mlp.experts.w13_weight_scale", "mlp.experts.w2_weight_scale"),
+        router_weights=("mlp.gate.weight",),
+        router_biases=("mlp.gate.bias",),  # the correction bias (e_score_correction_bias once loaded)
+        buffers=("mlp.gate.bias",),
+        routing=("scoring_func (sigmoid) of the router logits; top-k of score + correction bias (mlp.gate.bias); "
+                 "normalised; times route_scale"),
+        depth_keys=(_COUNT, _LAYER_TYPES),
+        depth_refused=("the attention-residual queries are layer-indexed tensors outside the layers "
+                       "(model.llm.attn_res.attn_queries.{i} belongs to layer i+1, so layer 0 has none, and "
+                       "mlp_queries.{i}), which a layer copy cannot renumber or supply, and the attention-residual "
+                       "blocks (n_layers_per_attn_res_block) follow each layer's position"),
     ),
     Layout(
         name="axk1",

@@ -194,6 +194,8 @@ def _check_first_layer(layout: Layout, layer_map: Sequence[int]) -> None:
 
 def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                layer_map: Sequence[int]) -> Plan:
+    if layout.depth_refused:
+        raise GrowthError(f"{layout.name}: depth growth is not supported: {layout.depth_refused}")
     anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
     check_moe_layers(config, layout, anatomy.moe_layers)
     _check_first_layer(layout, layer_map)

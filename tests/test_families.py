@@ -151,6 +151,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "zaya": dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8, head_dim=8, router_hidden_size=16),
     "doge": dict(num_experts=4, num_experts_per_tok=2, is_moe=True),
+    # MoE MLP + attention experts (MoA) sharing the expert count and top-k; heads = kv heads x top-k
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=8, num_attention_heads=4),
+    # prefix model.llm.layers.; fused w13/w2; correction bias mlp.gate.bias; attention residuals over blocks of 2
+    "inkling2_text": dict(n_routed_experts=4, num_experts_per_tok=2, intermediate_size=8, head_dim=8,
+                          swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_head_dim=8, unpadded_vocab_size=64,
+                          sliding_window_size=8, d_rel=4, rel_extent=16, n_layers_per_attn_res_block=2,
+                          layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"]),
 }
 INEXACT = {"phimoe": "sparsemixer", "zaya": "skip class", "doge": "product-key"}
 # families that AutoModelForCausalLM does not map (so `verify --forward` cannot load them either)
@@ -165,6 +172,10 @@ STACK_REFUSED = {"deepseek_v2": "first_k_dense_replace", "glm4_moe": "first_k_de
 # zaya's layer 0 has no router_states_scale (every later layer has one): no 2x map keeps layer 0 alone at 0
 INTERPOSE_REFUSED = {"qwen4_exp_text": "ple_layer_ids", "zaya": "router_states_scale",
                      "jamba": "expert_layer_period"}
+# attention-residual queries: layer-indexed tensors outside the layers (layer 0 has none), refused for every map
+DEPTH_REFUSED = {"inkling2_text": "n_layers_per_attn_res_block"}
+STACK_REFUSED.update(DEPTH_REFUSED)
+INTERPOSE_REFUSED.update(DEPTH_REFUSED)
 EXPERT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts")
 GROUP_KEYS = ("n_group", "num_expert_group", "topk_group")
@@ -796,3 +807,69 @@ def test_dots3_note_per_layer_config(method, keys, family_source, tmp_path):
     assert code == 0, err
     new = read_config(tmp_path / "out")["per_layer_config"]
     assert sorted(new, key=int) == keys and all(v == read_config(src)["per_layer_config"]["1"] for v in new.values())
+
+
+def test_jetmoe_attention_experts_widen_with_the_heads(family_source, tmp_path):
+    """Both expert sets (MLP and attention) duplicate; num_attention_heads follows top-k (kv heads x top-k)."""
+    from safetensors.torch import load_file
+
+    src = family_source("jetmoe")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    assert (read_config(src)["num_attention_heads"], read_config(out)["num_attention_heads"]) == (4, 8)
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for rel in ("mlp.input_linear.weight", "mlp.output_linear.weight", "mlp.router.layer.weight",
+                "self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight",
+                "self_attention.experts.router.layer.weight"):
+        name = f"model.layers.1.{rel}"
+        assert torch.equal(after[name], torch.cat([before[name]] * 2)), name
+    for rel in ("mlp.bias", "self_attention.experts.bias"):  # per output, not per expert
+        assert torch.equal(after[f"model.layers.1.{rel}"], before[f"model.layers.1.{rel}"]), rel
+    keep = tmp_path / "keep"
+    assert run("grow-width", src, keep, "--experts", "2x", "--top-k", "keep", "--quiet")[0] == 0
+    assert read_config(keep)["num_attention_heads"] == 4
+    logits(keep)
+
+
+def test_inkling2_text_depth_refused(family_source, tmp_path):
+    """Any depth map (interposition, stacking, explicit, depth + width) is refused; inspect says why."""
+    src = family_source("inkling2_text")
+    for args in (("grow-depth", "--layer-map", "0,1,1,2,2"), ("grow", "--layers", "2x", "--experts", "2x")):
+        code, stdout, err = run(args[0], src, tmp_path / "out", *args[1:])
+        assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
+        assert "n_layers_per_attn_res_block" in err and "not supported" in err, err
+        assert not (tmp_path / "out").exists()
+    code, stdout, err = run("inspect", src, "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["layer_prefix"] == "model.llm.layers." and info["moe_layers"] == [0, 1, 2]
+    assert "attn_res" in info["depth_refused"] and info["width_refused"] is None
+    assert "depth growth refused" in run("inspect", src)[1]
+
+
+def test_inkling2_mxfp8_scales_travel_with_their_experts(family_source, ckpt_copy):
+    """An MXFP8-style inkling2_text release: float8 w13/w2 weights with uint8 *_weight_scale, expert axis first."""
+    from safetensors.torch import load_file
+
+    src = ckpt_copy(family_source("inkling2_text"))
+
+    def mxfp8(name, t):
+        if not name.endswith(("experts.w13_weight", "experts.w2_weight")):
+            return {name: t}
+        blocks = t.shape[0] * t.shape[1] * -(-t.shape[2] // 32)  # one scale per 32 inputs
+        scale = (torch.arange(blocks) % 256).to(torch.uint8).reshape(*t.shape[:2], -1)
+        return {name: t.to(torch.float8_e4m3fn), f"{name}_scale": scale}
+
+    before = _requantise(src, mxfp8)
+    out = src.parent / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    after = load_file(out / "model.safetensors")
+    quantised = [n for n in before if ".experts.w" in n]
+    assert len(quantised) == 3 * 4
+    for name in quantised:
+        assert torch.equal(after[name].view(torch.uint8), torch.cat([before[name].view(torch.uint8)] * 2)), name
+    assert run("verify", src, out)[0] == 0
+    code, _, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
+    assert code == 2 and "quantis" in err and len(err.strip().splitlines()) == 1, err
