@@ -174,7 +174,7 @@ def test_width_2x_exact_vision_untouched(case, source, tmp_path, record_property
         assert t_new[name].numpy().tobytes() == t.numpy().tobytes(), name
     if case == "dots3_note":  # the vision tower's own experts are not the decoder's: not widened
         assert any(n.startswith("vision_encoder.") and ".mlp.experts." in n for n in kept)
-    # verify --forward loads the language model alone (AutoModelForCausalLM maps the wrapper to it)
+    # verify --forward: AutoModelForCausalLM's class for the wrapper, else (aria, minimax_m3_vl) the image-text one
     code, _, err = run("verify", src, out, "--forward", "--atol", "1e-5")
     assert code == 0, err
 
