@@ -279,7 +279,13 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
         out.print(f"  width growth refused: {info['width_refused']}", markup=False)
     if info["depth_refused"]:
         out.print(f"  depth growth refused: {info['depth_refused']}", markup=False)
-    out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
+    if info["text_config"]:
+        out.print(f"  params (text decoder): {info['text_total_params']:,} total, "
+                  f"{info['text_active_params']:,} active per token", markup=False)
+        out.print(f"  params (whole checkpoint, towers and projectors included): {info['total_params']:,} total, "
+                  f"{info['active_params']:,} active per token", markup=False)
+    else:
+        out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
     out.print(f"  dtypes: {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}")
     out.print(f"  {info['num_tensors']} tensors, {format_size(info['total_bytes'])} in {len(info['files'])} file(s)")
 

@@ -12,6 +12,16 @@ from .plan import param_counts
 from .source import Source
 
 
+def in_text_decoder(name: str, layer_prefix: str) -> bool:
+    """Whether a tensor belongs to a multimodal checkpoint's language model: its layers and what sits
+    beside them (embeddings, final norm) and its lm_head (at the top, or beside the decoder's ``model.``)."""
+    base = layer_prefix.removesuffix("layers.")  # language_model.model. / model.language_model. / model.
+    heads = ["lm_head."]
+    if base.endswith(".model."):
+        heads.append(base.removesuffix("model.") + "lm_head.")  # language_model.lm_head.
+    return name.startswith(base) or name.startswith(tuple(heads))
+
+
 def describe(source: Source) -> dict[str, Any]:
     """A JSON-ready description: layers, MoE layout, routing, parameter counts, files, bytes."""
     config = source.config
@@ -21,6 +31,10 @@ def describe(source: Source) -> dict[str, Any]:
     check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")
     top_k = layout.top_k(config)
     total, active = param_counts(shapes, anatomy, layout, top_k)
+    text_total, text_active = total, active
+    if layout.wrapper is not None:  # the vision / audio towers and projectors left out
+        text_shapes = {n: s for n, s in shapes.items() if in_text_decoder(n, layout.layer_prefix)}
+        text_total, text_active = param_counts(text_shapes, anatomy, layout, top_k)
     text = layout.text(config)  # a multimodal config: its text decoder's
     if layout.shared_experts_keys and any(lookup(text, k) is not None for k in layout.shared_experts_keys):
         shared = int(lookup(text, layout.config_key(text, layout.shared_experts_keys, "shared experts")))
@@ -53,6 +67,9 @@ def describe(source: Source) -> dict[str, Any]:
         "depth_refused": layout.depth_refused or None,
         "total_params": total,
         "active_params": active,
+        # the text decoder's alone (equal to the above unless multimodal)
+        "text_total_params": text_total,
+        "text_active_params": text_active,
         "dtypes": dict(sorted(dtypes.items())),
         "num_tensors": len(source.tensors),
         "total_bytes": source.total_bytes,

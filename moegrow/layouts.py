@@ -144,6 +144,9 @@ class Wrapper:
     model_types: tuple[str, ...]
     text_config_key: str
     layer_prefix: str
+    # Layout fields (name, value) where the wrapper's checkpoints name the decoder's MoE tensors differently
+    # from the text family's own checkpoints (minimax_m3_vl saves the published per-expert names)
+    layout_overrides: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1293,6 +1296,21 @@ LAYOUTS: tuple[Layout, ...] = (
 WRAPPERS: tuple[Wrapper, ...] = (
     Wrapper(("llama4",), "text_config", "language_model.model.layers."),
     Wrapper(("qwen3_5_moe",), "text_config", "model.language_model.layers."),
+    Wrapper(("aria",), "text_config", "language_model.model.layers."),
+    # MiniMaxM3SparseForConditionalGeneration saves the Hub names (block_sparse_moe., experts per expert
+    # w1/w2/w3), which its conversion mapping fuses into the text class's mlp.experts.gate_up_proj on load
+    Wrapper(("minimax_m3_vl",), "text_config", "language_model.model.layers.", layout_overrides=(
+        ("experts_prefix", "block_sparse_moe.experts."),
+        ("fused_experts", ()),
+        ("shared_prefix", "block_sparse_moe.shared_experts."),
+        ("router_weights", ("block_sparse_moe.gate.weight",)),
+        ("router_biases", ("block_sparse_moe.e_score_correction_bias",)),
+        ("buffers", ("block_sparse_moe.e_score_correction_bias",)),
+    )),
+    Wrapper(("gemma4",), "text_config", "model.language_model.layers."),
+    Wrapper(("qwen4_exp",), "text_config", "model.language_model.layers."),
+    # save_pretrained writes the published layout: the decoder at the top (model.layers.), the towers beside it
+    Wrapper(("dots3_note",), "text_config", "model.layers."),
 )
 
 _BY_TYPE: dict[str, Layout] = {t: lay for lay in LAYOUTS for t in lay.model_types}
@@ -1324,7 +1342,7 @@ def layout_for(config: Mapping[str, Any], where: str = "config.json") -> Layout:
             raise UnsupportedModelError(
                 f"{where}: {wrapper.text_config_key}.model_type {text_type!r} (the text decoder of "
                 f"{model_type!r}) is not a supported MoE family (supported: {', '.join(supported_model_types())})")
-        return replace(layout, layer_prefix=wrapper.layer_prefix, wrapper=wrapper)
+        return replace(layout, layer_prefix=wrapper.layer_prefix, wrapper=wrapper, **dict(wrapper.layout_overrides))
     layout = _BY_TYPE.get(model_type)
     if layout is None:
         raise UnsupportedModelError(

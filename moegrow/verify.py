@@ -250,7 +250,12 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) ->
     transformers.utils.logging.disable_progress_bar()
     logits = []
     for path in (source, output):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        config = transformers.AutoConfig.from_pretrained(path)
+        # multimodal wrappers that AutoModelForCausalLM does not map (aria, minimax_m3_vl) run text-only
+        # input_ids through their image-text-to-text class
+        auto = (transformers.AutoModelForCausalLM if type(config) in transformers.AutoModelForCausalLM._model_mapping
+                else transformers.AutoModelForImageTextToText)
+        model = auto.from_pretrained(path, dtype=torch.float32)
         model.eval()
         vocab = model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(seed))

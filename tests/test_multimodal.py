@@ -14,7 +14,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from .conftest import TOKENS, run, save
+from moegrow.layouts import layout_for
+
+from .conftest import COMMON, TOKENS, run, save
+from .test_families import FAMILY_CONFIGS
 
 LLAMA4_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=8, intermediate_size_mlp=24, num_hidden_layers=3,
                    num_attention_heads=2, num_key_value_heads=2, head_dim=8, num_local_experts=4,
@@ -31,6 +34,26 @@ QWEN35_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidd
 QWEN35_VISION = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=16, patch_size=4,
                      num_position_embeddings=16)
 
+ARIA_VISION = dict(model_type="idefics3_vision", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=16, patch_size=8)
+MINIMAX_M3_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=16, patch_size=4)
+GEMMA4_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64)
+QWEN4_EXP_VISION = QWEN35_VISION
+# dots3_note's vision tower has MoE blocks of its own (vision_encoder.blocks.N.mlp.experts): they must stay untouched
+DOTS3_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                    adapter_in_dim=16, adapter_out_dim=16, mlp_layer_types=["dense", "sparse"],
+                    moe_intermediate_size=8, num_local_experts=2, num_experts_per_tok=1)
+DOTS3_AUDIO = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                   adapter_input_size=16, adapter_out_dim=16, downsample_hidden_size=8, feature_size=16)
+
+
+def text_of(family: str, **overrides) -> dict:
+    """The text decoder's config: the family's tiny config from test_families (4 experts where it had 8)."""
+    return {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+
+
 # wrapper model_type: (config class, model class, text config, vision config, decoder layer prefix, text family,
 #                      MoE layers of the 3-layer source)
 CASES = {
@@ -38,17 +61,35 @@ CASES = {
                "language_model.model.layers.", "llama4_text", [1]),
     "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", QWEN35_TEXT, QWEN35_VISION,
                     "model.language_model.layers.", "qwen3_5_moe_text", [0, 1, 2]),
+    "aria": ("AriaConfig", "AriaForConditionalGeneration", text_of("aria_text"), ARIA_VISION,
+             "language_model.model.layers.", "aria_text", [0, 1, 2]),
+    "minimax_m3_vl": ("MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGeneration", text_of("minimax_m3_vl_text"),
+                      MINIMAX_M3_VISION, "language_model.model.layers.", "minimax_m3_vl_text", [1, 2]),
+    "gemma4": ("Gemma4Config", "Gemma4ForConditionalGeneration", text_of("gemma4_text"), GEMMA4_VISION,
+               "model.language_model.layers.", "gemma4_text", [0, 1, 2]),
+    # no PLE layers here (ple_layer_ids refuses every 2x depth map, tested below)
+    "qwen4_exp": ("Qwen4ExpConfig", "Qwen4ExpForConditionalGeneration", text_of("qwen4_exp_text", ple_layer_ids=[]),
+                  QWEN4_EXP_VISION, "model.language_model.layers.", "qwen4_exp_text", [0, 1, 2]),
+    "dots3_note": ("Dots3NoteConfig", "Dots3NoteForConditionalGeneration",
+                   text_of("dots3_note_text", n_routed_experts=4, n_group=2, topk_group=1), DOTS3_VISION,
+                   "model.layers.", "dots3_note_text", [1, 2]),
 }
+# other config kwargs a tiny multimodal config needs
+EXTRA = {"minimax_m3_vl": dict(projector_hidden_size=16), "dots3_note": dict(audio_config=DOTS3_AUDIO)}
 
 
-def build(case: str):
+def build(case: str, **text_overrides):
     config_cls, model_cls, text, vision, *_ = CASES[case]
-    config = getattr(transformers, config_cls)(text_config=text, vision_config=vision)
+    config = getattr(transformers, config_cls)(text_config={**text, **text_overrides}, vision_config=vision,
+                                               **EXTRA.get(case, {}))
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.5 if "router" in name or "gate" in name else 0.2)
+        for name, b in model.named_buffers():
+            if "correction_bias" in name:
+                b.uniform_(-0.3, 0.3)
     return model.eval()
 
 
@@ -92,8 +133,21 @@ def test_inspect_describes_the_text_decoder(case, source):
     assert (info["model_type"], info["family"], info["text_config"]) == (case, family, "text_config")
     assert info["layer_prefix"] == prefix
     assert info["num_layers"] == 3 and info["moe_layers"] == moe and info["num_experts"] == 4
+    # parameter counts: the whole checkpoint's, and the language model's alone (decoder + lm_head)
+    model = build(case)
+    lm = {id(p): p for p in [*model.get_decoder().parameters(), *model.get_output_embeddings().parameters()]}
+    # saved buffers count too (gemma4's layer_scalar, dots3_note's vision router bias), the decoder's router
+    # correction biases do not
+    saved = model.state_dict()
+    buffers = {n: b.numel() for n, b in model.named_buffers()
+               if n in saved and not ("language_model" in n and "correction_bias" in n)}
+    assert info["total_params"] == model.num_parameters() + sum(buffers.values())
+    text_buffers = sum(k for n, k in buffers.items() if "language_model" in n)
+    assert info["text_total_params"] == sum(p.numel() for p in lm.values()) + text_buffers < info["total_params"]
+    assert info["active_params"] - info["text_active_params"] == info["total_params"] - info["text_total_params"]
     code, stdout, err = run("inspect", source(case))
     assert code == 0 and "multimodal: text decoder" in stdout, err
+    assert f"params (text decoder): {info['text_total_params']:,} total" in stdout
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -109,16 +163,18 @@ def test_width_2x_exact_vision_untouched(case, source, tmp_path, record_property
     record_property("max_logit_diff", diff)
     assert diff <= 1e-5, diff
     old, new = read_config(src), read_config(out)
-    ekey = "num_local_experts" if "num_local_experts" in old["text_config"] else "num_experts"
-    assert new["text_config"][ekey] == 8
-    assert new["text_config"]["num_experts_per_tok"] == 2 * old["text_config"]["num_experts_per_tok"]
+    layout = layout_for(old)
+    assert (layout.name, layout.num_experts(new)) == (family, 8)
+    assert layout.top_k(new) == 2 * layout.top_k(old)
     assert {k: v for k, v in new.items() if k != "text_config"} == {k: v for k, v in old.items() if k != "text_config"}
     t_old, t_new = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     kept = outside_decoder(t_old, prefix)
     assert any("vision" in n or "visual" in n for n in kept) and outside_decoder(t_new, prefix).keys() == kept.keys()
     for name, t in kept.items():
         assert t_new[name].numpy().tobytes() == t.numpy().tobytes(), name
-    # verify --forward loads the language model alone (AutoModelForCausalLM maps the wrapper to it)
+    if case == "dots3_note":  # the vision tower's own experts are not the decoder's: not widened
+        assert any(n.startswith("vision_encoder.") and ".mlp.experts." in n for n in kept)
+    # verify --forward: AutoModelForCausalLM's class for the wrapper, else (aria, minimax_m3_vl) the image-text one
     code, _, err = run("verify", src, out, "--forward", "--atol", "1e-5")
     assert code == 0, err
 
@@ -137,7 +193,9 @@ def test_depth_2x_loads_and_runs(case, method, source, tmp_path):
     assert any(c.startswith("text_config.num_hidden_layers: 3 -> 6") for c in summary["config_changes"])
     old, new = read_config(src)["text_config"], read_config(out)["text_config"]
     assert new["num_hidden_layers"] == 6
-    assert new["layer_types"] == [old["layer_types"][m] for m in layer_map]
+    for key in ("layer_types", "mlp_layer_types"):
+        if old.get(key) is not None:
+            assert new[key] == [old[key][m] for m in layer_map], key
     if "moe_layers" in old:
         assert new["moe_layers"] == [j for j, m in enumerate(layer_map) if m in moe]
     assert mm_logits(out, case).isfinite().all()  # loads clean and runs
@@ -154,3 +212,21 @@ def test_unsupported_text_decoder_is_refused(source, ckpt_copy, tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x")
     assert code == 2 and "text_config.model_type 'llama'" in err and len(err.strip().splitlines()) == 1, err
+
+
+# per-layer inputs held outside the decoder layers: no layer copy can follow them, so depth is refused
+DEPTH_REFUSED = {
+    "gemma4": (dict(hidden_size_per_layer_input=4, vocab_size_per_layer_input=64), "hidden_size_per_layer_input"),
+    "qwen4_exp": (dict(ple_layer_ids=[1, 3]), "ple_layer_ids"),
+}
+
+
+@pytest.mark.parametrize("method", ["interpose", "stack"])
+@pytest.mark.parametrize("case", sorted(DEPTH_REFUSED))
+def test_depth_refused_with_per_layer_inputs(case, method, tmp_path):
+    overrides, reason = DEPTH_REFUSED[case]
+    src = save(build(case, **overrides), tmp_path / "src")
+    out = tmp_path / "out"
+    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", method)
+    assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
