@@ -18,6 +18,9 @@ import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
+# Tiny models gain nothing from intra-op threads, and pytest-xdist already runs one worker per core:
+# more threads per worker only oversubscribe the CPU.
+torch.set_num_threads(1)
 
 COMMON = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
