@@ -197,9 +197,18 @@ class Layout:
     depth_refused_keys: tuple[tuple[str, str], ...] = ()
     # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
     moe_period_key: str = ""
+    # multi-token-prediction weights stored outside the decoder under this prefix (Hub qwen3_next: `mtp.`),
+    # which transformers ignores on load: its layers (`{mtp_prefix}layers.N.`) are widened like decoder
+    # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
+    mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
+
+    @property
+    def mtp_layer_prefix(self) -> str:
+        """Where the MTP layers under `mtp_prefix` sit (`mtp.layers.`); empty without one."""
+        return f"{self.mtp_prefix}layers." if self.mtp_prefix else ""
 
     # -- config access -------------------------------------------------------------------------
 
@@ -299,8 +308,10 @@ _ROUTED = ("n_routed_experts", "num_local_experts", "num_experts")
 _MOE_TYPES = DepthKey("mlp_layer_types", "moe_types")
 _NUM_DENSE = DepthKey("num_dense_layers", "prefix_count")
 _SIGMOID_BIAS = "sigmoid scores; top-k of score + expert bias; normalised"
-_MTP_OUTSIDE = ("Hub checkpoints' MTP tensors (mtp.*) lie outside the decoder layers: they are copied "
-                "unchanged, not widened nor renumbered; transformers ignores them on load")
+_MTP_OUTSIDE = ("Hub checkpoints' MTP tensors (mtp.*) lie outside the decoder layers, and transformers ignores "
+                "them on load (its _keys_to_ignore_on_load_unexpected): width growth widens the MTP layers "
+                "(mtp.layers.N) as decoder layers; depth growth copies them unchanged (not interposed, nor "
+                "renumbered: they are not decoder layers); parameter counts leave them out")
 _RAW_SIGMOID = ("unnormalised sigmoid weights do not halve, so a selected pair (original and copy) would "
                 "weigh twice, and no config key can absorb the factor")
 _HALVED_WHEN_RAW = ("width growth with unnormalised weights (norm_topk_prob false) halves every expert's "
@@ -841,6 +852,7 @@ LAYOUTS: tuple[Layout, ...] = (
         routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert",
         moe_rule="sparse_step",
         depth_keys=_QWEN_DEPTH,
+        mtp_prefix="mtp.",
         notes=(_MTP_OUTSIDE,),
     ),
     Layout(
@@ -853,6 +865,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_expert.",
         routing="softmax over all experts, top-k, renormalised; plus a sigmoid-gated shared expert",
         depth_keys=(_COUNT, _LAYER_TYPES),
+        mtp_prefix="mtp.",
         notes=(_MTP_OUTSIDE,),
     ),
     Layout(
@@ -877,7 +890,8 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=("one block per layer (mamba, attention, MoE or MLP) under mixer.; the layer count is the "
                "length of layers_block_type (or hybrid_override_pattern); num_hidden_layers, when "
                "present, is rewritten too",
-               "Hub checkpoints' MTP tensors (mtp.*) are copied unchanged, not widened",),
+               _MTP_OUTSIDE,),
+        mtp_prefix="mtp.",
     ),
     Layout(
         name="qwen4_exp_text",
@@ -889,6 +903,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_expert.",
         routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert (with hyper-connections)",
         depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("ple_layer_ids", "ranked_index_list_1based")),
+        mtp_prefix="mtp.",
         notes=(_MTP_OUTSIDE,
                "a PLE layer's n-gram table sizes and hashing derive from its rank in ple_layer_ids: depth "
                "maps that copy a PLE layer to another rank (any 2x map) are refused",),
