@@ -134,8 +134,9 @@ def test_width_widens_mtp_experts_and_router(family, mtp_source, tmp_path, recor
     diff = (family_logits(src, family) - family_logits(out, family)).abs().max().item()
     record_property("max_logit_diff", diff)
     assert diff <= 1e-5, diff
-    code, _, err = run("verify", src, out)
+    code, stdout, err = run("verify", src, out, "--forward", "--atol", "1e-5", "--json")
     assert code == 0, err
+    record_property("verify_forward", json.loads(stdout)["forward"])
 
 
 def _tamper(folder, name: str) -> None:
