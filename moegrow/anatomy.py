@@ -3,6 +3,11 @@
 Roles: ``global`` (outside the decoder layers), ``layer`` (a layer's non-MoE tensor),
 ``expert`` (one expert's tensor, per-expert on disk), ``fused`` (all experts, expert axis 0),
 ``router`` (router weight, one row per expert), ``router_bias`` (one entry per expert).
+
+Multi-token-prediction (MTP) weights stored under a separate prefix (``Layout.mtp_prefix``, e.g.
+``mtp.``) are marked ``mtp``; the MTP layers under it (``mtp.layers.N.``) are classified relative to
+that prefix exactly as decoder layers are (so width growth widens their experts and routers), while
+their layer indices count MTP layers, not decoder layers.
 """
 
 from __future__ import annotations
@@ -21,35 +26,37 @@ class Role:
     layer: int | None = None
     expert: int | None = None
     rel: str = ""  # name relative to the layer prefix (for per-expert: after the expert index)
+    prefix: str = ""  # the layer prefix the layer was found under ("" for global tensors)
+    mtp: bool = False  # under the layout's mtp_prefix: an MTP weight, outside the decoder (not loaded)
 
 
 def classify(name: str, layout: Layout) -> Role:
-    if not name.startswith(layout.layer_prefix):
-        return Role("global", rel=name)
-    rest = name[len(layout.layer_prefix):]
+    mtp = bool(layout.mtp_prefix) and name.startswith(layout.mtp_prefix)
+    prefix = layout.mtp_layer_prefix if mtp else layout.layer_prefix
+    if not name.startswith(prefix):
+        return Role("global", rel=name, mtp=mtp)
+    rest = name[len(prefix):]
     idx, dot, rel = rest.partition(".")
     if not (dot and idx.isdigit()):
-        return Role("global", rel=name)
+        return Role("global", rel=name, mtp=mtp)
     layer = int(idx)
     if rel.startswith(layout.experts_prefix):
         e, dot2, tail = rel[len(layout.experts_prefix):].partition(".")
         if dot2 and e.isdigit():
-            return Role("expert", layer, int(e), tail)
-    if rel in layout.fused_experts:
-        return Role("fused", layer, rel=rel)
-    if rel in layout.router_weights:
-        return Role("router", layer, rel=rel)
-    if rel in layout.router_biases:
-        return Role("router_bias", layer, rel=rel)
-    return Role("layer", layer, rel=rel)
+            return Role("expert", layer, int(e), tail, prefix, mtp)
+    kind = ("fused" if rel in layout.fused_experts else "router" if rel in layout.router_weights
+            else "router_bias" if rel in layout.router_biases else "layer")
+    return Role(kind, layer, rel=rel, prefix=prefix, mtp=mtp)
 
 
-def layer_name(layout: Layout, layer: int, rel: str) -> str:
-    return f"{layout.layer_prefix}{layer}.{rel}"
+def layer_name(layout: Layout, layer: int, rel: str, prefix: str = "") -> str:
+    """A layer tensor's name; `prefix` (a Role's) defaults to the decoder layers'."""
+    return f"{prefix or layout.layer_prefix}{layer}.{rel}"
 
 
-def expert_name(layout: Layout, layer: int, expert: int, tail: str) -> str:
-    return f"{layout.layer_prefix}{layer}.{layout.experts_prefix}{expert}.{tail}"
+def expert_name(layout: Layout, layer: int, expert: int, tail: str, prefix: str = "") -> str:
+    """An expert tensor's name; `prefix` (a Role's) defaults to the decoder layers'."""
+    return f"{prefix or layout.layer_prefix}{layer}.{layout.experts_prefix}{expert}.{tail}"
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,12 @@ class Anatomy:
 
     roles: dict[str, Role]
     num_layers: int               # decoder layers per config
-    layer_ids: tuple[int, ...]    # every layer index with tensors (MTP layers included)
+    layer_ids: tuple[int, ...]    # every decoder-prefix layer index with tensors (model.layers.{L} MTP included)
     moe_layers: tuple[int, ...]
     num_experts: int
+    # MTP layers under the layout's mtp_prefix (indices count MTP layers), and those with experts
+    mtp_layers: tuple[int, ...] = ()
+    mtp_moe_layers: tuple[int, ...] = ()
 
     @property
     def extra_layers(self) -> tuple[int, ...]:
@@ -160,13 +170,14 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
     roles = {name: classify(name, layout) for name in shapes}
     num_layers = layout.num_layers(config)
     num_experts = layout.num_experts(config)
-    layer_ids = sorted({r.layer for r in roles.values() if r.layer is not None})
+    layer_ids = sorted({r.layer for r in roles.values() if r.layer is not None and not r.mtp})
+    mtp_layers = sorted({r.layer for r in roles.values() if r.layer is not None and r.mtp})
     segments = layout.segment_counts(config)  # [routed, *extra slots (zero / shared experts)]
     slots = sum(segments)
-    experts_in: dict[int, set[int]] = {}
+    experts_in: dict[tuple[bool, int], set[int]] = {}  # keyed by (mtp, layer)
     for name, r in roles.items():
         if r.kind == "expert":
-            experts_in.setdefault(r.layer, set()).add(r.expert)  # type: ignore[arg-type]
+            experts_in.setdefault((r.mtp, r.layer), set()).add(r.expert)  # type: ignore[arg-type]
         elif r.kind in ("fused", "router", "router_bias"):
             n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where)
             rows = layout.rows_per_expert(config, r.rel)
@@ -181,13 +192,14 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
                     raise ConfigError(f"{where}: says {key}={segments[segment]} but {name} has {n} rows")
                 continue
             if r.kind == "fused":
-                experts_in.setdefault(r.layer, set()).update(range(n))  # type: ignore[arg-type]
+                experts_in.setdefault((r.mtp, r.layer), set()).update(range(n))  # type: ignore[arg-type]
             if n != num_experts and n != slots:
                 extra = f" (or {slots} with {', '.join(layout.expert_segments)})" if slots != num_experts else ""
                 raise ConfigError(f"{where}: says {num_experts} experts{extra} but {name} has {n} rows")
-    for layer, found in sorted(experts_in.items()):
+    for (mtp, layer), found in sorted(experts_in.items()):
         if found != set(range(num_experts)) and found != set(range(slots)):
-            raise ConfigError(f"{where}: says {num_experts} experts but layer {layer} has "
+            label = f"{layout.mtp_layer_prefix}{layer}" if mtp else f"layer {layer}"
+            raise ConfigError(f"{where}: says {num_experts} experts but {label} has "
                               f"{len(found)} (indices {min(found)}..{max(found)})")
     decoder = [i for i in layer_ids if i < num_layers]
     if len(decoder) != num_layers:  # decoder is sorted, unique and below num_layers
@@ -203,4 +215,6 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
         raise ConfigError(f"{where}: no expert tensors found (expected names like "
                           f"{layout.layer_prefix}N.{layout.experts_prefix}E.*): not a "
                           f"{layout.name} MoE checkpoint")
-    return Anatomy(roles, num_layers, tuple(layer_ids), tuple(sorted(experts_in)), num_experts)
+    moe_layers = tuple(sorted(layer for mtp, layer in experts_in if not mtp))
+    mtp_moe = tuple(sorted(layer for mtp, layer in experts_in if mtp))
+    return Anatomy(roles, num_layers, tuple(layer_ids), moe_layers, num_experts, tuple(mtp_layers), mtp_moe)

@@ -269,6 +269,12 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
     out.print(f"  layers: {info['num_layers']} ({len(info['moe_layers'])} MoE, {len(dense)} dense"
               + (f": {dense}" if dense else "") + ")"
               + (f", extra (MTP) layers {extra}" if extra else ""), markup=False)
+    if info["mtp_tensors"]:
+        mtp = [f"{info['mtp_prefix']}{i}" + (" (MoE)" if i in info["mtp_moe_layers"] else "")
+               for i in info["mtp_layers"]]
+        out.print(f"  MTP: {info['mtp_tensors']} tensors outside the decoder"
+                  + (f", layers {', '.join(mtp)}" if mtp else "")
+                  + " (ignored by transformers; not counted below; widened with the decoder)", markup=False)
     out.print(f"  experts: {info['num_experts']} routed, top-{info['top_k']}, "
               f"{info['num_shared_experts']} shared"
               + "".join(f", {n} extra router slots ({k})" for k, n in info["expert_segments"].items() if n))

@@ -55,6 +55,11 @@ def describe(source: Source) -> dict[str, Any]:
         "moe_layers": [i for i in anatomy.moe_layers if i < anatomy.num_layers],
         "dense_layers": [i for i in range(anatomy.num_layers) if i not in anatomy.moe_layers],
         "extra_layers": list(anatomy.extra_layers),
+        # MTP layers under their own prefix (mtp.layers.N), outside the decoder; those with experts are widened
+        "mtp_prefix": layout.mtp_layer_prefix or None,
+        "mtp_layers": list(anatomy.mtp_layers),
+        "mtp_moe_layers": list(anatomy.mtp_moe_layers),
+        "mtp_tensors": sum(r.mtp for r in anatomy.roles.values()),
         "num_experts": anatomy.num_experts,
         "top_k": top_k,
         "num_shared_experts": shared,

@@ -213,9 +213,18 @@ class Layout:
     # integer tables of expert indices, top-k wide in their last dim (deepseek_v4's hash routing
     # `tid2eid`): widened to cat(t, t + E, ...) so that each token picks every copy of its experts
     expert_tables: tuple[str, ...] = ()
+    # multi-token-prediction weights stored outside the decoder under this prefix (Hub qwen3_next: `mtp.`),
+    # which transformers ignores on load: its layers (`{mtp_prefix}layers.N.`) are widened like decoder
+    # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
+    mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
+
+    @property
+    def mtp_layer_prefix(self) -> str:
+        """Where the MTP layers under `mtp_prefix` sit (`mtp.layers.`); empty without one."""
+        return f"{self.mtp_prefix}layers." if self.mtp_prefix else ""
 
     # -- config access -------------------------------------------------------------------------
 
@@ -332,8 +341,10 @@ _ROUTED = ("n_routed_experts", "num_local_experts", "num_experts")
 _MOE_TYPES = DepthKey("mlp_layer_types", "moe_types")
 _NUM_DENSE = DepthKey("num_dense_layers", "prefix_count")
 _SIGMOID_BIAS = "sigmoid scores; top-k of score + expert bias; normalised"
-_MTP_OUTSIDE = ("Hub checkpoints' MTP tensors (mtp.*) lie outside the decoder layers: they are copied "
-                "unchanged, not widened nor renumbered; transformers ignores them on load")
+_MTP_OUTSIDE = ("Hub checkpoints' MTP tensors (mtp.*) lie outside the decoder layers, and transformers ignores "
+                "them on load (its _keys_to_ignore_on_load_unexpected): width growth widens the MTP layers "
+                "(mtp.layers.N) as decoder layers; depth growth copies them unchanged (not interposed, nor "
+                "renumbered: they are not decoder layers); parameter counts leave them out")
 _RAW_SIGMOID = ("unnormalised sigmoid weights do not halve, so a selected pair (original and copy) would "
                 "weigh twice, and no config key can absorb the factor")
 _HALVED_WHEN_RAW = ("width growth with unnormalised weights (norm_topk_prob false) halves every expert's "
@@ -917,6 +928,7 @@ LAYOUTS: tuple[Layout, ...] = (
         routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert",
         moe_rule="sparse_step",
         depth_keys=_QWEN_DEPTH,
+        mtp_prefix="mtp.",
         notes=(_MTP_OUTSIDE,),
     ),
     Layout(
@@ -929,6 +941,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_expert.",
         routing="softmax over all experts, top-k, renormalised; plus a sigmoid-gated shared expert",
         depth_keys=(_COUNT, _LAYER_TYPES),
+        mtp_prefix="mtp.",
         notes=(_MTP_OUTSIDE,),
     ),
     Layout(
@@ -953,7 +966,8 @@ LAYOUTS: tuple[Layout, ...] = (
         notes=("one block per layer (mamba, attention, MoE or MLP) under mixer.; the layer count is the "
                "length of layers_block_type (or hybrid_override_pattern); num_hidden_layers, when "
                "present, is rewritten too",
-               "Hub checkpoints' MTP tensors (mtp.*) are copied unchanged, not widened",),
+               _MTP_OUTSIDE,),
+        mtp_prefix="mtp.",
     ),
     Layout(
         name="qwen4_exp_text",
@@ -965,6 +979,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_expert.",
         routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert (with hyper-connections)",
         depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("ple_layer_ids", "ranked_index_list_1based")),
+        mtp_prefix="mtp.",
         notes=(_MTP_OUTSIDE,
                "a PLE layer's n-gram table sizes and hashing derive from its rank in ple_layer_ids: depth "
                "maps that copy a PLE layer to another rank (any 2x map) are refused",),
@@ -1073,6 +1088,7 @@ LAYOUTS: tuple[Layout, ...] = (
         name="longcat_flash",
         model_types=("longcat_flash",),
         layers_keys=("num_layers",),  # each layer holds two attention blocks and two dense MLPs
+        mtp_prefix="model.mtp.",  # Hub MTP block (dense MLP): kept out of depth growth and parameter counts
         experts_keys=("n_routed_experts", "num_local_experts"),
         top_k_keys=("moe_topk", "num_experts_per_tok"),
         experts_prefix="mlp.experts.",

@@ -213,7 +213,7 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     out: list[OutTensor] = []
     for name, t in tensors.items():
         role = anatomy.roles[name]
-        if role.layer is None:
+        if role.layer is None or role.mtp:  # MTP layers under their own prefix stay as they are
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
             continue
         rel = name[len(layout.layer_prefix):].partition(".")[2]
@@ -227,6 +227,11 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         plan.warnings.append(
             f"layers {list(anatomy.extra_layers)} lie after the {n_old} decoder layers (MTP); "
             f"they are renumbered to start at {n_new}, and transformers ignores them on load")
+    n_mtp = sum(r.mtp for r in anatomy.roles.values())
+    if n_mtp:
+        plan.warnings.append(
+            f"{n_mtp} MTP tensors under {layout.mtp_prefix} are copied unchanged (they are not decoder layers: "
+            f"not interposed, not renumbered); transformers ignores them on load")
     return plan
 
 
@@ -311,7 +316,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             assert role.layer is not None and role.expert is not None
             _check_noise(name, t, noise)
             for c in range(factor):
-                new = expert_name(layout, role.layer, new_index(role.expert, c), role.rel)
+                new = expert_name(layout, role.layer, new_index(role.expert, c), role.rel, role.prefix)
                 out.append(OutTensor(new, t.dtype, t.shape, (Part(name, noise if c else 0.0, scale),)))
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
@@ -390,7 +395,7 @@ def param_counts(shapes: Mapping[str, tuple[int, ...]], anatomy: Anatomy, layout
     frac = 1 - top_k / anatomy.num_experts
     for name, shape in shapes.items():
         role = anatomy.roles[name]
-        if role.layer is not None and role.layer >= anatomy.num_layers:
+        if role.mtp or (role.layer is not None and role.layer >= anatomy.num_layers):
             continue
         if role.rel in layout.buffers:
             continue
