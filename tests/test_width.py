@@ -11,11 +11,12 @@ from .conftest import FAMILIES, logits, run, weights
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_width_2x_zero_noise_preserves_logits(family, checkpoints, tmp_path):
+def test_width_2x_zero_noise_preserves_logits(family, checkpoints, tmp_path, record_property):
     src = checkpoints[family]
     code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x", "--quiet")
     assert code == 0, err
     diff = (logits(src) - logits(tmp_path / "out")).abs().max().item()
+    record_property("max_logit_diff", diff)
     assert diff <= 1e-5, diff
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     src_config = json.loads((src / "config.json").read_text())
