@@ -509,16 +509,32 @@ def test_ernie_correction_bias_halved_along_expert_axis_1(family_source, tmp_pat
     assert (config["moe_layer_start_index"], config["moe_layer_end_index"]) == (1, 2)
 
 
+def _grown(src, out, *flags: str) -> tuple[dict, dict]:
+    """Width 2x of src into out; (source tensors, grown tensors)."""
+    from safetensors.torch import load_file
+
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet", *flags)
+    assert code == 0, err
+    return load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+
+
+def _verify_passes_then_catches(src, out, after: dict, name: str, edit) -> None:
+    """verify passes on out, then fails naming `name` once `edit(after[name])` is saved over it."""
+    from safetensors.torch import save_file
+
+    code, _, err = run("verify", src, out)
+    assert code == 0, err
+    edit(after[name])
+    save_file(after, out / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run("verify", src, out)
+    assert code == 1 and name in stdout + err
+
+
 def test_longcat_router_rows_grow_segment_by_segment(family_source, tmp_path):
     """Routed rows then zero-expert rows, each followed by its copies; noised copies verify, tampering fails."""
-    from safetensors.torch import load_file, save_file
-
     src = family_source("longcat_flash")
     out = tmp_path / "out"
-    code, _, err = run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--router-noise", "0.01",
-                       "--quiet")
-    assert code == 0, err
-    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    before, after = _grown(src, out, "--noise", "0.01", "--router-noise", "0.01")
     gate, bias = "model.layers.1.mlp.router.classifier.weight", "model.layers.1.mlp.router.e_score_correction_bias"
     assert before[gate].shape[0] == 6 and after[gate].shape[0] == 12
     assert torch.equal(after[gate][:4], before[gate][:4]) and torch.equal(after[gate][8:10], before[gate][4:6])
@@ -530,24 +546,15 @@ def test_longcat_router_rows_grow_segment_by_segment(family_source, tmp_path):
     up = "model.layers.1.mlp.experts.{}.up_proj.weight"
     assert torch.equal(after[up.format(8)], before[up.format(4)])
     assert "model.layers.1.mlp.experts.8.down_proj.weight" not in after
-    code, _, err = run("verify", src, out)
-    assert code == 0, err
-    after[gate][10, 0] += 1.0  # a zero-expert copy's row
-    save_file(after, out / "model.safetensors", metadata={"format": "pt"})
-    code, stdout, err = run("verify", src, out)
-    assert code == 1 and gate in stdout + err
+    _verify_passes_then_catches(src, out, after, gate, lambda t: t[10, 0].add_(1.0))  # a zero-expert copy's row
 
 
 def test_inkling_shared_experts_grow_with_the_routed(family_source, tmp_path):
     """inkling_text's router normalises over routed + shared: both double, rows [E, E copies, S, S copies]."""
-    from safetensors.torch import load_file
-
     src = family_source("inkling_text")
     out = tmp_path / "out"
-    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
-    assert code == 0, err
+    before, after = _grown(src, out)
     assert read_config(out)["n_shared_experts"] == 2
-    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     gate = before["model.layers.1.mlp.gate.weight"]  # [4 routed + 1 shared, H]
     assert torch.equal(after["model.layers.1.mlp.gate.weight"], torch.cat([gate[:4], gate[:4], gate[4:], gate[4:]]))
     shared = "model.layers.1.mlp.shared_experts.up_proj"
@@ -556,23 +563,14 @@ def test_inkling_shared_experts_grow_with_the_routed(family_source, tmp_path):
 
 def test_deepseek_v4_hash_table_points_at_the_copies(family_source, tmp_path):
     """tid2eid [vocab, k] -> [vocab, 2k] = [t, t + E]; verify rebuilds it and catches a wrong entry."""
-    from safetensors.torch import load_file, save_file
-
     src = family_source("deepseek_v4")
     out = tmp_path / "out"
-    code, _, err = run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--quiet")
-    assert code == 0, err
+    before, after = _grown(src, out, "--noise", "0.01")
     table = "model.layers.0.ffn.gate.tid2eid"
-    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert after[table].dtype == torch.int64
     assert torch.equal(after[table], torch.cat([before[table], before[table] + 4], dim=1))
     assert "model.layers.1.ffn.gate.tid2eid" not in after  # an ordinary MoE layer
-    code, _, err = run("verify", src, out)
-    assert code == 0, err
-    after[table][5, 3] = after[table][5, 1]  # a token sent to the original twice
-    save_file(after, out / "model.safetensors", metadata={"format": "pt"})
-    code, stdout, err = run("verify", src, out)
-    assert code == 1 and table in stdout + err
+    _verify_passes_then_catches(src, out, after, table, lambda t: t[5, 3].copy_(t[5, 1]))  # the original twice
 
 
 def test_ernie_depth_rewrites_the_moe_range(family_source, tmp_path):
