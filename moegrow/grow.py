@@ -40,7 +40,7 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
              top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments."""
     where = f"{source.spec}/config.json"
-    layout = layout_for(source.config, where)
+    layout = layout_for(source.config, where, source.tensors)
     config, tensors = source.config, source.tensors
     # config against tensors before any option is read against the config
     analyse({n: t.shape for n, t in tensors.items()}, config, layout, where)

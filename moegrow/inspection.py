@@ -25,7 +25,7 @@ def in_text_decoder(name: str, layer_prefix: str) -> bool:
 def describe(source: Source) -> dict[str, Any]:
     """A JSON-ready description: layers, MoE layout, routing, parameter counts, files, bytes."""
     config = source.config
-    layout = layout_for(config, f"{source.spec}/config.json")
+    layout = layout_for(config, f"{source.spec}/config.json", source.tensors)
     shapes = {n: t.shape for n, t in source.tensors.items()}
     anatomy = analyse(shapes, config, layout, f"{source.spec}/config.json")
     check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")

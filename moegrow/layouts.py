@@ -10,7 +10,7 @@ Adding a family is adding an entry here; no other module branches on model_type.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -1155,8 +1155,8 @@ LAYOUTS: tuple[Layout, ...] = (
         depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("mlp_layer_types", "per_layer")),
         notes=("hash_moe layers' token -> expert table tid2eid [vocab, k] grows to [vocab, 2k] = "
                "[tid2eid, tid2eid + E]: each token picks both copies of its experts, each at half the weight",
-               "tensor names as save_pretrained writes them (model.layers.N.ffn...); MTP tensors (mtp.*) are "
-               "copied unchanged (transformers ignores them on load)"),
+               "Hub names (layers.N.ffn..., embed.weight) and save_pretrained names (model.layers.N...) both "
+               "work; MTP tensors (mtp.*) are copied unchanged (transformers ignores them on load)"),
     ),
     Layout(
         name="dbrx",
@@ -1341,8 +1341,31 @@ def supported_wrapper_types() -> list[str]:
     return sorted(_WRAPPER_BY_TYPE)
 
 
-def layout_for(config: Mapping[str, Any], where: str = "config.json") -> Layout:
-    """The layout of a config's model_type, or a clear refusal."""
+def layout_for(config: Mapping[str, Any], where: str = "config.json", names: Iterable[str] | None = None) -> Layout:
+    """The layout of a config's model_type, or a clear refusal; given the checkpoint's tensor
+    `names`, with the layer prefix those names use (see `as_saved`)."""
+    return as_saved(_layout_for(config, where), names)
+
+
+def as_saved(layout: Layout, names: Iterable[str] | None) -> Layout:
+    """The layout with the `model.` prefix dropped where the checkpoint's names drop it.
+
+    transformers loads a base model's tensors with or without the base-model prefix, and some Hub
+    releases omit it (DeepSeek-V4: `layers.N.ffn...`, `embed.weight`); moegrow keeps the names the
+    source uses."""
+    if names is None or not layout.layer_prefix.startswith("model."):
+        return layout
+    names = list(names)
+    if any(n.startswith(layout.layer_prefix) for n in names):
+        return layout
+    bare = layout.layer_prefix[len("model."):]
+    if not any(n.startswith(bare) for n in names):
+        return layout
+    mtp = layout.mtp_prefix[len("model."):] if layout.mtp_prefix.startswith("model.") else layout.mtp_prefix
+    return replace(layout, layer_prefix=bare, mtp_prefix=mtp)
+
+
+def _layout_for(config: Mapping[str, Any], where: str) -> Layout:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise ConfigError(f"{where}: no model_type")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -571,6 +572,34 @@ def test_deepseek_v4_hash_table_points_at_the_copies(family_source, tmp_path):
     assert torch.equal(after[table], torch.cat([before[table], before[table] + 4], dim=1))
     assert "model.layers.1.ffn.gate.tid2eid" not in after  # an ordinary MoE layer
     _verify_passes_then_catches(src, out, after, table, lambda t: t[5, 3].copy_(t[5, 1]))  # the original twice
+
+
+@pytest.mark.parametrize("command", [("grow-width", "--experts", "2x"), ("grow-depth", "--layers", "2x")])
+def test_hub_names_without_the_model_prefix(command, family_source, tmp_path):
+    """DeepSeek-V4's Hub release names tensors `layers.N...`, `embed.weight` (transformers adds `model.`
+    on load): moegrow grows them under the names the source uses."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "hub"
+    shutil.copytree(family_source("deepseek_v4"), src)
+    tensors = load_file(src / "model.safetensors")
+    hub = {k.removeprefix("model.").replace("embed_tokens.", "embed."): v for k, v in tensors.items()}
+    assert "layers.0.ffn.gate.tid2eid" in hub and "embed.weight" in hub
+    save_file(hub, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = run(command[0], src, out, *command[1:], "--quiet")
+    assert code == 0, err
+    grown = load_file(out / "model.safetensors")
+    assert not any(k.startswith("model.") for k in grown)
+    if command[0] == "grow-width":
+        assert grown["layers.0.ffn.gate.tid2eid"].shape[1] == 2 * hub["layers.0.ffn.gate.tid2eid"].shape[1]
+        assert "layers.2.ffn.experts.7.w1.weight" in grown
+        code, _, err = run("verify", src, out, "--forward", "--atol", "1e-5")
+    else:
+        assert "layers.5.ffn.experts.0.w1.weight" in grown
+        family_logits(out, "deepseek_v4")  # loads with no missing / unexpected keys
+        code, _, err = run("verify", src, out)
+    assert code == 0, err
 
 
 def test_ernie_depth_rewrites_the_moe_range(family_source, tmp_path):
