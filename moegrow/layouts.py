@@ -1327,6 +1327,8 @@ WRAPPERS: tuple[Wrapper, ...] = (
     Wrapper(("qwen4_exp",), "text_config", "model.language_model.layers."),
     # save_pretrained writes the published layout: the decoder at the top (model.layers.), the towers beside it
     Wrapper(("dots3_note",), "text_config", "model.layers."),
+    # the text model's own prefix; depth growth is refused as for inkling2_text (attention-residual queries)
+    Wrapper(("inkling2",), "text_config", "model.llm.layers."),
 )
 
 _BY_TYPE: dict[str, Layout] = {t: lay for lay in LAYOUTS for t in lay.model_types}

@@ -48,6 +48,9 @@ DOTS3_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, n
 DOTS3_AUDIO = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                    adapter_input_size=16, adapter_out_dim=16, downsample_hidden_size=8, feature_size=16)
 
+INKLING2_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                       projection_hidden_dim=16, posemb_grid_size=4, text_hidden_size=16)
+
 
 def text_of(family: str, **overrides) -> dict:
     """The text decoder's config: the family's tiny config from test_families (4 experts where it had 8)."""
@@ -73,7 +76,11 @@ CASES = {
     "dots3_note": ("Dots3NoteConfig", "Dots3NoteForConditionalGeneration",
                    text_of("dots3_note_text", n_routed_experts=4, n_group=2, topk_group=1), DOTS3_VISION,
                    "model.layers.", "dots3_note_text", [1, 2]),
+    "inkling2": ("Inkling2Config", "Inkling2ForConditionalGeneration", text_of("inkling2_text"), INKLING2_VISION,
+                 "model.llm.layers.", "inkling2_text", [0, 1, 2]),
 }
+# wrappers whose text family refuses every depth growth: (the reason named)
+DEPTH_ALWAYS_REFUSED = {"inkling2": "n_layers_per_attn_res_block"}
 # other config kwargs a tiny multimodal config needs
 EXTRA = {"minimax_m3_vl": dict(projector_hidden_size=16), "dots3_note": dict(audio_config=DOTS3_AUDIO)}
 
@@ -186,6 +193,10 @@ def test_depth_2x_loads_and_runs(case, method, source, tmp_path):
     src = source(case)
     out = tmp_path / "out"
     code, stdout, err = run("grow-depth", src, out, "--layers", "2x", "--method", method, "--json", "--quiet")
+    if case in DEPTH_ALWAYS_REFUSED:
+        assert code == 2 and DEPTH_ALWAYS_REFUSED[case] in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+        return
     assert code == 0, err
     layer_map = [0, 0, 1, 1, 2, 2] if method == "interpose" else [0, 1, 2, 0, 1, 2]
     summary = json.loads(stdout)
