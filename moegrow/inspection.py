@@ -15,7 +15,8 @@ from .source import Source
 def in_text_decoder(name: str, layer_prefix: str) -> bool:
     """Whether a tensor belongs to a multimodal checkpoint's language model: its layers and what sits
     beside them (embeddings, final norm) and its lm_head (at the top, or beside the decoder's ``model.``)."""
-    base = layer_prefix.removesuffix("layers.")  # language_model.model. / model.language_model. / model.
+    # the prefix without its last part (layers. / blocks.): language_model.model. / model.language_model. / model.
+    base = layer_prefix.rstrip(".").rpartition(".")[0] + "."
     heads = ["lm_head."]
     if base.endswith(".model."):
         heads.append(base.removesuffix("model.") + "lm_head.")  # language_model.lm_head.

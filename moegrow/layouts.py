@@ -147,6 +147,9 @@ class Wrapper:
     # Layout fields (name, value) where the wrapper's checkpoints name the decoder's MoE tensors differently
     # from the text family's own checkpoints (minimax_m3_vl saves the published per-expert names)
     layout_overrides: tuple[tuple[str, Any], ...] = ()
+    # other prefixes the decoder layers are saved under, used where the checkpoint's names carry one
+    # (kimi_k25: Hub `language_model.model.layers.`, transformers 5.23's save_pretrained `...blocks.`)
+    alt_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1329,6 +1332,8 @@ WRAPPERS: tuple[Wrapper, ...] = (
     Wrapper(("dots3_note",), "text_config", "model.layers."),
     # the text model's own prefix; depth growth is refused as for inkling2_text (attention-residual queries)
     Wrapper(("inkling2",), "text_config", "model.llm.layers."),
+    Wrapper(("kimi_k25",), "text_config", "language_model.model.layers.",
+            alt_prefixes=("language_model.model.blocks.",)),
 )
 
 _BY_TYPE: dict[str, Layout] = {t: lay for lay in LAYOUTS for t in lay.model_types}
@@ -1350,21 +1355,25 @@ def layout_for(config: Mapping[str, Any], where: str = "config.json", names: Ite
 
 
 def as_saved(layout: Layout, names: Iterable[str] | None) -> Layout:
-    """The layout with the `model.` prefix dropped where the checkpoint's names drop it.
+    """The layout with the layer prefix the checkpoint's tensor names carry.
 
     transformers loads a base model's tensors with or without the base-model prefix, and some Hub
-    releases omit it (DeepSeek-V4: `layers.N.ffn...`, `embed.weight`); moegrow keeps the names the
-    source uses."""
-    if names is None or not layout.layer_prefix.startswith("model."):
+    releases omit it (DeepSeek-V4: `layers.N.ffn...`, `embed.weight`); a wrapper may list other
+    prefixes its decoder is saved under (`Wrapper.alt_prefixes`). moegrow keeps the source's names."""
+    if names is None:
         return layout
     names = list(names)
-    if any(n.startswith(layout.layer_prefix) for n in names):
+    bare = layout.layer_prefix.removeprefix("model.")
+    alternatives = (*(layout.wrapper.alt_prefixes if layout.wrapper else ()), bare)
+    for prefix in (layout.layer_prefix, *alternatives):
+        if any(n.startswith(prefix) for n in names):
+            break
+    else:
         return layout
-    bare = layout.layer_prefix[len("model."):]
-    if not any(n.startswith(bare) for n in names):
+    if prefix == layout.layer_prefix:
         return layout
-    mtp = layout.mtp_prefix[len("model."):] if layout.mtp_prefix.startswith("model.") else layout.mtp_prefix
-    return replace(layout, layer_prefix=bare, mtp_prefix=mtp)
+    mtp = layout.mtp_prefix.removeprefix("model.") if prefix == bare else layout.mtp_prefix
+    return replace(layout, layer_prefix=prefix, mtp_prefix=mtp)
 
 
 def _layout_for(config: Mapping[str, Any], where: str) -> Layout:

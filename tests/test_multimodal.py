@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from moegrow.layouts import layout_for
 
-from .conftest import COMMON, TOKENS, run, save
+from .conftest import COMMON, FAMILIES, TOKENS, run, save
 from .test_families import FAMILY_CONFIGS
 
 LLAMA4_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=8, intermediate_size_mlp=24, num_hidden_layers=3,
@@ -51,6 +51,11 @@ DOTS3_AUDIO = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, nu
 INKLING2_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
                        projection_hidden_dim=16, posemb_grid_size=4, text_hidden_size=16)
 
+KIMI_TEXT = {**COMMON, **FAMILIES["deepseek_v3"], "first_k_dense_replace": 0, "model_type": "deepseek_v3",
+             "n_routed_experts": 4, "n_group": 2, "topk_group": 1}
+KIMI_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                   pos_emb_height=4, pos_emb_width=4)
+
 
 def text_of(family: str, **overrides) -> dict:
     """The text decoder's config: the family's tiny config from test_families (4 experts where it had 8)."""
@@ -78,11 +83,15 @@ CASES = {
                    "model.layers.", "dots3_note_text", [1, 2]),
     "inkling2": ("Inkling2Config", "Inkling2ForConditionalGeneration", text_of("inkling2_text"), INKLING2_VISION,
                  "model.llm.layers.", "inkling2_text", [0, 1, 2]),
+    # save_pretrained writes the decoder as ...model.blocks.N (Hub checkpoints: ...model.layers.N, tested below)
+    "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration", KIMI_TEXT, KIMI_VISION,
+                 "language_model.model.blocks.", "deepseek_v3", [0, 1, 2]),
 }
 # wrappers whose text family refuses every depth growth: (the reason named)
 DEPTH_ALWAYS_REFUSED = {"inkling2": "n_layers_per_attn_res_block"}
 # other config kwargs a tiny multimodal config needs
-EXTRA = {"minimax_m3_vl": dict(projector_hidden_size=16), "dots3_note": dict(audio_config=DOTS3_AUDIO)}
+EXTRA = {"minimax_m3_vl": dict(projector_hidden_size=16), "dots3_note": dict(audio_config=DOTS3_AUDIO),
+         "kimi_k25": dict(projection_hidden_size=16)}
 
 
 def build(case: str, **text_overrides):
@@ -241,3 +250,25 @@ def test_depth_refused_with_per_layer_inputs(case, method, tmp_path):
     code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", method)
     assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_kimi_k25_hub_prefix(source, tmp_path):
+    """Hub Kimi-K2.5 names the decoder language_model.model.layers.N (save_pretrained: ...blocks.N): both grow."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "hub"
+    src.mkdir()
+    for f in source("kimi_k25").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    hub = {k.replace("language_model.model.blocks.", "language_model.model.layers."): t for k, t in tensors.items()}
+    assert hub.keys() != tensors.keys()
+    save_file(hub, src / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run("inspect", src, "--json")
+    assert code == 0 and json.loads(stdout)["layer_prefix"] == "language_model.model.layers.", err
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    assert "language_model.model.layers.2.mlp.experts.7.up_proj.weight" in load_file(out / "model.safetensors")
+    diff = (mm_logits(src, "kimi_k25") - mm_logits(out, "kimi_k25")).abs().max().item()
+    assert diff <= 1e-5, diff
