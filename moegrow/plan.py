@@ -277,6 +277,20 @@ def _check_noise(name: str, t: TensorMeta, std: float, what: str = "add noise to
                           f"weights cannot take noise or scaling; grow with --noise 0, or dequantise first)")
 
 
+def _widened_table(name: str, t: TensorMeta, e_old: int, factor: int, k_old: int, k_new: int) -> OutTensor:
+    """A token -> expert table [..., k] as [t, t + E, ...]: each token picks every copy of its experts."""
+    if k_new != k_old * factor:
+        raise GrowthError(f"{name}: an expert table {k_old} wide can follow top-k {k_old} -> "
+                          f"{k_old * factor} (--top-k scale) or stay (--top-k keep), not -> {k_new}")
+    if t.dtype not in _INT_MAX:
+        raise GrowthError(f"{name}: an expert-index table must hold integers, not {t.dtype}")
+    if e_old * factor - 1 > _INT_MAX[t.dtype]:
+        raise GrowthError(f"{name}: {t.dtype} cannot hold expert index {e_old * factor - 1}")
+    shape = (*t.shape[:-1], t.shape[-1] * factor)
+    parts = tuple(Part(name, add=c * e_old) for c in range(factor))
+    return OutTensor(name, t.dtype, shape, parts, axis=len(t.shape) - 1)
+
+
 def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                factor: int, *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
                top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
@@ -332,16 +346,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
             out.append(OutTensor(name, t.dtype, shape, parts))
         elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
-            if k_new != k_old * factor:
-                raise GrowthError(f"{name}: an expert table {k_old} wide can follow top-k {k_old} -> "
-                                  f"{k_old * factor} (--top-k scale) or stay (--top-k keep), not -> {k_new}")
-            if t.dtype not in _INT_MAX:
-                raise GrowthError(f"{name}: an expert-index table must hold integers, not {t.dtype}")
-            if e_old * factor - 1 > _INT_MAX[t.dtype]:
-                raise GrowthError(f"{name}: {t.dtype} cannot hold expert index {e_old * factor - 1}")
-            shape = (*t.shape[:-1], t.shape[-1] * factor)
-            out.append(OutTensor(name, t.dtype, shape, tuple(Part(name, add=c * e_old) for c in range(factor)),
-                                 axis=len(t.shape) - 1))
+            out.append(_widened_table(name, t, e_old, factor, k_old, k_new))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
     exact = layout.exact_width and top_k == "scale"

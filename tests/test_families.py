@@ -574,6 +574,17 @@ def test_deepseek_v4_hash_table_points_at_the_copies(family_source, tmp_path):
     _verify_passes_then_catches(src, out, after, table, lambda t: t[5, 3].copy_(t[5, 1]))  # the original twice
 
 
+def test_deepseek_v4_hash_table_follows_top_k(family_source, tmp_path):
+    """--top-k keep leaves the table as it is; a top-k the table cannot follow is refused, naming it."""
+    src = family_source("deepseek_v4")
+    before, after = _grown(src, tmp_path / "keep", "--top-k", "keep")
+    table = "model.layers.0.ffn.gate.tid2eid"
+    assert torch.equal(after[table], before[table])
+    code, _, err = run("grow-width", src, tmp_path / "three", "--experts", "2x", "--top-k", "3")
+    assert code == 2 and table in err and "--top-k keep" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "three").exists()
+
+
 @pytest.mark.parametrize("command", [("grow-width", "--experts", "2x"), ("grow-depth", "--layers", "2x")])
 def test_hub_names_without_the_model_prefix(command, family_source, tmp_path):
     """DeepSeek-V4's Hub release names tensors `layers.N...`, `embed.weight` (transformers adds `model.`
