@@ -254,6 +254,16 @@ def test_width_2x_exact(family, family_source, tmp_path, record_property):
     forward = () if family in MODEL_CLASSES else ("--forward", "--atol", "1e-5")
     code, _, err = run("verify", src, out, *forward)
     assert code == 0, err
+    # and fails once one expert copy is changed
+    from safetensors.torch import load_file, save_file
+
+    mapping = json.loads((out / "moegrow.json").read_text())["tensors"]
+    copy = next(n for n, parts in sorted(mapping.items()) if len(parts) > 1 or n != parts[0][0])
+    tensors = load_file(out / "model.safetensors")
+    tensors[copy].view(-1)[0] += 1
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run("verify", src, out)
+    assert code == 1 and copy in stdout + err, (copy, err)
 
 
 @pytest.mark.parametrize("family, overrides, key", [
