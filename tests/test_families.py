@@ -921,3 +921,19 @@ def test_inkling2_mxfp8_scales_travel_with_their_experts(family_source, ckpt_cop
     assert run("verify", src, out)[0] == 0
     code, _, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
     assert code == 2 and "quantis" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("family", ["longcat_flash", "inkling_text", "deepseek_v4"])
+def test_one_pass_equals_two_steps_for_segments_and_tables(family, family_source, tmp_path):
+    """grow composes depth with segmented router rows and widened expert tables as the two steps do."""
+    from safetensors.torch import load_file
+
+    src = family_source(family)
+    width = ["--experts", "2x", "--noise", "0.02", "--router-noise", "0.02", "--seed", "3", "--quiet"]
+    assert run("grow", src, tmp_path / "one", "--layers", "2x", *width)[0] == 0
+    assert run("grow-depth", src, tmp_path / "d", "--layers", "2x", "--quiet")[0] == 0
+    assert run("grow-width", tmp_path / "d", tmp_path / "two", *width)[0] == 0
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    code, _, err = run("verify", src, tmp_path / "one")
+    assert code == 0, err
