@@ -45,13 +45,21 @@ def build_model(model_type: str, seed: int = 0, **overrides):
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[model_type],
                                                               **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    return randomise(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def randomise(model):
+    """Routers drawn wide (std 0.5) so that routing matters, correction biases from U(-0.3, 0.3), and hash
+    tables (deepseek_v4's tid2eid) with k distinct experts per token; in place, from torch's current seed."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.5 if "gate" in name or "router" in name else 0.2)
         for name, b in model.named_buffers():
-            if "correction_bias" in name:
+            if "correction_bias" in name or "expert_bias" in name:
                 b.uniform_(-0.3, 0.3)
+            if name.endswith("tid2eid"):
+                experts = model.config.get_text_config().num_local_experts
+                b.copy_(torch.stack([torch.randperm(experts)[:b.shape[1]] for _ in b]))
     return model.eval()
 
 

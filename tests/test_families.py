@@ -17,7 +17,7 @@ import transformers
 
 from moegrow.layouts import layout_for
 
-from .conftest import COMMON, TOKENS, logits, run, save
+from .conftest import COMMON, TOKENS, logits, randomise, run, save
 
 MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
 GROUPS = dict(n_group=4, topk_group=2)
@@ -190,15 +190,7 @@ def build(model_type: str, seed: int = 0, **overrides):
         model = getattr(transformers, MODEL_CLASSES[model_type])(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.5 if "gate" in name or "router" in name else 0.2)
-        for name, b in model.named_buffers():
-            if "correction_bias" in name or "expert_bias" in name:
-                b.uniform_(-0.3, 0.3)
-            if name.endswith("tid2eid"):  # hash routing: k distinct experts per token
-                b.copy_(torch.stack([torch.randperm(config.num_local_experts)[:b.shape[1]] for _ in b]))
-    return model.eval()
+    return randomise(model)
 
 
 def family_logits(folder, family: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from moegrow.layouts import layout_for
 
-from .conftest import COMMON, FAMILIES, TOKENS, run, save
+from .conftest import COMMON, FAMILIES, TOKENS, randomise, run, save
 from .test_families import FAMILY_CONFIGS
 
 LLAMA4_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=8, intermediate_size_mlp=24, num_hidden_layers=3,
@@ -99,14 +99,7 @@ def build(case: str, **text_overrides):
     config = getattr(transformers, config_cls)(text_config={**text, **text_overrides}, vision_config=vision,
                                                **EXTRA.get(case, {}))
     torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.5 if "router" in name or "gate" in name else 0.2)
-        for name, b in model.named_buffers():
-            if "correction_bias" in name:
-                b.uniform_(-0.3, 0.3)
-    return model.eval()
+    return randomise(getattr(transformers, model_cls)(config))
 
 
 _BUILT: dict[str, object] = {}
