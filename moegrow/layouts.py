@@ -1332,6 +1332,14 @@ WRAPPERS: tuple[Wrapper, ...] = (
     Wrapper(("dots3_note",), "text_config", "model.layers."),
     # the text model's own prefix; depth growth is refused as for inkling2_text (attention-residual queries)
     Wrapper(("inkling2",), "text_config", "model.llm.layers."),
+    # the published (sglang) names: fused w13 / w2 experts and shared experts, correction bias `gate.bias`
+    Wrapper(("inkling_mm_model",), "text_config", "model.llm.layers.", layout_overrides=(
+        ("fused_experts", ("mlp.experts.w13_weight", "mlp.experts.w2_weight", "mlp.shared_experts.shared_w13_weight",
+                           "mlp.shared_experts.shared_w2_weight")),
+        ("segment_tensors", (("mlp.shared_experts.shared_w13_weight", 1), ("mlp.shared_experts.shared_w2_weight", 1))),
+        ("router_biases", ("mlp.gate.bias",)),
+        ("buffers", ("mlp.gate.bias",)),
+    )),
     Wrapper(("kimi_k25",), "text_config", "language_model.model.layers.",
             alt_prefixes=("language_model.model.blocks.",)),
 )

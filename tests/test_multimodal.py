@@ -51,6 +51,7 @@ DOTS3_AUDIO = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, nu
 INKLING2_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
                        projection_hidden_dim=16, posemb_grid_size=4, text_hidden_size=16)
 
+INKLING_VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
 KIMI_TEXT = {**COMMON, **FAMILIES["deepseek_v3"], "first_k_dense_replace": 0, "model_type": "deepseek_v3",
              "n_routed_experts": 4, "n_group": 2, "topk_group": 1}
 KIMI_VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
@@ -83,6 +84,8 @@ CASES = {
                    "model.layers.", "dots3_note_text", [1, 2]),
     "inkling2": ("Inkling2Config", "Inkling2ForConditionalGeneration", text_of("inkling2_text"), INKLING2_VISION,
                  "model.llm.layers.", "inkling2_text", [0, 1, 2]),
+    "inkling_mm_model": ("InklingConfig", "InklingForConditionalGeneration", text_of("inkling_text"), INKLING_VISION,
+                         "model.llm.layers.", "inkling_text", [1, 2]),
     # save_pretrained writes the decoder as ...model.blocks.N (Hub checkpoints: ...model.layers.N, tested below)
     "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration", KIMI_TEXT, KIMI_VISION,
                  "language_model.model.blocks.", "deepseek_v3", [0, 1, 2]),
@@ -91,7 +94,8 @@ CASES = {
 DEPTH_ALWAYS_REFUSED = {"inkling2": "n_layers_per_attn_res_block"}
 # other config kwargs a tiny multimodal config needs
 EXTRA = {"minimax_m3_vl": dict(projector_hidden_size=16), "dots3_note": dict(audio_config=DOTS3_AUDIO),
-         "kimi_k25": dict(projection_hidden_size=16)}
+         "kimi_k25": dict(projection_hidden_size=16), "inkling_mm_model": dict(audio_config=dict(n_mel_bins=8,
+                                                                                                   mel_vocab_size=16))}
 
 
 def build(case: str, **text_overrides):
