@@ -251,8 +251,8 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) ->
     logits = []
     for path in (source, output):
         config = transformers.AutoConfig.from_pretrained(path)
-        # multimodal wrappers that AutoModelForCausalLM does not map (aria, minimax_m3_vl) run text-only
-        # input_ids through their image-text-to-text class
+        # multimodal wrappers that AutoModelForCausalLM does not map (aria, minimax_m3_vl, inkling_mm_model,
+        # inkling2, kimi_k25) run text-only input_ids through their image-text-to-text class
         auto = (transformers.AutoModelForCausalLM if type(config) in transformers.AutoModelForCausalLM._model_mapping
                 else transformers.AutoModelForImageTextToText)
         model = auto.from_pretrained(path, dtype=torch.float32)

@@ -187,7 +187,8 @@ def test_width_2x_exact_vision_untouched(case, source, tmp_path, record_property
         assert t_new[name].numpy().tobytes() == t.numpy().tobytes(), name
     if case == "dots3_note":  # the vision tower's own experts are not the decoder's: not widened
         assert any(n.startswith("vision_encoder.") and ".mlp.experts." in n for n in kept)
-    # verify --forward: AutoModelForCausalLM's class for the wrapper, else (aria, minimax_m3_vl) the image-text one
+    # verify --forward: AutoModelForCausalLM's class for the wrapper, else (aria, minimax_m3_vl, inkling_mm_model,
+    # inkling2, kimi_k25) the image-text one
     code, _, err = run("verify", src, out, "--forward", "--atol", "1e-5")
     assert code == 0, err
 
@@ -249,23 +250,69 @@ def test_depth_refused_with_per_layer_inputs(case, method, tmp_path):
     assert not out.exists()
 
 
-def test_kimi_k25_hub_prefix(source, tmp_path):
-    """Hub Kimi-K2.5 names the decoder language_model.model.layers.N (save_pretrained: ...blocks.N): both grow."""
+@pytest.fixture
+def kimi_hub(source, ckpt_copy):
+    """The save_pretrained kimi_k25 checkpoint renamed as Hub Kimi-K2.5 names its decoder: language_model.model.layers.N
+    (transformers' conversion mapping reads them back as ...blocks.N)."""
     from safetensors.torch import save_file
 
-    src = tmp_path / "hub"
-    src.mkdir()
-    for f in source("kimi_k25").iterdir():
-        (src / f.name).write_bytes(f.read_bytes())
+    src = ckpt_copy(source("kimi_k25"))
     tensors = load_file(src / "model.safetensors")
     hub = {k.replace("language_model.model.blocks.", "language_model.model.layers."): t for k, t in tensors.items()}
     assert hub.keys() != tensors.keys()
     save_file(hub, src / "model.safetensors", metadata={"format": "pt"})
-    code, stdout, err = run("inspect", src, "--json")
+    return src
+
+
+def test_kimi_k25_hub_prefix_width(kimi_hub, tmp_path):
+    """Hub Kimi-K2.5 names the decoder language_model.model.layers.N (save_pretrained: ...blocks.N): both grow."""
+    code, stdout, err = run("inspect", kimi_hub, "--json")
     assert code == 0 and json.loads(stdout)["layer_prefix"] == "language_model.model.layers.", err
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", kimi_hub, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    names = load_file(out / "model.safetensors").keys()
+    assert "language_model.model.layers.2.mlp.experts.7.up_proj.weight" in names
+    assert not any(n.startswith("language_model.model.blocks.") for n in names)
+    diff = (mm_logits(kimi_hub, "kimi_k25") - mm_logits(out, "kimi_k25")).abs().max().item()
+    assert diff <= 1e-5, diff
+    code, _, err = run("verify", kimi_hub, out, "--forward", "--atol", "1e-5")
+    assert code == 0, err
+
+
+def test_kimi_k25_hub_prefix_depth(kimi_hub, tmp_path):
+    """Depth 2x under the Hub prefix: the layers are renumbered under the names the checkpoint carries."""
+    out = tmp_path / "out"
+    code, _, err = run("grow-depth", kimi_hub, out, "--layers", "2x", "--method", "interpose", "--quiet")
+    assert code == 0, err
+    t_old, t_new = load_file(kimi_hub / "model.safetensors"), load_file(out / "model.safetensors")
+    prefix = "language_model.model.layers."
+    assert {n.removeprefix(prefix).split(".")[0] for n in t_new if n.startswith(prefix)} == {str(i) for i in range(6)}
+    for j, m in enumerate([0, 0, 1, 1, 2, 2]):
+        for name, t in t_old.items():
+            if name.startswith(f"{prefix}{m}."):
+                assert torch.equal(t_new[name.replace(f"{prefix}{m}.", f"{prefix}{j}.", 1)], t), (j, name)
+    assert outside_decoder(t_new, prefix).keys() == outside_decoder(t_old, prefix).keys()
+    assert mm_logits(out, "kimi_k25").isfinite().all()  # loads clean (no missing / unexpected keys) and runs
+    assert run("verify", kimi_hub, out)[0] == 0
+
+
+def test_inkling_mm_router_segments(source, tmp_path):
+    """The published names: router rows [E routed, E copies, S shared, S copies] (the router normalises over routed and
+    shared weights), fused shared experts shared_w13 / shared_w2 duplicated whole, correction bias gate.bias [2E]."""
+    src = source("inkling_mm_model")
     out = tmp_path / "out"
     code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
     assert code == 0, err
-    assert "language_model.model.layers.2.mlp.experts.7.up_proj.weight" in load_file(out / "model.safetensors")
-    diff = (mm_logits(src, "kimi_k25") - mm_logits(out, "kimi_k25")).abs().max().item()
-    assert diff <= 1e-5, diff
+    assert read_config(out)["text_config"]["n_shared_experts"] == 2
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for layer in (1, 2):  # the MoE layers
+        p = f"model.llm.layers.{layer}.mlp."
+        gate = before[p + "gate.weight"]
+        assert gate.shape[0] == 5
+        assert torch.equal(after[p + "gate.weight"], torch.cat([gate[:4], gate[:4], gate[4:], gate[4:]]))
+        assert torch.equal(after[p + "gate.bias"], torch.cat([before[p + "gate.bias"]] * 2))
+        for rel in ("experts.w13_weight", "experts.w2_weight", "shared_experts.shared_w13_weight",
+                    "shared_experts.shared_w2_weight"):
+            assert torch.equal(after[p + rel], torch.cat([before[p + rel]] * 2)), rel
+        assert torch.equal(after[p + "gate.global_scale"], before[p + "gate.global_scale"])
