@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,6 +63,17 @@ def randomise(model):
                 experts = model.config.get_text_config().num_local_experts
                 b.copy_(torch.stack([torch.randperm(experts)[:b.shape[1]] for _ in b]))
     return model.eval()
+
+
+def built_once(tmp_path_factory, build: Callable[[str], Any]) -> Callable[[str], Path]:
+    """`get(key)`: the checkpoint of `build(key)`, saved on first use in each worker, then reused."""
+    saved: dict[str, Path] = {}
+
+    def get(key: str) -> Path:
+        if key not in saved:
+            saved[key] = save(build(key), tmp_path_factory.mktemp(key))
+        return saved[key]
+    return get
 
 
 def save(model, folder: Path, **kw) -> Path:

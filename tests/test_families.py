@@ -17,7 +17,7 @@ import transformers
 
 from moegrow.layouts import layout_for
 
-from .conftest import COMMON, TOKENS, logits, randomise, run, save
+from .conftest import COMMON, TOKENS, built_once, logits, randomise, run, save
 
 MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
 GROUPS = dict(n_group=4, topk_group=2)
@@ -205,17 +205,10 @@ def family_logits(folder, family: str) -> torch.Tensor:
         return model.eval()(input_ids=TOKENS).logits
 
 
-_BUILT: dict[str, object] = {}
-
-
 @pytest.fixture(scope="session")
 def family_source(tmp_path_factory):
     """A saved float32 checkpoint per family, built on first use in each worker."""
-    def get(family: str):
-        if family not in _BUILT:
-            _BUILT[family] = save(build(family), tmp_path_factory.mktemp(family))
-        return _BUILT[family]
-    return get
+    return built_once(tmp_path_factory, build)
 
 
 def first(config: dict, keys: tuple[str, ...]) -> str:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from moegrow.layouts import layout_for
 
-from .conftest import COMMON, FAMILIES, TOKENS, randomise, run, save
+from .conftest import COMMON, FAMILIES, TOKENS, built_once, randomise, run, save
 from .test_families import FAMILY_CONFIGS
 
 LLAMA4_TEXT = dict(vocab_size=64, hidden_size=16, intermediate_size=8, intermediate_size_mlp=24, num_hidden_layers=3,
@@ -106,16 +106,10 @@ def build(case: str, **text_overrides):
     return randomise(getattr(transformers, model_cls)(config))
 
 
-_BUILT: dict[str, object] = {}
-
-
 @pytest.fixture(scope="session")
 def source(tmp_path_factory):
-    def get(case: str):
-        if case not in _BUILT:
-            _BUILT[case] = save(build(case), tmp_path_factory.mktemp(case))
-        return _BUILT[case]
-    return get
+    """A saved checkpoint per wrapper case, built on first use in each worker."""
+    return built_once(tmp_path_factory, build)
 
 
 def mm_logits(folder, case: str) -> torch.Tensor:
