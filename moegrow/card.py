@@ -31,6 +31,8 @@ _FLAGS = ("layers", "method", "layer_map", "experts", "noise", "router_noise", "
           "allow_inexact", "revision", "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
                              "top_k": "scale", "allow_inexact": False}
+_WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
+         "grow": "layers copied, then experts duplicated with their router rows"}
 
 
 def read_source_card(folder: Path) -> tuple[dict[str, Any], str] | None:
@@ -132,12 +134,12 @@ def render_card(plan: Plan, source: Source, options: Mapping[str, Any]) -> str:
     found = read_source_card(source.folder)
     meta, body = found or ({}, "")
     base = source.repo_id or source.spec
-    name = source.repo_id.rpartition("/")[2] if source.repo_id else (Path(source.spec).name or source.folder.name)
+    name = source.repo_id.rpartition("/")[2] if source.repo_id else Path(source.spec).name
     at = f" at commit `{source.commit}`" if source.repo_id and source.commit else ""
-    lines = [f"# {name}, grown with moegrow", "",
-             f"This checkpoint was grown from `{base}`{at} by moegrow {__version__} (`{plan.operation}`: depth by "
-             "layer interposition, width by expert duplication; arXiv 2510.08008). It loads with transformers "
-             "as it is; the base model's card follows below.", "",
+    below = "; the source's card follows below" if body.strip() else ""
+    lines = [f"# {name or source.folder.resolve().name}, grown with moegrow", "",
+             f"This checkpoint was grown from `{base}`{at} by moegrow {__version__} with `{plan.operation}` "
+             f"({_WHAT[plan.operation]}; arXiv 2510.08008). It loads with transformers as it is{below}.", "",
              "## Growth", "", *_growth(plan, source), "",
              "## Reproduce", "", "```sh", command(plan.operation, source.spec, options), "```", "",
              "OUTPUT is any new folder: run on the same source, the command writes the same tensors, config "
