@@ -401,3 +401,78 @@ def test_inkling_mm_router_segments(source, tmp_path):
                     "shared_experts.shared_w2_weight"):
             assert torch.equal(after[p + rel], torch.cat([before[p + rel]] * 2)), rel
         assert torch.equal(after[p + "gate.global_scale"], before[p + "gate.global_scale"])
+
+
+def test_ernie4_5_vl_moe_vision_experts(source, tmp_path, record_property):
+    """Modality-isolated experts: experts.0..3 text, 4..7 vision -> 0..7 text (originals, copies), 8..15 vision; the
+    transposed gates [H, E] (text gate.weight, vision gate.weight_1) and the bias [2, E] (a row per modality) grow
+    along axis 1, the bias halved. Tokens marked as image tokens run the vision experts: exact too."""
+    src = source("ernie4_5_vl_moe")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    p = "model.layers.1.mlp."
+    for e in range(4):
+        for c in range(2):  # text expert e and its copy: text slots 0..7; vision expert e and its copy: 8..15
+            up = "up_proj.weight"
+            assert torch.equal(after[f"{p}experts.{e + 4 * c}.{up}"], before[f"{p}experts.{e}.{up}"])
+            assert torch.equal(after[f"{p}experts.{8 + e + 4 * c}.{up}"], before[f"{p}experts.{4 + e}.{up}"])
+    for gate in ("gate.weight", "gate.weight_1"):
+        assert before[p + gate].shape == (16, 4)
+        assert torch.equal(after[p + gate], torch.cat([before[p + gate]] * 2, dim=1))
+    bias = p + "moe_statics.e_score_correction_bias"
+    assert torch.equal(after[bias], torch.cat([before[bias] / 2] * 2, dim=1))
+    # the second half of the sequence runs the vision experts (moe_mm_token_type_ids 1)
+    types = torch.zeros_like(TOKENS)
+    types[:, 8:] = 1
+    vision = mm_logits(src, "ernie4_5_vl_moe", moe_mm_token_type_ids=types)
+    assert (vision - mm_logits(src, "ernie4_5_vl_moe")).abs().max() > 1e-3  # the vision experts matter
+    diff = (vision - mm_logits(out, "ernie4_5_vl_moe", moe_mm_token_type_ids=types)).abs().max().item()
+    record_property("max_logit_diff_vision_tokens", diff)
+    assert diff <= 1e-5, diff
+
+
+def test_qwen3_omni_moe_talker_reads_the_grown_thinker(tmp_path):
+    """talker_config.accept_hidden_layer (the thinker hidden state the talker reads, after its first a layers)
+    follows the map: stacking keeps it (the first 3 layers are the source's), interposition doubles it (after the
+    copies of the first a layers), a map that keeps neither is refused. One deepstack layer: interposition keeps it
+    (new layer 0 is old layer 0). The talker's MoE decoder and code2wav are copied untouched."""
+    src = save(build("qwen3_omni_moe", vision_overrides=dict(deepstack_visual_indexes=[0])), tmp_path / "src")
+    for method, want in (("interpose", 4), ("stack", 2)):
+        out = tmp_path / method
+        code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", method, "--quiet")
+        assert code == 0, err
+        assert read_config(out)["talker_config"]["accept_hidden_layer"] == want, method
+        assert mm_logits(out, "qwen3_omni_moe").isfinite().all()
+    t_old, t_new = load_file(src / "model.safetensors"), load_file(tmp_path / "interpose" / "model.safetensors")
+    talker = [n for n in t_old if n.startswith(("talker.", "code2wav."))]
+    assert any(".mlp.experts." in n for n in talker) and any(n.startswith("code2wav.") for n in talker)
+    for name in talker:
+        assert torch.equal(t_new[name], t_old[name]), name
+    code, _, err = run("grow-depth", src, tmp_path / "bad", "--layer-map", "0,2,1,2", "--quiet")
+    assert code == 2 and "talker_config.accept_hidden_layer" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_qwen3_vl_moe_hub_transposed_experts(source, ckpt_copy, tmp_path, record_property):
+    """Hub Qwen3-VL-MoE stores the fused experts in x out (gate_up_proj [E, H, 2F], down_proj [E, F, H]; transformers'
+    conversion transposes them on load): the expert axis is still 0, so they grow alike."""
+    from safetensors.torch import save_file
+
+    src = ckpt_copy(source("qwen3_vl_moe"))
+    tensors = load_file(src / "model.safetensors")
+    hub = {n: t.transpose(1, 2).contiguous() if n.endswith(("experts.gate_up_proj", "experts.down_proj")) else t
+           for n, t in tensors.items()}
+    assert hub["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 16, 8)
+    save_file(hub, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet")
+    assert code == 0, err
+    grown = load_file(out / "model.safetensors")["model.language_model.layers.0.mlp.experts.gate_up_proj"]
+    assert grown.shape == (8, 16, 8)
+    before = mm_logits(src, "qwen3_vl_moe")
+    assert (before - mm_logits(source("qwen3_vl_moe"), "qwen3_vl_moe")).abs().max() == 0  # read back as saved
+    diff = (before - mm_logits(out, "qwen3_vl_moe")).abs().max().item()
+    record_property("max_logit_diff", diff)
+    assert diff <= 1e-5, diff
