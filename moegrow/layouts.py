@@ -145,7 +145,8 @@ class TensorRule:
 class Wrapper:
     """A multimodal checkpoint whose text decoder is a supported family.
 
-    The decoder's config is nested under ``text_config_key`` (its own model_type picks the layout)
+    The decoder's config is nested under ``text_config_key`` (dotted where it sits deeper: qwen3_omni_moe's
+    ``thinker_config.text_config``; its own model_type picks the layout, or `text_layout`)
     and its layers are saved under ``layer_prefix``; every other tensor (vision tower, projector)
     and every other config key is copied untouched.
     """
