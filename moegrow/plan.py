@@ -335,16 +335,18 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
-            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked): a byte concatenation
+            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked) but for `inner_axis`: joined through torch
             n = t.shape[axis]
             per = layout.rows_per_expert(text, role.rel)  # rows per slot
             if layout.segment_of(role.rel) is None and n == sum(segments) * per != e_old * per:
+                if any(d != 1 for d in t.shape[:axis]):
+                    raise GrowthError(f"{name}: segments of expert slots along an inner axis cannot be duplicated")
                 parts = tuple(Part(name, std if c else 0.0, scale, (start * per, (start + count) * per, n))
                               for start, count in zip(starts, segments) if count for c in range(factor))
             else:  # routed experts only, or one extra segment only: duplicated whole
                 parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
-            out.append(OutTensor(name, t.dtype, shape, parts))
+            out.append(OutTensor(name, t.dtype, shape, parts, axis))
         elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
             out.append(_widened_table(name, t, e_old, factor, k_old, k_new))
         else:

@@ -21,6 +21,7 @@ from .configs import check_moe_layers
 from .errors import MoegrowError, SourceError
 from .grow import rebuild_plan
 from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
+from .layouts import wrapper_of
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, tensor_mapping
 from .source import Source, read_config
@@ -252,10 +253,14 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) ->
     for path in (source, output):
         config = transformers.AutoConfig.from_pretrained(path)
         # multimodal wrappers that AutoModelForCausalLM does not map (aria, minimax_m3_vl, inkling_mm_model,
-        # inkling2, kimi_k25) run text-only input_ids through their image-text-to-text class
-        auto = (transformers.AutoModelForCausalLM if type(config) in transformers.AutoModelForCausalLM._model_mapping
-                else transformers.AutoModelForImageTextToText)
+        # inkling2, kimi_k25, ...) run text-only input_ids through their image-text-to-text class, else (qwen3_omni_moe)
+        # their multimodal-LM class's text module (`Wrapper.text_module`)
+        autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText)
+        auto = next((a for a in autos if type(config) in a._model_mapping), transformers.AutoModelForMultimodalLM)
         model = auto.from_pretrained(path, dtype=torch.float32)
+        wrapper = wrapper_of(config.model_type)
+        if wrapper is not None and wrapper.text_module:
+            model = getattr(model, wrapper.text_module)
         model.eval()
         vocab = model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(seed))
