@@ -24,14 +24,15 @@ class NewTensor:
     """A tensor the sibling has and the dense model lacks, made from nothing (`init` zeros) or a copy.
 
     ``shape``: ints or config keys of the dense config; or ``like``: the shape of a dense tensor
-    (relative to the layer). ``copy``: a dense tensor (relative to the layer) copied instead of drawn.
+    (relative to the layer). ``copy``: dense tensors (relative to the layer) copied, concatenated along
+    axis 0, instead of drawn.
     """
 
     rel: str
     init: str = "zeros"
     shape: tuple[int | str, ...] = ()
     like: str = ""
-    copy: str = ""
+    copy: tuple[str, ...] = ()
     why: str = ""
 
 
@@ -96,8 +97,8 @@ SIBLINGS: tuple[Sibling, ...] = (
                   ("qkv_bias", True)),
         copy_keys=(("moe_intermediate_size", "intermediate_size"),
                    ("shared_expert_intermediate_size", "intermediate_size")),
-        extra=(NewTensor("mlp.shared_expert.gate_proj.weight", "copy", copy=_GATE),
-               NewTensor("mlp.shared_expert.up_proj.weight", "copy", copy=_UP),
+        extra=(NewTensor("mlp.shared_expert.gate_proj.weight", "copy", copy=(_GATE,)),
+               NewTensor("mlp.shared_expert.up_proj.weight", "copy", copy=(_UP,)),
                NewTensor("mlp.shared_expert.down_proj.weight", "zeros", like=_DOWN,
                          why="the shared expert adds 0 (sigmoid gate times a zero projection)"),
                NewTensor("mlp.shared_expert_gate.weight", "zeros", shape=(1, "hidden_size"))),
@@ -138,6 +139,31 @@ SIBLINGS: tuple[Sibling, ...] = (
         refuse=(("mlp_bias", "granitemoe's experts have no biases"),),
         notes=("granitemoe fuses each expert's gate and up projections as input_linear [E, 2F, H] (gate "
                "first) and its down projections as output_linear [E, H, F]",),
+    ),
+    Sibling(
+        dense="granite", moe="granitemoeshared", architecture="GraniteMoeSharedForCausalLM",
+        experts=(("block_sparse_moe.input_linear.weight", (_GATE, _UP)),
+                 ("block_sparse_moe.output_linear.weight", (_DOWN,))),
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        why_exact=("granitemoeshared takes the softmax over the top-k router logits, which always sums to 1; "
+                   "with a zero router and identical experts any selection gives the dense output; the shared "
+                   "MLP starts as the dense MLP with a zero output projection, so it adds exactly 0"),
+        copy_keys=(("shared_intermediate_size", "intermediate_size"),),
+        drop_keys=("mlp_bias",),
+        refuse=(("mlp_bias", "granitemoeshared's experts have no biases"),),
+        extra=(NewTensor("shared_mlp.input_linear.weight", "copy", copy=(_GATE, _UP)),
+               NewTensor("shared_mlp.output_linear.weight", "zeros", like=_DOWN)),
+    ),
+    Sibling(
+        dense="hunyuan_v1_dense", moe="hunyuan_v1_moe", architecture="HunYuanMoEV1ForCausalLM",
+        experts=_SWIGLU_EXPERT, experts_key="num_experts", top_k_key="moe_topk",
+        why_exact=("hunyuan_v1_moe always renormalises the top-k softmax weights: " + _NORMALISED + "; the "
+                   "shared MLP (always added, ungated) starts as the dense MLP with a zero down projection, so "
+                   "it adds exactly 0"),
+        extra=(NewTensor("mlp.shared_mlp.gate_proj.weight", "copy", copy=(_GATE,)),
+               NewTensor("mlp.shared_mlp.up_proj.weight", "copy", copy=(_UP,)),
+               NewTensor("mlp.shared_mlp.down_proj.weight", "zeros", like=_DOWN)),
+        notes=("hunyuan_v1_moe's shared MLP and experts share intermediate_size",),
     ),
 )
 

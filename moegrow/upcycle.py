@@ -86,13 +86,16 @@ def _dense_layers(tensors: Mapping[str, TensorMeta], prefix: str, n: int) -> dic
 def _needed(sib: Sibling) -> set[str]:
     """The dense layer tensors the sibling's experts and extra tensors are made of."""
     used = {s for _, sources in sib.experts for s in sources}
-    return used | {x.copy or x.like for x in sib.extra if x.copy or x.like}
+    return used | {r for x in sib.extra for r in (*x.copy, x.like) if r}
 
 
 def _shape(x: NewTensor, config: Mapping[str, Any], layer: Mapping[str, str],
            tensors: Mapping[str, TensorMeta], where: str) -> tuple[int, ...]:
-    if x.like or x.copy:
-        return tuple(tensors[layer[x.like or x.copy]].shape)
+    if x.copy:
+        first = tuple(tensors[layer[x.copy[0]]].shape)
+        return (sum(tensors[layer[r]].shape[0] for r in x.copy), *first[1:])
+    if x.like:
+        return tuple(tensors[layer[x.like]].shape)
     return tuple(d if isinstance(d, int) else _int_key(config, d, where) for d in x.shape)
 
 
@@ -184,8 +187,8 @@ def _new_tensors(sib: Sibling, layout: Layout, config: Mapping[str, Any], layer:
     out = [OutTensor(layer_name(layout, layer, layout.router_weights[0]), dtype, (experts, hidden), (router,))]
     for x in sib.extra:
         shape = _shape(x, config, rels, tensors, where)
-        part = Part(rels[x.copy]) if x.copy else Part("", init=x.init)
-        out.append(OutTensor(layer_name(layout, layer, x.rel), dtype, shape, (part,)))
+        parts = tuple(Part(rels[r]) for r in x.copy) if x.copy else (Part("", init=x.init),)
+        out.append(OutTensor(layer_name(layout, layer, x.rel), dtype, shape, parts))
     return out
 
 

@@ -12,21 +12,25 @@ import transformers
 from .conftest import COMMON, built_once, logits, randomise, run, weights
 from .test_errors import fails
 
-# dense model_type -> (its MoE sibling, config overrides of the tiny dense model)
-PAIRS: dict[str, tuple[str, dict]] = {
-    "llama": ("mixtral", {}),
-    "mistral": ("mixtral", dict(sliding_window=8)),
-    "qwen2": ("qwen2_moe", {}),
-    "qwen3": ("qwen3_moe", dict(head_dim=8)),
-    "olmo2": ("flex_olmo", {}),
-    "granite": ("granitemoe", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0,
-                                   attention_multiplier=0.2)),
+# the tiny dense models: config overrides of COMMON (granite's multipliers must all carry over)
+DENSE: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=8),
+    "qwen2": {},
+    "qwen3": dict(head_dim=8),
+    "olmo2": {},
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0, attention_multiplier=0.2),
+    "hunyuan_v1_dense": dict(head_dim=8),
 }
+# every (dense, MoE) pair upcycle lists
+PAIRS = [("llama", "mixtral"), ("mistral", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe"),
+         ("olmo2", "flex_olmo"), ("granite", "granitemoe"), ("granite", "granitemoeshared"),
+         ("hunyuan_v1_dense", "hunyuan_v1_moe")]
 EXPERTS, TOP_K = 4, 2
 
 
 def build_dense(model_type: str, **overrides):
-    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **PAIRS[model_type][1], **overrides})
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **DENSE[model_type], **overrides})
     torch.manual_seed(0)
     return randomise(transformers.AutoModelForCausalLM.from_config(config))
 
@@ -42,16 +46,17 @@ def upcycle(src: Path, out: Path, *extra: object) -> None:
 
 
 @pytest.mark.parametrize("router", ["zeros", "normal"])
-@pytest.mark.parametrize("model_type", sorted(PAIRS))
-def test_upcycle_preserves_logits(model_type, router, dense, tmp_path, record_property):
+@pytest.mark.parametrize(("model_type", "moe_type"), PAIRS)
+def test_upcycle_preserves_logits(model_type, moe_type, router, dense, tmp_path, record_property):
     src, out = dense(model_type), tmp_path / "moe"
-    upcycle(src, out, "--router-init", router, "--seed", "3")
+    upcycle(src, out, "--router-init", router, "--seed", "3", "--to", moe_type)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == PAIRS[model_type][0]
+    assert config["model_type"] == moe_type
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == config["architectures"][0]
     moe = model.config
-    assert (moe.num_experts_per_tok, getattr(moe, "num_local_experts", None) or moe.num_experts) == (TOP_K, EXPERTS)
+    top_k = getattr(moe, "num_experts_per_tok", None) or moe.moe_topk
+    assert (top_k, getattr(moe, "num_local_experts", None) or moe.num_experts) == (TOP_K, EXPERTS)
     diff = (logits(src) - logits(out)).abs().max().item()  # logits() asserts no missing / unexpected keys
     record_property("max_logit_diff", diff)
     assert diff <= 1e-5, diff
@@ -59,11 +64,11 @@ def test_upcycle_preserves_logits(model_type, router, dense, tmp_path, record_pr
     assert code == 0, err
 
 
-@pytest.mark.parametrize("model_type", sorted(PAIRS))
-def test_experts_are_the_dense_mlp(model_type, dense, tmp_path):
+@pytest.mark.parametrize(("model_type", "moe_type"), PAIRS)
+def test_experts_are_the_dense_mlp(model_type, moe_type, dense, tmp_path):
     """Read back through transformers' own modules: every expert computes the dense MLP's output."""
     src, out = dense(model_type), tmp_path / "moe"
-    upcycle(src, out)
+    upcycle(src, out, "--to", moe_type)
     d = transformers.AutoModelForCausalLM.from_pretrained(src).model.layers[1].mlp
     m = transformers.AutoModelForCausalLM.from_pretrained(out).model.layers[1]
     moe = getattr(m, "mlp", None) or m.block_sparse_moe
