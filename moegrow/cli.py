@@ -358,7 +358,8 @@ RouterInit = Annotated[str, typer.Option(
     "sum to 1; normal breaks the ties between experts from the first step.")]
 RouterStd = Annotated[float, typer.Option(help="Std of the router with --router-init normal.")]
 To = Annotated[str | None, typer.Option(
-    "--to", help="The MoE model_type to write (default: the dense family's sibling, e.g. llama -> mixtral).")]
+    "--to", help="The MoE model_type to write, where a dense family has more than one sibling (default: "
+    "the first, e.g. granite -> granitemoe; granitemoeshared adds a shared MLP).")]
 
 
 @app.command()
@@ -370,8 +371,10 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
     """Dense to MoE (sparse upcycling, arXiv 2212.05055): every MLP becomes E experts, copies of it.
 
     llama and mistral become mixtral, qwen2 qwen2_moe, qwen3 qwen3_moe, olmo2 flex_olmo, granite
-    granitemoe. At --noise 0 the MoE model computes the dense model's function (the sibling's routing
-    is set so that the top-k weights sum to 1). See docs/usage.md for costs and when to use it."""
+    granitemoe (or granitemoeshared with --to), hunyuan_v1_dense hunyuan_v1_moe. At --noise 0 the MoE
+    model computes the dense model's function (the sibling's routing is set so that the top-k weights
+    sum to 1; a shared expert starts with a zero output projection). The summary gives parameters
+    before and after, total and active per token. See docs/usage.md for costs and when to use it."""
     _run_growth("upcycle", source, output, revision, json_out, dry_run, max_shard_size, device, force, quiet,
                 threads, strict, experts=experts, top_k=top_k, noise=noise, router_init=router_init,
                 router_std=router_std, seed=seed, to=to)
