@@ -217,3 +217,26 @@ def test_missing_mlp_tensor_is_refused(dense, ckpt_copy, tmp_path):
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     fails(["upcycle", src, tmp_path / "out", "--experts", 4, "--top-k", 2], src, tmp_path / "out",
           "layer 1 has no model.layers.1.mlp.up_proj.weight")
+
+
+def test_card_reproduces_the_upcycling(dense, tmp_path):
+    """The model card names the paper and the dense source, and its command writes the same bytes (CLI and API)."""
+    from moegrow.grow import open_source, write
+    from moegrow.upcycle import plan_upcycle_for
+
+    from .test_card import card_command, digest, rerun
+
+    src = dense("granite")
+    upcycle(src, tmp_path / "a", "--to", "granitemoeshared", "--noise", "0.01", "--router-init", "normal",
+            "--router-std", "0.05", "--seed", "4")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "arXiv 2212.05055" in card and "upcycled from `granite`" in card
+    argv = card_command(tmp_path / "a")
+    assert argv[1] == "upcycle" and "--router-init" in argv and "--seed" in argv
+    rerun(argv, tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    source = open_source(str(src))
+    write(plan_upcycle_for(source, experts=4, top_k=2, router_init="normal", router_std=0.05, seed=4,
+                           to="granitemoeshared", noise=0.01), source, tmp_path / "c")
+    rerun(card_command(tmp_path / "c"), tmp_path / "d")
+    assert digest(tmp_path / "c") == digest(tmp_path / "d") == digest(tmp_path / "a")
