@@ -18,7 +18,7 @@ from .anatomy import expert_name, layer_name
 from .errors import ConfigError, GrowthError, UnsupportedModelError
 from .io import FLOAT_DTYPES
 from .layouts import Layout, layout_for, lookup
-from .plan import Meta, OutTensor, Part, Plan, TensorMeta, _check_noise, _ordered
+from .plan import OutTensor, Part, Plan, TensorMeta, _check_noise, _ordered
 from .siblings import BY_DENSE, REFUSED, SIBLINGS, NewTensor, Sibling
 
 ROUTER_INITS = ("zeros", "normal")
@@ -224,5 +224,5 @@ def dense_param_count(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
-__all__ = ["DEFAULT_ROUTER_STD", "Meta", "ROUTER_INITS", "dense_param_count", "plan_upcycle", "plan_upcycle_for",
+__all__ = ["DEFAULT_ROUTER_STD", "ROUTER_INITS", "dense_param_count", "plan_upcycle", "plan_upcycle_for",
            "rebuild_upcycle", "sibling_for", "upcycle_config"]
