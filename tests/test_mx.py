@@ -77,6 +77,9 @@ def test_quantize_mxfp4_follows_the_kernels_rule():
     x[0, :32, 0] = 0.0                       # an all-zero block: scale byte 0
     x[0, :32, 1] = -0.0
     x[1, 5, :] = -1e-30                      # tiny negatives round to -0 (code 8)
+    # a block of exact ties (scale 4: amax 24 = 6 * 4): every midpoint between e2m1 magnitudes, both signs
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4) * torch.tensor([1.0, -1.0]).repeat(16)
+    x[2, 32:, 7] = ties * 4
     blocks, scales = mx.quantize_mxfp4(x)
     ref_blocks, ref_scales = ckpt.reference_mxfp4(x)
     assert blocks.shape == (4, 48, 2, 16) and scales.shape == (4, 48, 2)

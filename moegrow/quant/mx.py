@@ -14,14 +14,18 @@ name and shape.
 
 Dequantisation is transformers' own arithmetic (``integrations/mxfp4.py``
 ``convert_moe_packed_tensors``; ``finegrained_fp8.py`` ``Fp8Dequantize._dequantize_one``), bit
-for bit in float32. Quantisation follows the MX rules as OpenAI's triton kernels apply them
-(``downcast_to_mxfp``, the quantiser transformers' MXFP4 path calls): the block scale is
-amax / (the element format's largest value) rounded *up* to a power of two, so no value
-saturates (the OCP spec's floor(log2(amax)) - emax rounds down and saturates instead); e2m1
-elements round to nearest with ties away from zero (the kernels' rounding), e4m3 elements with
-round-to-nearest-even (torch's cast), both clamped to the largest finite value. Requantising
-values that already are MX-representable gives them back exactly (the scale may drop to the
-smallest one that holds them, the values do not change).
+for bit in float32. Quantisation computes the block scale as amax / (the element format's
+largest value, 6 or 448) rounded *up* to a power of two, so no value saturates (the OCP spec's
+floor(log2(amax)) - emax rounds down and saturates instead):
+
+- MXFP4 as OpenAI's triton kernels do it (``downcast_to_mxfp``, the quantiser transformers' MXFP4
+  path calls): e2m1 elements round to nearest with ties away from zero, at most 6; an all-zero
+  block gets scale byte 0;
+- MXFP8 as transformers' ``Fp8Quantize`` does it with Inkling-2's config (ue8m0, [1, 32]): e4m3
+  elements by torch's round-to-nearest-even cast, clamped to 448; an all-zero block gets 1.0.
+
+Requantising values that already are MX-representable gives them back exactly (the scale may drop
+to the smallest one that holds them, the values do not change).
 
 Every function takes one tensor (or a slice of one along its leading dims) and never a model.
 """
