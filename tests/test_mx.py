@@ -10,7 +10,7 @@ import torch
 from moegrow.quant import mx
 
 from . import mx_checkpoints as ckpt
-from .conftest import run
+from .conftest import TOKENS, logits, run
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -244,6 +244,46 @@ def test_inkling2_mxfp8_checkpoint_as_transformers_dequantises_it(mxfp8_source):
         values = tensors[scale.removesuffix("_scale")]
         theirs = Fp8Dequantize(None)._dequantize_one(values, tensors[scale], output_dtype=torch.float32)
         assert torch.equal(bits(mx.dequantize_mxfp8(values, tensors[scale])), bits(theirs)), scale
+
+
+def test_inkling2_mxfp8_dequantised_loads_as_transformers_round_trip(mxfp8_source, tmp_path, record_property):
+    """Our dequantised experts, written as a float checkpoint, load cleanly and give the logits of the float
+    model whose experts went through transformers' own Fp8Quantize and Fp8Dequantize in memory; the same
+    checkpoint without the scales applied (what transformers 5.23's CPU dequantising load of Inkling-2
+    computes) is far off."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    out = tmp_path / "dequantised"
+    shutil.copytree(mxfp8_source, out)
+    tensors = load_file(mxfp8_source / "model.safetensors")
+    unscaled = dict(tensors)
+    for name in [n for n in tensors if n.endswith("_scale")]:
+        weight = name.removesuffix("_scale")
+        tensors[weight] = mx.dequantize_mxfp8(tensors[weight], tensors.pop(name))
+        del unscaled[name]
+        unscaled[weight] = unscaled[weight].to(torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+    model = ckpt.inkling2_float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                values, scales = ckpt.transformers_mxfp8(p)
+                p.copy_(Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=torch.float32))
+        reference = model(input_ids=TOKENS).logits
+    diff = (logits(out) - reference).abs().max().item()
+    save_file(unscaled, out / "model.safetensors", metadata={"format": "pt"})
+    wrong = (logits(out) - reference).abs().max().item()
+    record_property("max_logit_diff", diff)
+    record_property("max_logit_diff_unscaled", wrong)
+    assert diff <= 1e-5 and wrong > 0.1, (diff, wrong)
 
 
 def test_mxfp8_codec(mxfp8_source):
