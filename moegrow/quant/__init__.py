@@ -7,7 +7,8 @@ its format. A new format is a `Codec` subclass added here.
 from __future__ import annotations
 
 from .codec import Codec, Member, QuantGroup
+from .fp8 import BlockFp8
 
-CODECS: list[type[Codec]] = []
+CODECS: list[type[Codec]] = [BlockFp8]
 
 __all__ = ["CODECS", "Codec", "Member", "QuantGroup"]
