@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .plan import OutTensor, Part, Plan
+from .plan import Encode, OutTensor, Part, Plan
 from .source import Source
 
 RECORD_NAME = "moegrow.json"
 
 
-def part_record(p: Part, axis: int = 0) -> list[Any]:
-    """[source, noise] + [scale] where scaled + [{rows, add, axis}] where a part has any of them."""
+def part_record(p: Part, axis: int = 0, encode: Encode | None = None) -> list[Any]:
+    """[source, noise] + [scale] where scaled + [{rows, add, axis, decode, encode}] where a part has any."""
     extra: dict[str, Any] = {}
     if p.rows is not None:
         extra["rows"] = list(p.rows)
@@ -25,6 +25,10 @@ def part_record(p: Part, axis: int = 0) -> list[Any]:
         extra["add"] = p.add
     if axis:
         extra["axis"] = axis
+    if p.decode:
+        extra["decode"] = p.decode
+    if encode is not None:
+        extra["encode"] = encode.record()
     record: list[Any] = [p.source, p.noise]
     if p.scale != 1.0 or extra:
         record.append(p.scale)
@@ -38,8 +42,10 @@ def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
     axis 0 unless extras say `axis`.
 
     The scale appears only where a part is scaled (see layouts.TensorRule) or has extras: `rows`
-    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table)."""
-    return {t.name: [part_record(p, t.axis) for p in t.parts] for t in tensors}
+    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table),
+    `decode` (the source is a quantised weight, by its dequantised name, in this format), `encode`
+    (`cast`: written in the tensor's float dtype; `FORMAT.MEMBER`: one member of a requantised weight)."""
+    return {t.name: [part_record(p, t.axis, t.encode) for p in t.parts] for t in tensors}
 
 
 def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
@@ -57,6 +63,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "router_noise": plan.router_noise,
             "seed": plan.seed,
             "allow_inexact": plan.allow_inexact,
+            "dtype": plan.dtype,
         },
         "noise_device": device,
         "function_preserving": plan.function_preserving,

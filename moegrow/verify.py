@@ -71,8 +71,9 @@ def _record_problem(record: Any) -> str | None:
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     def is_extra(x: Any) -> bool:  # see provenance.part_record
-        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis"} and all(
-            (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows" else is_int(v)
+        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "decode", "encode"} and all(
+            (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows"
+            else isinstance(v, str) if k in ("decode", "encode") else is_int(v)
             for k, v in x.items())
 
     def is_part(p: Any) -> bool:
@@ -93,6 +94,7 @@ def _record_problem(record: Any) -> str | None:
         "seed": is_int,
         "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
         "allow_inexact": lambda v: isinstance(v, bool),
+        "dtype": lambda v: v in ("keep", "bfloat16", "float16", "float32"),
     }
     for key, ok in checks.items():
         if g.get(key) is not None and not ok(g[key]):
