@@ -23,6 +23,7 @@ from .grow import rebuild_plan
 from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, tensor_mapping
+from .quant.verify import check_encoded
 from .source import Source, read_config
 
 
@@ -222,6 +223,7 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
         report.problems.append(f"{name}: in OUTPUT but not accounted for by the growth")
     reader = _Reader()
     device = str(record.get("noise_device"))
+    by_name = {t.name: t for t in plan.tensors}
     try:
         for t in plan.tensors:
             out = out_tensors.get(t.name)
@@ -232,7 +234,10 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
                 report.problems.append(f"{t.name}: {out.dtype}{list(out.shape)}, expected "
                                        f"{t.dtype}{list(t.shape)}")
                 continue
-            _check_tensor(t, out, plan, source, device, reader, report)
+            if t.encode is not None:  # dequantised, converted or requantised (moegrow.quant)
+                check_encoded(t, out, plan, source, device, reader, report, by_name, out_tensors)
+            else:
+                _check_tensor(t, out, plan, source, device, reader, report)
             report.checked += 1
             if progress:
                 progress(t.nbytes)
