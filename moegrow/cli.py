@@ -305,6 +305,13 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
     else:
         out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
     out.print(f"  dtypes: {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}")
+    q = info["quantization"]
+    if q:
+        block = f", blocks {'x'.join(map(str, q['block_size']))}" if q.get("block_size") else ""
+        out.print(f"  quantisation: {q['format']}{block}, {q['quantized_tensors']} quantised weights "
+                  f"(+{q['scale_tensors']} scale tensors)", markup=False)
+    out.print("  --dtype writes: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["dtype_bytes"].items()),
+              markup=False)
     out.print(f"  {info['num_tensors']} tensors, {format_size(info['total_bytes'])} in {len(info['files'])} file(s)")
 
 

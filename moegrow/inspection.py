@@ -9,6 +9,7 @@ from .anatomy import analyse
 from .configs import check_moe_layers
 from .layouts import layout_for, lookup
 from .plan import param_counts
+from .quant.plan import output_bytes, quantisation
 from .source import Source
 
 
@@ -43,6 +44,7 @@ def describe(source: Source) -> dict[str, Any]:
         prefix = layout.shared_prefix
         shared = int(bool(prefix) and any(r.rel.startswith(prefix) for r in anatomy.roles.values()))
     dtypes = Counter(t.dtype for t in source.tensors.values())
+    quant = quantisation(config, source.tensors)
     files = sorted({t.path.name for t in source.tensors.values()})
     return {
         "source": source.spec,
@@ -80,4 +82,8 @@ def describe(source: Source) -> dict[str, Any]:
         "num_tensors": len(source.tensors),
         "total_bytes": source.total_bytes,
         "files": files,
+        # null for a float checkpoint; else format, block_size (where there is one), quantized_tensors
+        "quantization": quant.describe() if quant is not None else None,
+        # the bytes of tensors each --dtype writes for this checkpoint as it is (before any growth)
+        "dtype_bytes": output_bytes(source.tensors, quant),
     }
