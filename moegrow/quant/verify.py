@@ -75,7 +75,7 @@ def _decoded_output(plan: Plan, t: OutTensor, i: int, got: bytes, planned: Mappi
     assert t.encode is not None
     part = t.parts[i]
     if not t.encode.format:
-        return from_bytes(got, t.dtype, part_shape(plan, t, part, {}))
+        return from_bytes(got, t.dtype, part_shape(plan, t, part, tensors))
     codec = plan.quant.codec
     if t.encode.member != codec.roles[0]:
         return None
@@ -88,5 +88,5 @@ def _decoded_output(plan: Plan, t: OutTensor, i: int, got: bytes, planned: Mappi
             return None
         off, n = _offsets(plan, member, tensors)[i]
         data[role] = from_bytes(reader.read(info.path, info.start + off, n), member.dtype,
-                                part_shape(plan, member, member.parts[i], {}))
+                                part_shape(plan, member, member.parts[i], tensors))
     return codec.dequantize(group, data)
