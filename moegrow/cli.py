@@ -169,8 +169,11 @@ def _emit(obj: dict[str, Any]) -> None:
 def _summary(plan: Plan, source: Any) -> dict[str, Any]:
     """Plan facts for --dry-run and the run summary."""
     layout = plan.layout
-    src_shapes = {n: t.shape for n, t in source.tensors.items()}
-    out_shapes = {t.name: t.shape for t in plan.tensors}
+    from .quant.plan import planning_index
+
+    # parameters count a quantised weight once, as its dequantised tensor (not values + scales)
+    src_shapes = {n: t.shape for n, t in planning_index(source.tensors, plan.quant, "keep").items()}
+    out_shapes = plan.dequantised_shapes or {t.name: t.shape for t in plan.tensors}
     before = param_counts(src_shapes, analyse(src_shapes, plan.source_config, layout), layout,
                           layout.top_k(plan.source_config))
     after = param_counts(out_shapes, analyse(out_shapes, plan.config, layout), layout,

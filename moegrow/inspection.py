@@ -9,7 +9,7 @@ from .anatomy import analyse
 from .configs import check_moe_layers
 from .layouts import layout_for, lookup
 from .plan import param_counts
-from .quant.plan import output_bytes, quantisation
+from .quant.plan import output_bytes, planning_index, quantisation
 from .source import Source
 
 
@@ -28,7 +28,9 @@ def describe(source: Source) -> dict[str, Any]:
     """A JSON-ready description: layers, MoE layout, routing, parameter counts, files, bytes."""
     config = source.config
     layout = layout_for(config, f"{source.spec}/config.json", source.tensors)
-    shapes = {n: t.shape for n, t in source.tensors.items()}
+    quant = quantisation(config, source.tensors)
+    # a quantised weight counts once, as its dequantised tensor (not values + scales)
+    shapes = {n: t.shape for n, t in planning_index(source.tensors, quant, "keep").items()}
     anatomy = analyse(shapes, config, layout, f"{source.spec}/config.json")
     check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")
     top_k = layout.top_k(config)
@@ -44,7 +46,6 @@ def describe(source: Source) -> dict[str, Any]:
         prefix = layout.shared_prefix
         shared = int(bool(prefix) and any(r.rel.startswith(prefix) for r in anatomy.roles.values()))
     dtypes = Counter(t.dtype for t in source.tensors.values())
-    quant = quantisation(config, source.tensors)
     files = sorted({t.path.name for t in source.tensors.values()})
     return {
         "source": source.spec,

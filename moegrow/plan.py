@@ -132,6 +132,8 @@ class Plan:
     dtype: str = "keep"          # --dtype: keep, or the float dtype every weight is written in
     quant: Any = None            # moegrow.quant.plan.Quantisation of a quantised source, else None
     lossy: str = ""              # why the --dtype conversion rounds weights, if it does
+    # a quantised source: output tensor shapes with each quantised weight as one tensor (parameter counts)
+    dequantised_shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
     def function_preserving(self) -> bool:

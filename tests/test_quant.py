@@ -311,6 +311,9 @@ def test_inspect_reports_quantisation(fp8_source, checkpoints):
     n_all = sum(t.numel() for n, t in w.items() if not n.endswith("_scale_inv"))
     assert info["dtype_bytes"]["keep"] == sum(t.numel() * t.element_size() for t in w.values())
     assert info["dtype_bytes"]["float32"] == 4 * n_all
+    code, stdout, _ = run("inspect", src.parent / "float", "--json")  # the model before quantisation
+    assert (info["total_params"], info["active_params"]) == (json.loads(stdout)["total_params"],
+                                                             json.loads(stdout)["active_params"])
     code, stdout, _ = run("inspect", checkpoints["deepseek_v3"], "--json")
     assert json.loads(stdout)["quantization"] is None
     code, _, err = run("inspect", src)

@@ -109,6 +109,8 @@ def lower(plan: Plan, tensors: Mapping[str, TensorMeta], quant: Quantisation | N
     plan.quant = quant
     if quant is None and dtype == "keep":
         return plan
+    if quant is not None:
+        plan.dequantised_shapes = {t.name: t.shape for t in plan.tensors}
     out: list[OutTensor] = []
     for t in plan.tensors:
         if quant is not None and any(p.source in quant.groups for p in t.parts):
