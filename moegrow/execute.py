@@ -166,8 +166,11 @@ def clean_stale_partials(output: Path) -> list[Path]:
             _remove(p)
             removed.append(p)
     if _exists(output.parent / f".{output.name}{LOCK_MARK}"):
-        with _output_lock(output, wait=False):
-            pass  # taken (so no run holds it) and released: released, the file is removed
+        try:
+            with _output_lock(output, wait=False):
+                pass  # taken, so no run holds it; released, so it is removed
+        except OSError:
+            pass  # not ours to remove (permissions): check_output reports the folder
     return removed
 
 
