@@ -384,6 +384,12 @@ class _Job:
         if not t.flat:
             return self._write_joined(t, dst_fd, pos)
         for i, part in enumerate(t.parts):
+            if part.init:  # generated, the tensor's only part (upcycling's router): no source bytes
+                from .noise import generate
+
+                pwrite_all(dst_fd, generate(part.init, part.noise, t.dtype, t.nbytes, self.plan.seed, t.name, i), pos)
+                self.progress(t.nbytes)
+                continue
             src = self.tensors[part.source]
             off, n = part.span(src.nbytes)
             if part.is_copy:
@@ -505,10 +511,11 @@ def write_json(path: Path, obj: Any) -> None:
 def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path, output: Path, *,
             provenance: Mapping[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD,
             device: str = "cpu", threads: int = 2, force: bool = False,
-            progress: Callable[[int], None] | None = None,
+            progress: Callable[[int], None] | None = None, card: Callable[[str], str] | None = None,
             check_source: Callable[[], None] | None = None) -> Written:
     """Write the grown checkpoint to `output`; on any failure leave no output and no temp folder.
 
+    `card(device)`: the model card (README.md, in place of the source's), given where tensor math ran.
     `check_source` runs once everything is written, before the rename: it raises when the source
     changed during the run (see `Source.check_unchanged`), so that mixed bytes are never published.
     """
@@ -529,6 +536,8 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
         provenance = {**provenance, "noise_device": device}
         write_json(tmp / "config.json", plan.config)
         copy_side_files(source_folder, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card(device), encoding="utf-8")
         write_json(tmp / "moegrow.json", provenance)
         if check_source is not None:
             check_source()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .anatomy import analyse
+from .card import plan_options, render_card
 from .configs import parse_top_k
 from .errors import GrowthError, SourceError
 from .execute import DEFAULT_MAX_SHARD, Written, check_output, execute, find_nonfinite, nonfinite_message
@@ -90,6 +91,10 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     """The plan a provenance record describes, rebuilt from the source."""
     g = record.get("growth") or {}
     op = record.get("operation")
+    if op == "upcycle":
+        from .upcycle import rebuild_upcycle
+
+        return rebuild_upcycle(source, record)
     experts = f"{g['factor']}x" if g.get("factor") else None
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
@@ -107,9 +112,12 @@ def check_finite(plan: Plan, source: Source) -> None:
 
 def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD,
           device: str = "auto", threads: int = 2, force: bool = False,
-          progress: Callable[[int], None] | None = None, strict: bool = False) -> Written:
-    """Execute a plan into OUTPUT (atomically) with its provenance record.
+          progress: Callable[[int], None] | None = None, strict: bool = False,
+          options: Mapping[str, Any] | None = None) -> Written:
+    """Execute a plan into OUTPUT (atomically) with its provenance record and model card.
 
+    `options`: the growth flags as the user gave them, for the card's reproduction command (the
+    CLI passes its own); by default the plan's (`card.plan_options`).
     `strict` first reads every source tensor and refuses NaN or Inf (see `check_finite`);
     without it, only the tensors that pass through torch (noised copies) are checked, and
     `Written.warnings` names those holding NaN or Inf. A source shard (or config.json) that
@@ -126,6 +134,15 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
         resolve_device(device)  # fail now, not after the byte copies
     # "auto" resolves when the first transformed tensor needs torch; execute records the result
     record = build_record(plan, source, device)
+    flags = dict(plan_options(plan) if options is None else options)
+    if source.repo_id:  # the commit, not a branch that may move
+        flags["revision"] = source.commit or source.revision
+    if max_shard_size != DEFAULT_MAX_SHARD and not flags.get("max_shard_size"):
+        flags["max_shard_size"] = max_shard_size
+
+    def card(used: str) -> str:  # `used`: where noise was drawn (none: byte copies only)
+        return render_card(plan, source, {**flags, "device": None if used == "none" else used})
+
     return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
                    max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                   progress=progress, check_source=source.check_unchanged)
+                   progress=progress, card=card, check_source=source.check_unchanged)
