@@ -187,7 +187,8 @@ def test_an_output_that_appears_during_the_run_is_never_replaced(source, tmp_pat
 def test_racing_force_runs_the_last_to_finish_wins(fallback, source, refs, tmp_path):
     out = tmp_path / "out"
     assert run("grow-depth", source, out, "--layers", "2x", *COMMON)[0] == 0
-    watch = always_there(out)
+    # the fallback's two renames leave OUTPUT missing for an instant (docs/errors.md); renameat2 never
+    watch = always_there(out) if not fallback else lambda: None
     for i in range(6 if not fallback else 4):
         procs = [start(source, out, "2x", "--force", fallback=fallback),
                  start(source, out, "4x", "--force", fallback=fallback)]
