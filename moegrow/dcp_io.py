@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) in {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"),
                               ("builtins", "frozenset"),
-                              ("torch.serialization", "_get_layout")}:
+                              ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath")}:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata class")
 
@@ -222,14 +224,24 @@ def write_dcp(folder: Path, chunks: Iterable[OutChunk], objects: dict[str, Calla
         def resolve_data(self, write_item: WriteItem) -> Any:
             i = write_item.index
             make = makers.pop((i.fqn, tuple(i.offset) if i.offset is not None else None))
-            if write_item.type == WriteItemType.BYTE_IO:
-                return io.BytesIO(make())
-            return make().contiguous()
+            try:
+                return io.BytesIO(make()) if write_item.type == WriteItemType.BYTE_IO else make().contiguous()
+            except BaseException as e:
+                failed.append(e)
+                raise
 
     writer = FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=True,
                               per_thread_copy_ahead=0)
-    dcp_save({}, storage_writer=writer, planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False),
-             no_dist=True)
+    failed: list[BaseException] = []  # DCP wraps errors in its own exception: the first one is re-raised
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled...": no process group is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_save({}, storage_writer=writer, no_dist=True,
+                     planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False))
+    except BaseException:  # torch's CheckpointException is a BaseException
+        if failed:
+            raise failed[0] from None
+        raise
 
 
 def fsync_tree(folder: Path) -> None:
