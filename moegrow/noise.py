@@ -50,6 +50,18 @@ def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, ind
     return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale)
 
 
+def generate(init: str, std: float, dtype: str, nbytes: int, seed: int, tensor: str,
+             part: int) -> bytearray | memoryview:
+    """A tensor made from nothing (`plan.Part.init`): zeros, or N(0, std^2) drawn on the CPU (the same
+    blocks as `add_noise` on zeros, so any machine regenerates the same bytes)."""
+    zeros = bytearray(nbytes)
+    if init == "zeros":
+        return zeros
+    if init == "normal":
+        return add_noise(zeros, dtype, std, seed, tensor, part, "cpu")
+    raise ValueError(f"unknown init {init!r}")
+
+
 def shift(raw: bytearray, dtype: str, add: int) -> memoryview:
     """An integer tensor's bytes with `add` added to every value (expert indices moved to copies)."""
     import torch

@@ -41,6 +41,9 @@ class Part:
     routed rows and the extra rows (zero or shared experts) of a router as separate parts.
     ``add``: an integer added to every value of an integer tensor (an expert-index table pointing
     at the copies: deepseek_v4's hash routing).
+    ``init``: a generated part with no source bytes (`source` is ""): ``zeros``, or ``normal`` (std
+    `noise`, drawn on the CPU from the seed and the output tensor's name: regenerated bit for bit by
+    verify); it is the only part of its tensor (upcycling's new routers).
     """
 
     source: str
@@ -48,10 +51,11 @@ class Part:
     scale: float = 1.0
     rows: tuple[int, int, int] | None = None
     add: int = 0
+    init: str = ""
 
     @property
     def is_copy(self) -> bool:
-        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0
+        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and not self.init
 
     def span(self, nbytes: int) -> tuple[int, int]:
         """(offset, length) of this part's bytes within its source tensor of `nbytes` bytes."""
@@ -107,6 +111,8 @@ class Plan:
     exact: bool = True           # claims the same function as the source (at zero noise)
     allow_inexact: bool = False  # --allow-inexact: a family whose width growth cannot be exact
     warnings: list[str] = field(default_factory=list)
+    upcycle: dict[str, Any] | None = None  # operation upcycle: the dense model_type and the router init
+    why_inexact: str = ""                  # why not function-preserving, where a planner knows better
 
     @property
     def function_preserving(self) -> bool:
@@ -116,6 +122,8 @@ class Plan:
         """Whether the grown model computes the source's function, and if not, why."""
         if self.function_preserving:
             return "yes (logits equal up to float rounding)"
+        if self.why_inexact:
+            return f"no ({self.why_inexact})"
         if self.layer_map is not None:
             return "no (depth growth adds layers)"
         if not self.exact:
@@ -123,7 +131,7 @@ class Plan:
         return "no (noise on the copies; exact at --noise 0 --router-noise 0)"
 
     def sources(self) -> set[str]:
-        return {p.source for t in self.tensors for p in t.parts}
+        return {p.source for t in self.tensors for p in t.parts if not p.init}
 
 
 _NUM = re.compile(r"(\d+)")
@@ -335,16 +343,18 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
-            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked): a byte concatenation
+            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked) but for `inner_axis`: joined through torch
             n = t.shape[axis]
             per = layout.rows_per_expert(text, role.rel)  # rows per slot
             if layout.segment_of(role.rel) is None and n == sum(segments) * per != e_old * per:
+                if any(d != 1 for d in t.shape[:axis]):
+                    raise GrowthError(f"{name}: segments of expert slots along an inner axis cannot be duplicated")
                 parts = tuple(Part(name, std if c else 0.0, scale, (start * per, (start + count) * per, n))
                               for start, count in zip(starts, segments) if count for c in range(factor))
             else:  # routed experts only, or one extra segment only: duplicated whole
                 parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
-            out.append(OutTensor(name, t.dtype, shape, parts))
+            out.append(OutTensor(name, t.dtype, shape, parts, axis))
         elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
             out.append(_widened_table(name, t, e_old, factor, k_old, k_new))
         else:
