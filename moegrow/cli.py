@@ -469,14 +469,24 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
            atol: Annotated[float, typer.Option(help="Logit tolerance for --forward.")] = 1e-4,
            revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
     """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
+    from .training import detect
     from .verify import _read_record, forward_diff
     from .verify import verify as run_verify
 
-    src = _open(source, revision)
-    record = _read_record(output)
-    total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
-    with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
-        report = run_verify(src, output, progress)
+    if detect(source):  # a training-stack checkpoint (moegrow/training_verify.py)
+        from .training_verify import output_bytes, verify_training
+
+        if forward:
+            raise typer.BadParameter("runs transformers models; not for training checkpoints", param_hint="--forward")
+        with _progress(output_bytes(output), "verify", _interactive(quiet or json_out)) as progress:
+            report = verify_training(source, output, progress)
+        forward = False
+    else:
+        src = _open(source, revision)
+        record = _read_record(output)
+        total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
+        with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
+            report = run_verify(src, output, progress)
     if forward:
         diff = forward_diff(src.folder, output)
         exact = bool(record.get("function_preserving"))
