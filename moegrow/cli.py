@@ -309,7 +309,7 @@ def _print_training(s: dict[str, Any], title: str) -> None:
     if s["layer_map"] is not None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
-        err.print(f"  common.pt {c}", markup=False)
+        err.print(f"  {'' if c.startswith('config.json') else 'common.pt '}{c}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}", markup=False)
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
