@@ -1,11 +1,11 @@
-"""`moegrow verify` for a grown training-stack checkpoint (Megatron-core torch_dist).
+"""`moegrow verify` for a grown training-stack checkpoint (Megatron-core torch_dist, OLMo-core DCP).
 
 The provenance record holds the growth flags and every output chunk's source. The plan is rebuilt
 from SOURCE and those flags and must give the record's mapping; then every output chunk is read
 and compared with its source slice (a copy byte-identical, a noised copy equal to the recorded
 seed's CPU noise, its std measured), the output's keys, shapes and dtypes against the plan, the
-non-tensor entries byte for byte, common.pt against the source's with the plan's arg changes, and
-the trainer's other files as copied. One chunk in memory at a time, as when growing.
+non-tensor entries byte for byte, common.pt (config.json for OLMo-core) against the source's with the
+plan's changes, and the trainer's other files as copied. One chunk in memory at a time, as when growing.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from .megatron import (
     plan_megatron,
     updated_common,
 )
+from .olmo import DCP_DIR, OlmoCheckpoint, is_olmo
+from .olmo import FORMAT as OLMO_FORMAT
 from .provenance import RECORD_NAME
 from .verify import Report
 
@@ -42,22 +44,27 @@ def _read_record(output: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(f"{path}: not valid JSON ({e})") from None
-    ok = (isinstance(record, dict) and record.get("format") == FORMAT
+    ok = (isinstance(record, dict) and record.get("format") in (FORMAT, OLMO_FORMAT)
           and isinstance(record.get("growth"), dict) and isinstance(record.get("tensors"), dict)
           and isinstance(record.get("non_tensor_entries"), dict) and isinstance(record.get("source"), dict))
     if not ok:
-        raise SourceError(f"{path}: not a valid moegrow record of a {FORMAT} growth")
+        raise SourceError(f"{path}: not a valid moegrow record of a {FORMAT} or {OLMO_FORMAT} growth")
     return record
 
 
-def rebuild(source: str, record: dict[str, Any]) -> tuple[MegatronCheckpoint, MegatronPlan]:
+def rebuild(source: str, record: dict[str, Any]) -> tuple[MegatronCheckpoint | OlmoCheckpoint, MegatronPlan]:
     """The source (at the record's iteration) and the plan the record's flags give."""
+    from .olmo import open_olmo, plan_olmo
+
     g = record["growth"]
     it = record["source"].get("iteration")
+    olmo = is_olmo(Path(source))
     try:
-        ckpt = open_megatron(source, it if (Path(source) / LATEST_NAME).is_file() else None)
+        ckpt = open_olmo(source) if olmo else open_megatron(source, it if (Path(source) / LATEST_NAME).is_file()
+                                                            else None)
         factor = int(g["factor"])
-        plan = plan_megatron(ckpt, record["operation"], layer_map=g["layer_map"], factor=factor,
+        planner = plan_olmo if olmo else plan_megatron
+        plan = planner(ckpt, record["operation"], layer_map=g["layer_map"], factor=factor,  # type: ignore[operator]
                              noise=float(g["noise"]), router_noise=float(g["router_noise"]), seed=int(g["seed"]),
                              top_k=g["top_k"], optimizer=g["optimizer"], allow_inexact=bool(g["allow_inexact"]))
     except (KeyError, TypeError, ValueError) as e:
@@ -86,6 +93,27 @@ def _canon(x: Any) -> Any:
     if isinstance(x, float) and x != x:
         return ("nan",)
     return x
+
+
+def _check_config(ckpt: OlmoCheckpoint, plan: MegatronPlan, out: Path, report: Report) -> None:
+    """config.json: the source's with the plan's changes, every other field as it was."""
+    from .olmo import CONFIG_NAME, updated_config
+
+    path = out / CONFIG_NAME
+    try:
+        got = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        report.problems.append(f"{path}: missing or not JSON ({e})".splitlines()[0])
+        return
+
+    def walk(want: Any, have: Any, where: str) -> None:
+        if isinstance(want, dict) and isinstance(have, dict):
+            for k in sorted(set(want) | set(have)):
+                walk(want.get(k), have.get(k), f"{where}.{k}" if where else k)
+        elif want != have:
+            report.problems.append(f"{path}: {where} is {have!r}, the growth gives {want!r}")
+
+    walk(updated_config(ckpt, plan), got, "")
 
 
 def _check_common(ckpt: MegatronCheckpoint, plan: MegatronPlan, out: Path, report: Report) -> None:
@@ -119,7 +147,7 @@ def _bytes(t: Any) -> bytes:
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _check_chunks(ckpt: MegatronCheckpoint, plan: MegatronPlan, out: DcpReader, report: Report,
+def _check_chunks(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan, out: DcpReader, report: Report,
                   progress: Callable[[int], None] | None) -> None:
     import torch
 
@@ -166,8 +194,8 @@ def _check_chunks(ckpt: MegatronCheckpoint, plan: MegatronPlan, out: DcpReader, 
     report.checked = len(set(plan.shapes) - bad)
 
 
-def _check_objects(ckpt: MegatronCheckpoint, plan: MegatronPlan, record: dict[str, Any], out: DcpReader,
-                   report: Report) -> None:
+def _check_objects(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan, record: dict[str, Any],
+                   out: DcpReader, report: Report) -> None:
     if record["non_tensor_entries"] != plan.objects:
         report.problems.append(f"{RECORD_NAME}: non_tensor_entries differ from the plan that its flags describe")
     have = set(out.objects)
@@ -178,7 +206,12 @@ def _check_objects(ckpt: MegatronCheckpoint, plan: MegatronPlan, record: dict[st
             report.problems.append(f"{key}: non-tensor entry missing from OUTPUT")
             continue
         try:
-            same = out.object_bytes(key) == ckpt.reader.object_bytes(src)
+            if isinstance(ckpt, OlmoCheckpoint):  # param group names are rewritten for new blocks
+                from .olmo import object_bytes
+
+                same = out.object_bytes(key) == object_bytes(ckpt, plan, src)
+            else:
+                same = out.object_bytes(key) == ckpt.reader.object_bytes(src)
         except SourceError as e:
             report.problems.append(str(e))
             continue
@@ -188,6 +221,7 @@ def _check_objects(ckpt: MegatronCheckpoint, plan: MegatronPlan, record: dict[st
 
 def verify_training(source: str, output: Path, progress: Callable[[int], None] | None = None) -> Report:
     """Check a grown Megatron checkpoint OUTPUT against SOURCE and its provenance record."""
+    from .olmo import fingerprint as olmo_fingerprint
     from .training import _CARRIED_NOT
     from .training import record as make_record
 
@@ -195,12 +229,20 @@ def verify_training(source: str, output: Path, progress: Callable[[int], None] |
     record = _read_record(output)
     ckpt, plan = rebuild(source, record)
     expected = make_record(ckpt, plan)
-    for name, value in fingerprint(ckpt).items():
+    olmo = isinstance(ckpt, OlmoCheckpoint)
+    for name, value in (olmo_fingerprint(ckpt) if olmo else fingerprint(ckpt)).items():
         if name.endswith("_sha256") and record["source"].get(name) not in (None, value):
             report.problems.append(f"{ckpt.folder}: {name.removesuffix('_sha256')} differs from the source "
                                    "the record names (SOURCE changed since the growth?)")
     if record["tensors"] != expected["tensors"]:
         report.problems.append(f"{output / RECORD_NAME}: tensor mapping differs from the plan that its flags describe")
+    if olmo:
+        out = DcpReader(output / DCP_DIR)
+        _check_chunks(ckpt, plan, out, report, progress)
+        _check_objects(ckpt, plan, record, out, report)
+        _check_config(ckpt, plan, output, report)
+        _check_copied(ckpt.root, output, {DCP_DIR, "config.json", RECORD_NAME}, report)
+        return report
     folder = output / ckpt.folder.name if ckpt.is_run else output
     if ckpt.is_run:
         latest = output / LATEST_NAME
@@ -219,9 +261,21 @@ def verify_training(source: str, output: Path, progress: Callable[[int], None] |
     return report
 
 
+def _check_copied(src: Path, out: Path, skip: set[str], report: Report) -> None:
+    """Every other file of the source folder (and of its subfolders) copied as it is."""
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if rel.parts[0] in skip or not p.is_file():
+            continue
+        q = out / rel
+        if not q.is_file() or q.read_bytes() != p.read_bytes():
+            report.problems.append(f"{q}: missing or not a copy of {p}")
+
+
 def output_bytes(output: Path) -> int:
     """The bytes of tensor data `verify_training` reads from OUTPUT (for the progress bar)."""
-    folders = [p for p in output.iterdir() if p.is_dir()] if (output / LATEST_NAME).is_file() else [output]
+    folders = [p for p in output.iterdir() if p.is_dir()] if (output / LATEST_NAME).is_file() \
+        else [output / DCP_DIR] if (output / DCP_DIR).is_dir() else [output]
     total = 0
     for f in folders:
         with contextlib.suppress(SourceError):

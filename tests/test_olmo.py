@@ -109,3 +109,18 @@ def test_refusals(tmp_path: Path) -> None:
     (src / "config.json").unlink()
     code, _, err = run("inspect", src)
     assert code == 2 and "config.json: missing" in err and "Traceback" not in err
+
+
+def test_verify(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("grow", OLMO / "default", out, "--layer-map", "0,1,1", "--experts", "2x", "--noise", "0.01")[0] == 0
+    code, text, err = run("verify", OLMO / "default", out, "--json")
+    assert code == 0, err
+    report = json.loads(text)
+    assert report["ok"] and report["tensors_checked"] == len(DcpReader(out / "model_and_optim").tensors)
+    assert 0.006 < report["noise_std"]["model." + W1.format(2)] < 0.014
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"]["block"]["feed_forward_moe"]["num_experts"] = 4
+    (out / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run("verify", OLMO / "default", out)
+    assert code == 1 and "model.block.feed_forward_moe.num_experts is 4, the growth gives 8" in err
