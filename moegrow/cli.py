@@ -129,8 +129,8 @@ DType = Annotated[str, typer.Option(
 Iteration = Annotated[int | None, typer.Option(
     help="Megatron-LM run folder: the iteration to read (default: latest_checkpointed_iteration.txt's).")]
 Optimizer = Annotated[str, typer.Option(
-    help="Training checkpoints (Megatron torch_dist): keep grows the Adam moments with their parameters "
-    "(copies, no noise; the step carried); drop writes no optimizer state.")]
+    help="Training checkpoints (Megatron torch_dist, OLMo-core): keep grows the Adam moments with their "
+    "parameters (copies, no noise; the step carried); drop writes no optimizer state.")]
 AllowInexact = Annotated[bool, typer.Option(
     "--allow-inexact", help="Grow the width of a family whose routing no duplication can preserve "
     "(phimoe), which is refused without it; the result is not function-preserving (a warning says so).")]
