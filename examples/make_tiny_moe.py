@@ -1,6 +1,7 @@
 """Build a tiny random Mixture-of-Experts checkpoint to try moegrow on (no download needed).
 
-Usage: .venv/bin/python examples/make_tiny_moe.py [mixtral|qwen2_moe|qwen3_moe|olmoe|deepseek_v3] OUT
+Usage: .venv/bin/python examples/make_tiny_moe.py [mixtral|qwen2_moe|qwen3_moe|olmoe|deepseek_v3|llama] OUT
+(llama is dense: a source for `moegrow upcycle`.)
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ CONFIGS = {
                         n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
                         kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=32,
                         v_head_dim=32, head_dim=32),
+    "llama": dict(),  # dense, to upcycle into mixtral
 }
 
+SIZES = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-def main() -> None:
-    family, out = (sys.argv[1], sys.argv[2]) if len(sys.argv) == 3 else ("mixtral", sys.argv[-1])
+
+def build(family: str, out: str, **sizes) -> str:
+    """Save a tiny random `family` checkpoint (bf16) to `out`; `sizes` overrides the config's sizes."""
     transformers.logging.set_verbosity_error()
-    config = transformers.AutoConfig.for_model(
-        family, vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **CONFIGS[family])
+    config = transformers.AutoConfig.for_model(family, **{**SIZES, **CONFIGS[family], **sizes})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     with torch.no_grad():  # routers with real spread, so that routing matters
@@ -37,6 +40,12 @@ def main() -> None:
             if "gate.weight" in name or "router" in name:
                 p.normal_(0, 0.5)
     model.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    family, out = (sys.argv[1], sys.argv[2]) if len(sys.argv) == 3 else ("mixtral", sys.argv[-1])
+    build(family, out)
     print(f"wrote a tiny {family} checkpoint to {out}")
 
 
