@@ -5,7 +5,8 @@ and grown model with transformers in float32, prints both losses on the same fix
 function-preserving growth), then trains the grown model a few steps (AdamW, CPU, a few seconds) and prints per
 step the loss, the raw load-balancing loss (`aux`) and, per kind of copy, the mean cosine similarity between every
 copy and its original (`_cos`), the mean cosine similarity of their updates since step 0 (`_dcos`: 1 while both
-learn the same thing) and the largest absolute difference (`_gap`):
+learn the same thing), the largest absolute difference (`_gap`) and the fraction of copies still within 1e-4 of
+their original (`_same`):
 
   width       mixtral, `grow-width --experts 2x --top-k scale --noise N`: expert e+E against expert e (and the
               router rows e+E against e)
@@ -45,6 +46,8 @@ CASES: dict[str, tuple[str, list[str], bool]] = {
     "depth-copy": ("mixtral", ["grow-depth", "--layers", "2x"], False),
     "upcycle": ("llama", ["upcycle", "--experts", "4", "--top-k", "2"], True),
 }
+
+SAME = 1e-4  # a copy within this of its original everywhere is still a duplicate (float rounding reaches ~1e-5)
 
 
 @dataclass
@@ -129,8 +132,9 @@ def pairs(model, source_config, record: dict) -> list[Pair]:
 
 def similarity(ps: list[Pair], start: list[Pair]) -> dict:
     """Per kind of pair: the mean cosine similarity of copy and original (`cos`), the mean cosine similarity of
-    their updates since step 0 (`dcos`: 1 while both learn the same thing) and the largest difference (`gap`);
-    for zeroed writers, their norm relative to their originals' (`norm`)."""
+    their updates since step 0 (`dcos`: 1 while both learn the same thing), the largest difference (`gap`) and the
+    fraction of copies still within SAME of their original everywhere (`same`); for zeroed writers, their norm
+    relative to their originals' (`norm`)."""
     cos = torch.nn.functional.cosine_similarity
     out: dict = {}
     for kind in ("expert", "router", "layer"):
@@ -142,7 +146,9 @@ def similarity(ps: list[Pair], start: list[Pair]) -> dict:
         moved = [(p.copy - p0.copy, p.original - p0.original) for p, p0 in now]
         if any(c.any() or o.any() for c, o in moved):
             out[f"{kind}_dcos"] = float(torch.stack([cos(c.flatten(), o.flatten(), dim=0) for c, o in moved]).mean())
-        out[f"{kind}_gap"] = max(float((p.copy - p.original).abs().max()) for p, _ in now)
+        gaps = [float((p.copy - p.original).abs().max()) for p, _ in now]
+        out[f"{kind}_gap"] = max(gaps)
+        out[f"{kind}_same"] = sum(g < SAME for g in gaps) / len(gaps)
     zeroed = [p for p in ps if p.kind == "zeroed"]
     if zeroed:
         out["zeroed_norm"] = float(sum(p.copy.norm() ** 2 for p in zeroed).sqrt()

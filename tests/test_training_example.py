@@ -62,6 +62,7 @@ def test_noise_free_width_copies_stay_identical(example, workdir):
     assert first["expert_gap"] == 0.0 and first["router_gap"] == 0.0
     assert last["loss"] < first["loss"]
     assert last["expert_gap"] < 1e-4 and last["expert_dcos"] > 1 - 1e-6 and last["router_dcos"] > 1 - 1e-6
+    assert last["expert_same"] == 1.0 and last["router_same"] == 1.0
 
 
 def test_noise_lets_width_copies_drift_apart(example, workdir):
@@ -69,6 +70,6 @@ def test_noise_lets_width_copies_drift_apart(example, workdir):
     assert run.step0_diff > 1e-6  # noised copies: not the source's function any more
     first, last = run.history[0], run.history[-1]
     assert first["router_cos"] == pytest.approx(1.0, abs=1e-6)  # router rows copied exactly (--router-noise 0)
-    assert last["router_cos"] < 1 - 1e-6
+    assert last["router_cos"] < 1 - 1e-6 and last["router_same"] == 0.0
     assert last["expert_cos"] < first["expert_cos"] < 1
     assert last["expert_dcos"] < 0.99  # the copies' updates differ from their originals'
