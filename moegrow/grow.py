@@ -38,13 +38,21 @@ __all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
 def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
              layer_map: str | list[int] | None = None, experts: str | None = None,
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-             top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
-    """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments."""
+             top_k: str | int = "scale", allow_inexact: bool = False, dtype: str = "keep") -> Plan:
+    """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments.
+
+    `dtype` (--dtype): keep, or bfloat16 / float16 / float32. The planners see quantised weights as
+    float tensors (their dequantised view); `quant.plan.lower` turns that plan into tensors to write.
+    """
+    from .quant.plan import check_dtype, lower, planning_index, quantisation
+
     where = f"{source.spec}/config.json"
     layout = layout_for(source.config, where, source.tensors)
     config, tensors = source.config, source.tensors
     # config against tensors before any option is read against the config
     analyse({n: t.shape for n, t in tensors.items()}, config, layout, where)
+    quant = quantisation(config, tensors)
+    tensors = planning_index(tensors, quant, check_dtype(dtype))
     lmap: list[int] | None = None
     n_old = layout.num_layers(config)
     depth = 1.0
@@ -69,11 +77,11 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
     width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact)
     if operation == "grow-depth":
-        return plan_depth(config, tensors, layout, lmap or [])
+        return lower(plan_depth(config, tensors, layout, lmap or []), source.tensors, quant, dtype)
     if operation == "grow-width":
-        return plan_width(config, tensors, layout, factor, **width)
+        return lower(plan_width(config, tensors, layout, factor, **width), source.tensors, quant, dtype)
     if operation == "grow":
-        return plan_grow(config, tensors, layout, lmap or [], factor, **width)
+        return lower(plan_grow(config, tensors, layout, lmap or [], factor, **width), source.tensors, quant, dtype)
     raise GrowthError(f"unknown operation {operation!r}")
 
 
@@ -99,7 +107,7 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
                     seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale",
-                    allow_inexact=bool(g.get("allow_inexact")))
+                    allow_inexact=bool(g.get("allow_inexact")), dtype=str(g.get("dtype") or "keep"))
 
 
 def check_finite(plan: Plan, source: Source) -> None:
@@ -120,7 +128,8 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     CLI passes its own); by default the plan's (`card.plan_options`).
     `strict` first reads every source tensor and refuses NaN or Inf (see `check_finite`);
     without it, only the tensors that pass through torch (noised copies) are checked, and
-    `Written.warnings` names those holding NaN or Inf.
+    `Written.warnings` names those holding NaN or Inf. A source shard (or config.json) that
+    changed since `open_source` fails the run before OUTPUT appears (`Source.check_unchanged`).
     """
     if strict:
         check_output(Path(output), source.folder, force)  # fail fast, before a full read
@@ -144,4 +153,4 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
 
     return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
                    max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                   progress=progress, card=card)
+                   progress=progress, card=card, check_source=source.check_unchanged)

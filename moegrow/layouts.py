@@ -1481,6 +1481,12 @@ def _layout_for(config: Mapping[str, Any], where: str) -> Layout:
         return replace(layout, layer_prefix=wrapper.layer_prefix, wrapper=wrapper, **dict(wrapper.layout_overrides))
     layout = _BY_TYPE.get(model_type)
     if layout is None:
+        from .siblings import BY_DENSE
+
+        if model_type in BY_DENSE:
+            moe = " or ".join(s.moe for s in BY_DENSE[model_type])
+            raise UnsupportedModelError(f"{where}: model_type {model_type!r} is a dense model, not MoE; "
+                                        f"`moegrow upcycle` turns it into its MoE sibling ({moe})")
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} is not a supported MoE family "
             f"(supported: {', '.join(supported_model_types())}; multimodal, with a supported text "
