@@ -111,6 +111,12 @@ Method = Annotated[str, typer.Option(
     "(the paper's method); stack: new layer i copies old i mod L_old (0,1,..,0,1,..).")]
 LayerMap = Annotated[str | None, typer.Option(
     help="Explicit source layer of every new layer, e.g. 0,0,1,1 (overrides --layers).")]
+DepthInit = Annotated[str, typer.Option(
+    help="copy: every new layer is a byte copy of its source layer (the paper's; not function-preserving); "
+    "identity: the first occurrence of each source layer stays the original and every added copy has the "
+    "tensors that write into the residual stream (attention / mixer output projections, expert, shared and "
+    "dense down projections) zeroed, so the grown model computes the source's function (LLaMA Pro block "
+    "expansion). Refused, with the reason, for families whose layer is not x + f(x).")]
 Experts = Annotated[str | None, typer.Option(
     help="New expert count: a factor (2x) or a count that is a multiple of the source's.")]
 Noise = Annotated[float, typer.Option(help="Std of Gaussian noise added to the copied experts' "
@@ -189,6 +195,7 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "router_noise": plan.router_noise,
         "seed": plan.seed,
         "warnings": plan.warnings,
+        **({"depth_init": plan.depth_init, "identity_init": plan.filled()} if plan.layer_map is not None else {}),
     }
 
 
@@ -203,6 +210,10 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
         err.print(f"  config {c}", markup=False)
+    for what, filled in (s.get("identity_init") or {}).items():
+        verb = "zeroed" if what == "zeroed" else "set to 1"
+        err.print(f"  depth init identity: {filled['count']} tensors of the added layers {verb}: "
+                  f"{', '.join(filled['tensors'])}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}")
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
@@ -301,10 +312,11 @@ def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method =
                layer_map: LayerMap = None, revision: Revision = None, dry_run: DryRun = False,
                max_shard_size: MaxShard = None, device: Device = "auto", force: Force = False,
                quiet: Quiet = False, json_out: Json = False, threads: Threads = 2,
-               strict: Strict = False) -> None:
+               strict: Strict = False, depth_init: DepthInit = "copy") -> None:
     """Grow depth: copy layers by interposition (default) or stacking; rewrite layer-indexed config."""
     _run_growth("grow-depth", source, output, revision, json_out, dry_run, max_shard_size, device,
-                force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map)
+                force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map,
+                depth_init=depth_init)
 
 
 @app.command("grow-width")
@@ -326,11 +338,13 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
-         threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False) -> None:
+         threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
+         depth_init: DepthInit = "copy") -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
-                noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact)
+                noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
+                depth_init=depth_init)
 
 
 @app.command()

@@ -37,7 +37,7 @@ __all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
 def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
              layer_map: str | list[int] | None = None, experts: str | None = None,
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-             top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
+             top_k: str | int = "scale", allow_inexact: bool = False, depth_init: str = "copy") -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments."""
     where = f"{source.spec}/config.json"
     layout = layout_for(source.config, where, source.tensors)
@@ -68,11 +68,11 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
     width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact)
     if operation == "grow-depth":
-        return plan_depth(config, tensors, layout, lmap or [])
+        return plan_depth(config, tensors, layout, lmap or [], depth_init)
     if operation == "grow-width":
         return plan_width(config, tensors, layout, factor, **width)
     if operation == "grow":
-        return plan_grow(config, tensors, layout, lmap or [], factor, **width)
+        return plan_grow(config, tensors, layout, lmap or [], factor, depth_init, **width)
     raise GrowthError(f"unknown operation {operation!r}")
 
 
@@ -94,7 +94,7 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
                     seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale",
-                    allow_inexact=bool(g.get("allow_inexact")))
+                    allow_inexact=bool(g.get("allow_inexact")), depth_init=g.get("depth_init") or "copy")
 
 
 def check_finite(plan: Plan, source: Source) -> None:

@@ -17,12 +17,14 @@ RECORD_NAME = "moegrow.json"
 
 
 def part_record(p: Part, axis: int = 0) -> list[Any]:
-    """[source, noise] + [scale] where scaled + [{rows, add, axis}] where a part has any of them."""
+    """[source, noise] + [scale] where scaled + [{rows, add, axis, fill}] where a part has any of them."""
     extra: dict[str, Any] = {}
     if p.rows is not None:
         extra["rows"] = list(p.rows)
     if p.add:
         extra["add"] = p.add
+    if p.fill is not None:
+        extra["fill"] = p.fill
     if axis:
         extra["axis"] = axis
     record: list[Any] = [p.source, p.noise]
@@ -38,7 +40,8 @@ def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
     axis 0 unless extras say `axis`.
 
     The scale appears only where a part is scaled (see layouts.TensorRule) or has extras: `rows`
-    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table)."""
+    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table), `fill`
+    (every value this constant instead of the source's: identity depth init's zeroed residual writers)."""
     return {t.name: [part_record(p, t.axis) for p in t.parts] for t in tensors}
 
 
@@ -57,10 +60,12 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "router_noise": plan.router_noise,
             "seed": plan.seed,
             "allow_inexact": plan.allow_inexact,
+            "depth_init": plan.depth_init,
         },
         "noise_device": device,
         "function_preserving": plan.function_preserving,
         "config_changes": plan.config_changes,
         "warnings": plan.warnings,
+        **({"identity_init": plan.filled()} if plan.depth_init == "identity" else {}),
         "tensors": tensor_mapping(plan.tensors),
     }

@@ -71,8 +71,9 @@ def _record_problem(record: Any) -> str | None:
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     def is_extra(x: Any) -> bool:  # see provenance.part_record
-        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis"} and all(
-            (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows" else is_int(v)
+        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill"} and all(
+            (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows"
+            else is_num(v) if k == "fill" else is_int(v)
             for k, v in x.items())
 
     def is_part(p: Any) -> bool:
@@ -93,6 +94,7 @@ def _record_problem(record: Any) -> str | None:
         "seed": is_int,
         "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
         "allow_inexact": lambda v: isinstance(v, bool),
+        "depth_init": lambda v: v in ("copy", "identity"),
     }
     for key, ok in checks.items():
         if g.get(key) is not None and not ok(g[key]):
@@ -145,7 +147,7 @@ class _Reader:
 
 def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, device: str,
                   reader: _Reader, report: Report) -> None:
-    from .noise import add_noise, shift
+    from .noise import add_noise, filled, shift
 
     if not t.flat:
         _check_joined(t, out, plan, source, reader, report)
@@ -158,6 +160,13 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         got = reader.read(out.path, pos, n)
         pos += n
         want = reader.read(src.path, src.start + off, n)
+        if part.fill is not None:  # identity depth init: the source's bytes are replaced by a constant
+            want = bytes(filled(n, src.dtype, part.fill))
+            if part.noise == 0.0 and part.scale == 1.0:
+                if got != want:
+                    report.problems.append(f"{t.name}: part {i} is not all {part.fill:g} (--depth-init identity "
+                                           f"sets it so that the added layer is the identity)")
+                continue
         if part.add:
             if got != bytes(shift(bytearray(want), src.dtype, part.add)):
                 report.problems.append(f"{t.name}: part {i} is not {part.source} plus {part.add}")
