@@ -351,7 +351,8 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
 def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown checkpoint folder.")],
            forward: Annotated[bool, typer.Option(
                "--forward", help="Also run both models with transformers (float32) on fixed random "
-               "tokens and compare logits; fails beyond --atol when the growth claims exactness.")] = False,
+               "tokens and compare logits; fails beyond --atol when the growth claims exactness. After --depth-init "
+               "identity, also checks that every added layer copy returns its input (within --atol).")] = False,
            atol: Annotated[float, typer.Option(help="Logit tolerance for --forward.")] = 1e-4,
            revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
     """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
@@ -364,9 +365,17 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
     with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
         report = run_verify(src, output, progress)
     if forward:
-        diff = forward_diff(src.folder, output)
+        watch = _identity_watch(src, record)
+        diff = forward_diff(src.folder, output, identity=watch)
         exact = bool(record.get("function_preserving"))
         report.forward = {"max_abs_logit_diff": diff, "atol": atol, "function_preserving": exact}
+        if watch is not None:
+            report.forward["identity_layers"] = {str(j): d for j, d in sorted(watch.found.items())}
+            for j in watch.positions:
+                d = watch.found.get(j)
+                if d is None or not d <= atol:
+                    what = "did not run" if d is None else f"changes its input by {d:.3g} > {atol:g}"
+                    report.problems.append(f"new layer {j}: an added copy under --depth-init identity, but it {what}")
         if exact and not diff <= atol:
             report.problems.append(f"logits differ by {diff:.3g} > {atol:g}, but the growth claims to "
                                    "preserve the function")
@@ -384,6 +393,20 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
         err.print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} tensors checked")
     if not report.ok:
         raise VerificationFailed(f"{len(report.problems)} problem(s); first: {report.problems[0]}")
+
+
+def _identity_watch(source: Any, record: dict[str, Any]) -> Any:
+    """For `verify --forward` of an identity depth init: which output layers must be the identity."""
+    from .layouts import layout_for
+    from .plan import added_copies
+    from .verify import IdentityWatch
+
+    growth = record.get("growth") or {}
+    layer_map = growth.get("layer_map")
+    if growth.get("depth_init") != "identity" or not layer_map:
+        return None
+    layout = layout_for(source.config, names=source.tensors)
+    return IdentityWatch(added_copies(layer_map), layout.layer_prefix, len(layer_map))
 
 
 def _one_line(text: str) -> str:

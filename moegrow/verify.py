@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,8 +248,52 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
     return report
 
 
-def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) -> float:
-    """Max abs logit difference of the two checkpoints on fixed random tokens, in float32."""
+def _decoder_layers(model: Any, n: int, prefix: str) -> Any:
+    """The model's list of `n` decoder layers: the module saved under `prefix` (model.layers.), else the
+    one list of n modules named like layers (a wrapper's text decoder: `language_model` in its path)."""
+    import torch
+
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n}
+    if prefix.rstrip(".") in lists:
+        return lists[prefix.rstrip(".")]
+    named = sorted((name for name in lists if name.rsplit(".", 1)[-1] in ("layers", "blocks")),
+                   key=lambda name: ("language" not in name and "text" not in name, len(name)))
+    if not named:
+        raise MoegrowError(f"verify --forward: found no list of {n} decoder layers in the model")
+    return lists[named[0]]
+
+
+@dataclass
+class IdentityWatch:
+    """`verify --forward` of an identity depth init: the added copies (new layer indices) among the output's
+    `num_layers` decoder layers saved under `prefix`; `found` gets max |output - input| of each."""
+
+    positions: Sequence[int]
+    prefix: str
+    num_layers: int
+    found: dict[int, float] = field(default_factory=dict)
+
+
+def _watch_identity(model: Any, layers: Any, watch: IdentityWatch) -> None:
+    """Hooks recording, for each watched layer, max |output - input| of its hidden states."""
+    found = watch.found
+
+    def hook(j: int) -> Callable[..., None]:
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args else kwargs.get("hidden_states")
+            y = output[0] if isinstance(output, tuple) else output
+            found[j] = max(found.get(j, 0.0), float((y.float() - x.float()).abs().max()))
+        return record
+
+    for j in watch.positions:
+        layers[j].register_forward_hook(hook(j), with_kwargs=True)
+
+
+def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32,
+                 identity: IdentityWatch | None = None) -> float:
+    """Max abs logit difference of the two checkpoints on fixed random tokens, in float32.
+
+    With `identity`, the output's added layer copies are watched too (see `IdentityWatch`)."""
     try:
         import torch
         import transformers
@@ -266,6 +310,8 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) ->
                 else transformers.AutoModelForImageTextToText)
         model = auto.from_pretrained(path, dtype=torch.float32)
         model.eval()
+        if identity is not None and path == output:
+            _watch_identity(model, _decoder_layers(model, identity.num_layers, identity.prefix), identity)
         vocab = model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
