@@ -1497,8 +1497,8 @@ RESIDUAL: dict[str, Residual] = {
     # wrappers whose checkpoints name the decoder's tensors their own way (layouts.WRAPPERS' layout_overrides)
     "minimax_m3_vl": Residual((_ATTN, _MLP_DOWN, "block_sparse_moe.experts.*.w2",
                                "block_sparse_moe.shared_experts.down_proj")),
-    "inkling_mm_model": Residual((_ATTN, _MLP_DOWN, "mlp.experts.w2_weight",
-                                  "mlp.shared_experts.shared_w2_weight")),
+    "inkling_mm_model": Residual(("attn.wo_ud", "mlp.w2_md", "mlp.experts.w2_weight",
+                                  "mlp.shared_experts.shared_w2_weight")),  # the published (sglang) names
 }
 
 _BY_TYPE: dict[str, Layout] = {t: lay for lay in LAYOUTS for t in lay.model_types}
