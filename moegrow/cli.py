@@ -296,6 +296,8 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
         out.print(f"  width growth refused: {info['width_refused']}", markup=False)
     if info["depth_refused"]:
         out.print(f"  depth growth refused: {info['depth_refused']}", markup=False)
+    elif info["identity_depth_refused"]:
+        out.print(f"  --depth-init identity refused: {info['identity_depth_refused']}", markup=False)
     if info["text_config"]:
         out.print(f"  params (text decoder): {info['text_total_params']:,} total, "
                   f"{info['text_active_params']:,} active per token", markup=False)

@@ -261,3 +261,12 @@ def test_wrappers_take_their_text_family_data(case, wrapper_source, tmp_path, re
     assert diff <= 1e-5, diff
     code, _, err = run("verify", src, out, "--forward", "--atol", "1e-5")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("family, why", [("beam", "depth-scaled"), ("longcat_flash", "zero_expert_num=2")])
+def test_inspect_names_the_identity_refusal(family, why, source):
+    code, stdout, err = run("inspect", source(family))
+    assert code == 0, err
+    assert "--depth-init identity refused: " in stdout and why in stdout, stdout
+    info = json.loads(run("inspect", source("deepseek_v3"), "--json")[1])
+    assert info["identity_depth_refused"] is None and "self_attn.o_proj" in info["residual_writers"]
