@@ -127,7 +127,8 @@ class Plan:
         return "no (noise on the copies; exact at --noise 0 --router-noise 0)"
 
     def sources(self) -> set[str]:
-        return {p.source for t in self.tensors for p in t.parts}
+        """The source tensors whose bytes are read (a filled part's are not)."""
+        return {p.source for t in self.tensors for p in t.parts if p.fill is None}
 
     def filled(self) -> dict[str, Any]:
         """Identity depth init: how many output tensors are set to a constant, and their names relative to
