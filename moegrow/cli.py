@@ -245,7 +245,7 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     assert output is not None
     with _progress(summary["bytes_out"], operation, _interactive(quiet)) as progress:
         written = write(plan, src, output, max_shard_size=shard, device=device, threads=threads,
-                        force=force, progress=progress)
+                        force=force, progress=progress, options={**kw, "max_shard_size": max_shard_size})
     for w in written.warnings:  # NaN / Inf in the source: shown even with --quiet
         err.print(f"warning: {w}", style="yellow", markup=False, emoji=False)
     summary.update(output=str(output), files=written.files, seconds=round(written.seconds, 3),

@@ -408,8 +408,11 @@ def write_json(path: Path, obj: Any) -> None:
 def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path, output: Path, *,
             provenance: Mapping[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD,
             device: str = "cpu", threads: int = 2, force: bool = False,
-            progress: Callable[[int], None] | None = None) -> Written:
-    """Write the grown checkpoint to `output`; on any failure leave no output and no temp folder."""
+            progress: Callable[[int], None] | None = None, card: Callable[[str], str] | None = None) -> Written:
+    """Write the grown checkpoint to `output`; on any failure leave no output and no temp folder.
+
+    `card(device)`: the model card (README.md, in place of the source's), given where tensor math ran.
+    """
     target = _absolute(output)
     clean_stale_partials(target)  # first: it may put back an OUTPUT that a killed --force run moved
     check_output(output, source_folder, force)
@@ -426,6 +429,8 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
         provenance = {**provenance, "noise_device": device}
         write_json(tmp / "config.json", plan.config)
         copy_side_files(source_folder, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card(device), encoding="utf-8")
         write_json(tmp / "moegrow.json", provenance)
         with _signals_deferred():
             _replace(tmp, target)

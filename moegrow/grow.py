@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .anatomy import analyse
+from .card import plan_options, render_card
 from .configs import parse_top_k
 from .errors import GrowthError, SourceError
 from .execute import DEFAULT_MAX_SHARD, Written, check_output, execute, find_nonfinite, nonfinite_message
@@ -107,9 +108,12 @@ def check_finite(plan: Plan, source: Source) -> None:
 
 def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD,
           device: str = "auto", threads: int = 2, force: bool = False,
-          progress: Callable[[int], None] | None = None, strict: bool = False) -> Written:
-    """Execute a plan into OUTPUT (atomically) with its provenance record.
+          progress: Callable[[int], None] | None = None, strict: bool = False,
+          options: Mapping[str, Any] | None = None) -> Written:
+    """Execute a plan into OUTPUT (atomically) with its provenance record and model card.
 
+    `options`: the growth flags as the user gave them, for the card's reproduction command (the
+    CLI passes its own); by default the plan's (`card.plan_options`).
     `strict` first reads every source tensor and refuses NaN or Inf (see `check_finite`);
     without it, only the tensors that pass through torch (noised copies) are checked, and
     `Written.warnings` names those holding NaN or Inf.
@@ -125,6 +129,15 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
         resolve_device(device)  # fail now, not after the byte copies
     # "auto" resolves when the first transformed tensor needs torch; execute records the result
     record = build_record(plan, source, device)
+    flags = dict(plan_options(plan) if options is None else options)
+    if source.repo_id:  # the commit, not a branch that may move
+        flags["revision"] = source.commit or source.revision
+    if max_shard_size != DEFAULT_MAX_SHARD and not flags.get("max_shard_size"):
+        flags["max_shard_size"] = max_shard_size
+
+    def card(used: str) -> str:  # `used`: where noise was drawn (none: byte copies only)
+        return render_card(plan, source, {**flags, "device": None if used == "none" else used})
+
     return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
                    max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                   progress=progress)
+                   progress=progress, card=card)

@@ -381,3 +381,24 @@ def test_hub_down_with_empty_cache_is_one_line_exit_2(hub):
     code, _, err = run("inspect", REPO)
     line = _one_line_error(code, err)
     assert REPO in line and "cache" in line.lower(), line
+
+
+def test_card_of_a_hub_growth_names_the_repo_and_pins_the_commit(hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from .test_card import card_command, digest, rerun
+
+    code, _, err = run("grow-width", REPO, tmp_path / "o", "--experts", "2x", "--noise", "0.01", "--device", "cpu",
+                       "--quiet")
+    assert code == 0, err
+    card = ModelCard.load(tmp_path / "o" / "README.md")
+    assert card.data.base_model == REPO and card.data.tags == ["moegrow"]
+    assert card.text.endswith("## Source model card\n\n# tiny\n")
+    argv = card_command(tmp_path / "o")
+    assert argv == ["moegrow", "grow-width", REPO, "OUTPUT", "--experts", "2x", "--noise", "0.01", "--seed", "0",
+                    "--revision", _commit(hub), "--device", "cpu"]
+    rerun(argv, tmp_path / "again")
+    first, again = digest(tmp_path / "o"), digest(tmp_path / "again")
+    for d in (first, again):  # the record keeps the revision as given (none, then the commit)
+        del d["moegrow.json"]
+    assert first == again

@@ -1,0 +1,153 @@
+"""The grown checkpoint's model card, README.md: what was grown from what, and how to do it again.
+
+YAML front matter for the Hub (`base_model`, the source's `license`, `library_name`, `tags`,
+`pipeline_tag`), then the growth (operation, layer map, experts, top-k, noise, seed, parameters
+before and after, whether the function is preserved), the command that reproduces it, and the
+source's own card below its own heading. No timestamps and no output path: the same growth
+gives the same bytes wherever it is written (the command names the output OUTPUT).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+from . import __version__
+from .anatomy import analyse
+from .plan import Plan, param_counts
+from .source import Source
+
+CARD_NAME = "README.md"
+TAG = "moegrow"
+# source metadata that still describes the grown model; datasets, metrics and eval results do not
+_CARRIED = ("license", "license_name", "license_link", "language", "pipeline_tag")
+# growth flags in the order the command writes them, with the defaults it leaves out
+_FLAGS = ("layers", "method", "layer_map", "experts", "noise", "router_noise", "seed", "top_k",
+          "allow_inexact", "revision", "max_shard_size", "device")
+_DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
+                             "top_k": "scale", "allow_inexact": False}
+_WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
+         "grow": "layers copied, then experts duplicated with their router rows"}
+
+
+def read_source_card(folder: Path) -> tuple[dict[str, Any], str] | None:
+    """(front matter, body without it) of the source's README.md; None when it has none.
+
+    Front matter that does not parse is dropped (nothing carried), never an error: a card is
+    documentation, and a growth must not fail on it.
+    """
+    path = folder / CARD_NAME
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    match = REGEX_YAML_BLOCK.search(text)
+    if not match:
+        return {}, text
+    try:
+        meta = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # yaml's errors (pyyaml comes with huggingface_hub), or a block that is not a mapping
+        meta = {}
+    return meta, text[match.end():]
+
+
+def card_data(source: Source, meta: Mapping[str, Any]) -> ModelCardData:
+    """The grown card's metadata: the source as base_model, its license and pipeline tag, its tags + moegrow.
+
+    `base_model_relation` is left out on purpose: the Hub's values (adapter, merge, quantized,
+    finetune) do not describe a growth, and without it the Hub infers the relation itself.
+    """
+    carried = {k: meta[k] for k in _CARRIED if meta.get(k) is not None}
+    tags = meta.get("tags") or []
+    tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
+    return ModelCardData(base_model=source.repo_id or source.spec, library_name="transformers",
+                         tags=list(dict.fromkeys([TAG, *tags])), **carried)
+
+
+def plan_options(plan: Plan) -> dict[str, Any]:
+    """The growth flags that rebuild `plan` (for a growth written from the Python API)."""
+    return {"layer_map": plan.layer_map, "experts": f"{plan.factor}x" if plan.factor else None,
+            "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
+            "top_k": plan.top_k, "allow_inexact": plan.allow_inexact}
+
+
+def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
+    """`moegrow OPERATION SOURCE OUTPUT --flag value ...` quoted for a POSIX shell.
+
+    Flags at their defaults are left out, except `--seed` where noise is drawn; flags that do
+    not change the output's bytes (threads, quiet, json, force, strict) are never passed here.
+    """
+    argv = ["moegrow", operation, source, "OUTPUT"]
+    noised = bool(options.get("noise") or options.get("router_noise"))
+    for key in _FLAGS:
+        value = options.get(key)
+        if value is None or (value == _DEFAULTS.get(key) and not (key == "seed" and noised)):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(argv)
+
+
+def _counts(plan: Plan, source: Source) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((total, active) before, (total, active) after), as the CLI's summary counts them."""
+    layout = plan.layout
+    before = {n: t.shape for n, t in source.tensors.items()}
+    after = {t.name: t.shape for t in plan.tensors}
+    return (param_counts(before, analyse(before, plan.source_config, layout), layout, layout.top_k(plan.source_config)),
+            param_counts(after, analyse(after, plan.config, layout), layout, layout.top_k(plan.config)))
+
+
+def _growth(plan: Plan, source: Source) -> list[str]:
+    """The body's account of what was done, as markdown lines."""
+    layout, old, new = plan.layout, plan.source_config, plan.config
+    (total0, active0), (total1, active1) = _counts(plan, source)
+    rows = [("layers", layout.num_layers(old), layout.num_layers(new)),
+            ("routed experts", layout.num_experts(old), layout.num_experts(new)),
+            ("experts per token (top-k)", layout.top_k(old), layout.top_k(new)),
+            ("parameters", f"{total0:,}", f"{total1:,}"),
+            ("active parameters per token", f"{active0:,}", f"{active1:,}")]
+    lines = ["| | source | grown |", "|---|---:|---:|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), ""]
+    lines.append(f"- operation: `{plan.operation}`")
+    if plan.layer_map is not None:
+        lines.append(f"- layer map (new layer i copies source layer map[i]): `{','.join(map(str, plan.layer_map))}`")
+    if plan.factor:
+        lines += [f"- experts: {plan.factor}x (copy j of expert e is expert e + j*E), top-k: `{plan.top_k}`",
+                  f"- noise: std {plan.noise:g} on the copies' expert weights, {plan.router_noise:g} on their "
+                  f"router rows, seed {plan.seed}"]
+        if plan.allow_inexact:
+            lines.append("- `--allow-inexact`: this family's routing cannot be preserved by duplication")
+    lines += [f"- config: {c}" for c in plan.config_changes]
+    lines.append(f"- function-preserving: {plan.preservation()}")
+    lines += [f"- warning: {w}" for w in plan.warnings]
+    return lines
+
+
+def render_card(plan: Plan, source: Source, options: Mapping[str, Any]) -> str:
+    """README.md of the grown checkpoint. `options`: the growth flags as given (see `command`)."""
+    found = read_source_card(source.folder)
+    meta, body = found or ({}, "")
+    base = source.repo_id or source.spec
+    name = source.repo_id.rpartition("/")[2] if source.repo_id else Path(source.spec).name
+    at = f" at commit `{source.commit}`" if source.repo_id and source.commit else ""
+    below = "; the source's card follows below" if body.strip() else ""
+    lines = [f"# {name or source.folder.resolve().name}, grown with moegrow", "",
+             f"This checkpoint was grown from `{base}`{at} by moegrow {__version__} with `{plan.operation}` "
+             f"({_WHAT[plan.operation]}; arXiv 2510.08008). It loads with transformers as it is{below}.", "",
+             "## Growth", "", *_growth(plan, source), "",
+             "## Reproduce", "", "```sh", command(plan.operation, source.spec, options), "```", "",
+             "OUTPUT is any new folder: run on the same source, the command writes the same tensors, config "
+             "and card. "
+             "`moegrow.json` beside this card records the source's fingerprint and which source tensors "
+             "(and noise) every output tensor is made of; `moegrow verify SOURCE OUTPUT` checks the "
+             "checkpoint against it."]
+    if body.strip():
+        lines += ["", "## Source model card", "", body.strip("\n")]
+    text = "\n".join(lines).rstrip() + "\n"
+    return f"---\n{card_data(source, meta).to_yaml()}\n---\n\n{text}"
