@@ -257,7 +257,7 @@ class _Job:
     @property
     def resolved_device(self) -> str:
         """Where tensor math ran: `none` when every tensor was a byte copy."""
-        if all(t.is_copy for t in self.plan.tensors):
+        if not any(p.needs_device for t in self.plan.tensors for p in t.parts):
             return "none"
         return self.device
 

@@ -56,6 +56,12 @@ class Part:
     def is_copy(self) -> bool:
         return self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None
 
+    @property
+    def needs_device(self) -> bool:
+        """Whether making this part is tensor math on a device (noise, scaling); copies, shifts of index
+        tables and plain fills are not."""
+        return self.noise != 0.0 or self.scale != 1.0
+
     def span(self, nbytes: int) -> tuple[int, int]:
         """(offset, length) of this part's bytes within its source tensor of `nbytes` bytes."""
         if self.rows is None:
@@ -121,7 +127,7 @@ class Plan:
         if self.function_preserving:
             return "yes (logits equal up to float rounding)"
         if self.layer_map is not None and self.depth_init != "identity":
-            return "no (depth growth adds layers; --depth-init identity preserves it)"
+            return "no (depth growth adds layers)"
         if not self.exact:
             return "no (top-k not scaled)" if self.top_k != "scale" else f"no ({self.layout.name} routing)"
         return "no (noise on the copies; exact at --noise 0 --router-noise 0)"

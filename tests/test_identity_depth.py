@@ -131,7 +131,7 @@ def test_copy_is_still_the_default(source, tmp_path):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["depth_init"] == "copy" and summary["identity_init"] == {}
-    assert not summary["function_preserving"] and "--depth-init identity" in summary["preservation"]
+    assert not summary["function_preserving"] and summary["preservation"] == "no (depth growth adds layers)"
     assert not _zeroed(out)
     record = json.loads((out / "moegrow.json").read_text())
     del record["growth"]["depth_init"]  # as moegrow wrote it before --depth-init
@@ -270,3 +270,13 @@ def test_inspect_names_the_identity_refusal(family, why, source):
     assert "--depth-init identity refused: " in stdout and why in stdout, stdout
     info = json.loads(run("inspect", source("deepseek_v3"), "--json")[1])
     assert info["identity_depth_refused"] is None and "self_attn.o_proj" in info["residual_writers"]
+
+
+def test_model_card_gives_the_depth_init(source, tmp_path):
+    src, out = source("qwen3_moe"), tmp_path / "out"
+    assert run("grow-depth", src, out, "--layers", "2x", "--depth-init", "identity", "--quiet")[0] == 0
+    card = (out / "README.md").read_text()
+    assert "--depth-init identity" in card and "--device" not in card  # zeros need no device
+    line = next(x for x in card.splitlines() if "depth init `identity`" in x)
+    assert "15 tensors are zeroed" in line, line  # 3 added copies x (o_proj + 4 experts' down_proj)
+    assert json.loads((out / "moegrow.json").read_text())["noise_device"] == "none"
