@@ -280,3 +280,10 @@ def test_model_card_gives_the_depth_init(source, tmp_path):
     line = next(x for x in card.splitlines() if "depth init `identity`" in x)
     assert "15 tensors are zeroed" in line, line  # 3 added copies x (o_proj + 4 experts' down_proj)
     assert json.loads((out / "moegrow.json").read_text())["noise_device"] == "none"
+
+
+def test_unknown_depth_init_is_refused(source, tmp_path):
+    code, _, err = run("grow", source("qwen3_moe"), tmp_path / "out", "--layers", "2x", "--experts", "2x",
+                       "--depth-init", "zero")
+    assert code == 2 and "--depth-init" in err and "'zero'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
