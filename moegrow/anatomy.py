@@ -82,10 +82,13 @@ def _dim0(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 0
 
 
-def _expert_dim(name: str, shape: tuple[int, ...], axis: int, where: str) -> int:
-    """The size of a tensor's expert axis; an axis past 0 only where every leading dim is 1."""
+def _expert_dim(name: str, shape: tuple[int, ...], axis: int, where: str, inner: bool = False) -> int:
+    """The size of a tensor's expert axis; an axis past 0 only where every leading dim is 1, unless
+    the layout joins the tensor's copies through torch (`inner`: `Layout.inner_axis`)."""
     if axis == 0:
         return _dim0(shape)
+    if inner and len(shape) > axis:
+        return shape[axis]
     if len(shape) <= axis or any(d != 1 for d in shape[:axis]):
         raise ConfigError(f"{where}: {name} has shape {list(shape)}; its expert axis {axis} needs every "
                           f"dim before it to be 1 (moegrow concatenates copies as bytes)")
@@ -179,7 +182,7 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
         if r.kind == "expert":
             experts_in.setdefault((r.mtp, r.layer), set()).add(r.expert)  # type: ignore[arg-type]
         elif r.kind in ("fused", "router", "router_bias"):
-            n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where)
+            n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where, r.rel in layout.inner_axis)
             rows = layout.rows_per_expert(config, r.rel)
             if n % rows:
                 raise ConfigError(f"{where}: {name} has {n} rows, not a multiple of {layout.rows_per_expert_key}"

@@ -28,11 +28,14 @@ TAG = "moegrow"
 _CARRIED = ("license", "license_name", "license_link", "language", "pipeline_tag")
 # growth flags in the order the command writes them, with the defaults it leaves out
 _FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "noise", "router_noise", "seed", "top_k",
-          "allow_inexact", "revision", "max_shard_size", "device")
+          "allow_inexact", "router_init", "router_std", "to", "revision", "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
-                             "top_k": "scale", "allow_inexact": False, "depth_init": "copy"}
+                             "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02,
+                             "depth_init": "copy"}
 _WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
-         "grow": "layers copied, then experts duplicated with their router rows"}
+         "grow": "layers copied, then experts duplicated with their router rows",
+         "upcycle": "every expert a copy of the dense MLP, new routers"}
+_PAPER = {"upcycle": "sparse upcycling, arXiv 2212.05055"}  # others: checkpoint recycling, arXiv 2510.08008
 
 
 def read_source_card(folder: Path) -> tuple[dict[str, Any], str] | None:
@@ -70,6 +73,10 @@ def card_data(source: Source, meta: Mapping[str, Any]) -> ModelCardData:
 
 def plan_options(plan: Plan) -> dict[str, Any]:
     """The growth flags that rebuild `plan` (for a growth written from the Python API)."""
+    if plan.upcycle:
+        return {"experts": plan.experts, "top_k": plan.top_k, "noise": plan.noise, "seed": plan.seed,
+                "router_init": plan.upcycle["router_init"], "router_std": plan.upcycle["router_std"] or None,
+                "to": plan.config.get("model_type")}
     return {"layer_map": plan.layer_map, "experts": f"{plan.factor}x" if plan.factor else None,
             "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
             "top_k": plan.top_k, "allow_inexact": plan.allow_inexact, "depth_init": plan.depth_init}
@@ -82,7 +89,7 @@ def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
     not change the output's bytes (threads, quiet, json, force, strict) are never passed here.
     """
     argv = ["moegrow", operation, source, "OUTPUT"]
-    noised = bool(options.get("noise") or options.get("router_noise"))
+    noised = bool(options.get("noise") or options.get("router_noise") or options.get("router_init") == "normal")
     for key in _FLAGS:
         value = options.get(key)
         if value is None or (value == _DEFAULTS.get(key) and not (key == "seed" and noised)):
@@ -100,7 +107,12 @@ def _counts(plan: Plan, source: Source) -> tuple[tuple[int, int], tuple[int, int
     layout = plan.layout
     before = {n: t.shape for n, t in source.tensors.items()}
     after = {t.name: t.shape for t in plan.tensors}
-    return (param_counts(before, analyse(before, plan.source_config, layout), layout, layout.top_k(plan.source_config)),
+    if plan.upcycle:  # a dense source: every parameter active
+        from .upcycle import dense_param_count
+
+        dense = (dense_param_count(before),) * 2
+    return (dense if plan.upcycle else
+            param_counts(before, analyse(before, plan.source_config, layout), layout, layout.top_k(plan.source_config)),
             param_counts(after, analyse(after, plan.config, layout), layout, layout.top_k(plan.config)))
 
 
@@ -109,8 +121,8 @@ def _growth(plan: Plan, source: Source) -> list[str]:
     layout, old, new = plan.layout, plan.source_config, plan.config
     (total0, active0), (total1, active1) = _counts(plan, source)
     rows = [("layers", layout.num_layers(old), layout.num_layers(new)),
-            ("routed experts", layout.num_experts(old), layout.num_experts(new)),
-            ("experts per token (top-k)", layout.top_k(old), layout.top_k(new)),
+            ("routed experts", "dense" if plan.upcycle else layout.num_experts(old), layout.num_experts(new)),
+            ("experts per token (top-k)", "-" if plan.upcycle else layout.top_k(old), layout.top_k(new)),
             ("parameters", f"{total0:,}", f"{total1:,}"),
             ("active parameters per token", f"{active0:,}", f"{active1:,}")]
     lines = ["| | source | grown |", "|---|---:|---:|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), ""]
@@ -128,6 +140,12 @@ def _growth(plan: Plan, source: Source) -> list[str]:
                   f"router rows, seed {plan.seed}"]
         if plan.allow_inexact:
             lines.append("- `--allow-inexact`: this family's routing cannot be preserved by duplication")
+    if plan.upcycle:
+        up = plan.upcycle
+        router = "zeros" if up["router_init"] == "zeros" else f"normal, std {up['router_std']:g}"
+        lines += [f"- upcycled from `{up['dense_model_type']}`: {plan.experts} experts, each a copy of the dense "
+                  f"MLP, top-{plan.top_k}; noise std {plan.noise:g} on every expert but expert 0, router "
+                  f"{router}, seed {plan.seed}", f"- why the function can be kept: {up['why_exact']}"]
     lines += [f"- config: {c}" for c in plan.config_changes]
     lines.append(f"- function-preserving: {plan.preservation()}")
     lines += [f"- warning: {w}" for w in plan.warnings]
@@ -142,9 +160,10 @@ def render_card(plan: Plan, source: Source, options: Mapping[str, Any]) -> str:
     name = source.repo_id.rpartition("/")[2] if source.repo_id else Path(source.spec).name
     at = f" at commit `{source.commit}`" if source.repo_id and source.commit else ""
     below = "; the source's card follows below" if body.strip() else ""
+    paper = _PAPER.get(plan.operation, "arXiv 2510.08008")
     lines = [f"# {name or source.folder.resolve().name}, grown with moegrow", "",
              f"This checkpoint was grown from `{base}`{at} by moegrow {__version__} with `{plan.operation}` "
-             f"({_WHAT[plan.operation]}; arXiv 2510.08008). It loads with transformers as it is{below}.", "",
+             f"({_WHAT[plan.operation]}; {paper}). It loads with transformers as it is{below}.", "",
              "## Growth", "", *_growth(plan, source), "",
              "## Reproduce", "", "```sh", command(plan.operation, source.spec, options), "```", "",
              "OUTPUT is any new folder: run on the same source, the command writes the same tensors, config "

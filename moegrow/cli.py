@@ -1,4 +1,4 @@
-"""The `moegrow` command line: inspect, grow-depth, grow-width, grow, verify.
+"""The `moegrow` command line: inspect, grow-depth, grow-width, grow, upcycle, verify.
 
 Errors are one line on stderr (`moegrow: error: ...`) with exit 2; `verify` exits 1 when it
 finds a problem; SIGINT exits 130 and SIGTERM 143. `--debug` shows the traceback instead.
@@ -171,8 +171,13 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
     layout = plan.layout
     src_shapes = {n: t.shape for n, t in source.tensors.items()}
     out_shapes = {t.name: t.shape for t in plan.tensors}
-    before = param_counts(src_shapes, analyse(src_shapes, plan.source_config, layout), layout,
-                          layout.top_k(plan.source_config))
+    if plan.upcycle:  # a dense source: every parameter active, no experts
+        from .upcycle import dense_param_count
+
+        before = (dense_param_count(src_shapes),) * 2
+    else:
+        before = param_counts(src_shapes, analyse(src_shapes, plan.source_config, layout), layout,
+                              layout.top_k(plan.source_config))
     after = param_counts(out_shapes, analyse(out_shapes, plan.config, layout), layout,
                          layout.top_k(plan.config))
     used = plan.sources()
@@ -183,8 +188,8 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "bytes_in": sum(source.tensors[n].nbytes for n in used),
         "bytes_out": sum(t.nbytes for t in plan.tensors),
         "layers": [layout.num_layers(plan.source_config), layout.num_layers(plan.config)],
-        "experts": [layout.num_experts(plan.source_config), layout.num_experts(plan.config)],
-        "top_k": [layout.top_k(plan.source_config), layout.top_k(plan.config)],
+        "experts": [None if plan.upcycle else layout.num_experts(plan.source_config), layout.num_experts(plan.config)],
+        "top_k": [None if plan.upcycle else layout.top_k(plan.source_config), layout.top_k(plan.config)],
         "layer_map": plan.layer_map,
         "total_params": [before[0], after[0]],
         "active_params": [before[1], after[1]],
@@ -196,13 +201,17 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "seed": plan.seed,
         "warnings": plan.warnings,
         **({"depth_init": plan.depth_init, "identity_init": plan.filled()} if plan.layer_map is not None else {}),
+        **({"upcycle": plan.upcycle} if plan.upcycle else {}),
     }
 
 
 def _print_summary(s: dict[str, Any], title: str) -> None:
-    err.print(f"[bold]{title}[/bold] {s['operation']} ({s['model_type']})")
-    err.print(f"  layers {s['layers'][0]} -> {s['layers'][1]}, experts {s['experts'][0]} -> "
-              f"{s['experts'][1]}, top-k {s['top_k'][0]} -> {s['top_k'][1]}")
+    up = s.get("upcycle")
+    source_type = f"{up['dense_model_type']} -> " if up else ""
+    err.print(f"[bold]{title}[/bold] {s['operation']} ({source_type}{s['model_type']})")
+    before = ("dense", "-") if up else (s["experts"][0], s["top_k"][0])
+    err.print(f"  layers {s['layers'][0]} -> {s['layers'][1]}, experts {before[0]} -> "
+              f"{s['experts'][1]}, top-k {before[1]} -> {s['top_k'][1]}")
     err.print(f"  params {s['total_params'][0]:,} -> {s['total_params'][1]:,} total, "
               f"{s['active_params'][0]:,} -> {s['active_params'][1]:,} active")
     err.print(f"  {s['tensors']} tensors, {format_size(s['bytes_in'])} read, {format_size(s['bytes_out'])} written")
@@ -215,6 +224,8 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
         err.print(f"  depth init identity: {filled['count']} tensors of the added layers {verb}: "
                   f"{', '.join(filled['tensors'])}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}")
+    if up and s["function_preserving"]:
+        err.print(f"  why: {up['why_exact']}", markup=False)
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
 
@@ -224,12 +235,13 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
                 threads: int, strict: bool = False, **kw: Any) -> None:
     from .execute import check_output
     from .grow import check_finite, plan_for, write
+    from .upcycle import plan_upcycle_for
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
     shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
     src = _open(source, revision)
-    plan = plan_for(src, operation, **kw)
+    plan = plan_upcycle_for(src, **kw) if operation == "upcycle" else plan_for(src, operation, **kw)
     summary = _summary(plan, src)
     if not dry_run:
         assert output is not None
@@ -347,6 +359,41 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
                 depth_init=depth_init)
+
+
+UpExperts = Annotated[str | None, typer.Option(
+    "--experts", help="Experts per MoE layer, every one a copy of the dense MLP (e.g. 8).")]
+UpTopK = Annotated[str | None, typer.Option(
+    "--top-k", help="Experts each token is routed to (1..--experts): the active parameters per token.")]
+UpNoise = Annotated[float, typer.Option(help="Std of Gaussian noise added to every expert but expert 0 "
+                                             "(which stays byte-identical to the dense MLP). 0 keeps the "
+                                             "dense function exactly.")]
+RouterInit = Annotated[str, typer.Option(
+    help="The new router: zeros (every expert scores the same) or normal (std --router-std, drawn from "
+    "--seed). Either keeps the dense function at --noise 0 for every listed sibling, whose top-k weights "
+    "sum to 1; normal breaks the ties between experts from the first step.")]
+RouterStd = Annotated[float, typer.Option(help="Std of the router with --router-init normal.")]
+To = Annotated[str | None, typer.Option(
+    "--to", help="The MoE model_type to write, where a dense family has more than one sibling (default: "
+    "the first, e.g. granite -> granitemoe; granitemoeshared adds a shared MLP).")]
+
+
+@app.command()
+def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK = None, noise: UpNoise = 0.0,
+            router_init: RouterInit = "zeros", router_std: RouterStd = 0.02, seed: Seed = 0, to: To = None,
+            revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
+            device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
+            threads: Threads = 2, strict: Strict = False) -> None:
+    """Dense to MoE (sparse upcycling, arXiv 2212.05055): every MLP becomes E experts, copies of it.
+
+    llama and mistral become mixtral, qwen2 qwen2_moe, qwen3 qwen3_moe, olmo2 flex_olmo, granite
+    granitemoe (or granitemoeshared with --to), hunyuan_v1_dense hunyuan_v1_moe. At --noise 0 the MoE
+    model computes the dense model's function (the sibling's routing is set so that the top-k weights
+    sum to 1; a shared expert starts with a zero output projection). The summary gives parameters
+    before and after, total and active per token. See docs/usage.md for costs and when to use it."""
+    _run_growth("upcycle", source, output, revision, json_out, dry_run, max_shard_size, device, force, quiet,
+                threads, strict, experts=experts, top_k=top_k, noise=noise, router_init=router_init,
+                router_std=router_std, seed=seed, to=to)
 
 
 @app.command()

@@ -312,7 +312,50 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
         keys = ", ".join(d.key for d in layout.depth_keys if d.kind != "count")
         raise GrowthError(f"the config ({keys}) cannot express this layer map: new layer "
                           f"{sorted(want ^ got)[0]} would change between dense and MoE")
-    return layout.wrap(outer, new), sorted({layout.key_path(outer, k) for k in changed})
+    grown = layout.wrap(outer, new)
+    outer_changed = _rewrite_wrapper_keys(grown, layout, layer_map, n_old)
+    return grown, sorted({layout.key_path(outer, k) for k in changed} | set(outer_changed))
+
+
+def _hidden_index(dk: DepthKey, a: Any, layer_map: Sequence[int], n_old: int) -> int:
+    """Where the state after the old first `a` layers is in the new stack (see `DepthKey` ``hidden_index``)."""
+    if not (isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= n_old):
+        raise ConfigError(f"config.json: {dk.key} must be a hidden-state index 0..{n_old}, not {a!r}")
+    if a == n_old:  # the last (normed) state stays the last
+        return len(layer_map)
+    if list(layer_map[:a]) == list(range(a)):  # the same first a layers: the source's state itself
+        return a
+    copies = sum(1 for m in layer_map if m < a)
+    if all(m < a for m in layer_map[:copies]):  # every copy of the first a layers comes first
+        return copies
+    raise GrowthError(f"config key {dk.key}={a} (a decoder hidden state read by index) cannot express this layer "
+                      f"map: the new layers neither start with layers 0..{a - 1} in order nor keep every copy of "
+                      f"them first")
+
+
+def _rewrite_wrapper_keys(config: dict[str, Any], layout: Layout, layer_map: Sequence[int], n_old: int) -> list[str]:
+    """Rewrite (in place) or refuse the wrapper's own layer-indexed keys (`Wrapper.depth_keys`); the keys changed."""
+    changed = []
+    for dk in layout.wrapper.depth_keys if layout.wrapper else ():
+        value = lookup(config, dk.key)
+        if value is None:
+            continue
+        if dk.kind == "positional_prefix":
+            if not isinstance(value, list):
+                raise ConfigError(f"config.json: {dk.key} must be a list, not {value!r}")
+            d = len(value)
+            if list(layer_map[:d]) != list(range(d)):
+                raise GrowthError(f"config key {dk.key} (features added after decoder layers 0..{d - 1}, by position) "
+                                  f"cannot express this layer map: new layers 0..{d - 1} must copy old layers "
+                                  f"0..{d - 1} in order, not {list(layer_map[:d])}")
+        elif dk.kind == "hidden_index":
+            new = _hidden_index(dk, value, layer_map, n_old)
+            if new != value:
+                _set(config, dk.key, new)
+                changed.append(dk.key)
+        else:  # pragma: no cover - layouts are checked by tests
+            raise AssertionError(dk.kind)
+    return changed
 
 
 def parse_top_k(value: str) -> str | int:

@@ -286,6 +286,12 @@ class _Job:
         if not t.flat:
             return self._write_joined(t, dst_fd, pos)
         for i, part in enumerate(t.parts):
+            if part.init:  # generated, the tensor's only part (upcycling's router): no source bytes
+                from .noise import generate
+
+                pwrite_all(dst_fd, generate(part.init, part.noise, t.dtype, t.nbytes, self.plan.seed, t.name, i), pos)
+                self.progress(t.nbytes)
+                continue
             src = self.tensors[part.source]
             off, n = part.span(src.nbytes)
             if part.is_copy:

@@ -91,6 +91,10 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     """The plan a provenance record describes, rebuilt from the source."""
     g = record.get("growth") or {}
     op = record.get("operation")
+    if op == "upcycle":
+        from .upcycle import rebuild_upcycle
+
+        return rebuild_upcycle(source, record)
     experts = f"{g['factor']}x" if g.get("factor") else None
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),

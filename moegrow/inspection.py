@@ -12,9 +12,12 @@ from .plan import param_counts
 from .source import Source
 
 
-def in_text_decoder(name: str, layer_prefix: str) -> bool:
+def in_text_decoder(name: str, layer_prefix: str, towers: tuple[str, ...] = ()) -> bool:
     """Whether a tensor belongs to a multimodal checkpoint's language model: its layers and what sits
-    beside them (embeddings, final norm) and its lm_head (at the top, or beside the decoder's ``model.``)."""
+    beside them (embeddings, final norm) and its lm_head (at the top, or beside the decoder's ``model.``);
+    not the `towers` prefixes (towers saved beside the decoder: `Wrapper.tower_prefixes`)."""
+    if name.startswith(towers):
+        return False
     # the prefix without its last part (layers. / blocks.): language_model.model. / model.language_model. / model.
     base = layer_prefix.rstrip(".").rpartition(".")[0] + "."
     heads = ["lm_head."]
@@ -34,7 +37,8 @@ def describe(source: Source) -> dict[str, Any]:
     total, active = param_counts(shapes, anatomy, layout, top_k)
     text_total, text_active = total, active
     if layout.wrapper is not None:  # the vision / audio towers and projectors left out
-        text_shapes = {n: s for n, s in shapes.items() if in_text_decoder(n, layout.layer_prefix)}
+        towers = layout.wrapper.tower_prefixes
+        text_shapes = {n: s for n, s in shapes.items() if in_text_decoder(n, layout.layer_prefix, towers)}
         text_total, text_active = param_counts(text_shapes, anatomy, layout, top_k)
     text = layout.text(config)  # a multimodal config: its text decoder's
     if layout.shared_experts_keys and any(lookup(text, k) is not None for k in layout.shared_experts_keys):

@@ -52,6 +52,15 @@ class DepthKey:
     copies of the last N must be the new last layers), ``per_layer_dict`` (a dict keyed by layer
     index, a string in JSON: each new layer gets its original's entry, if any). A dotted key reaches
     into a nested dict.
+
+    Two more kinds are for a multimodal wrapper's own keys (`Wrapper.depth_keys`, dotted from the top of its
+    config): ``positional_prefix`` (a list whose length D counts the leading decoder layers that something
+    outside the layers addresses by position: qwen3_vl's deepstack adds visual features after decoder layers
+    0..D-1; kept as is, and a map is refused unless new layers 0..D-1 copy old layers 0..D-1 in order) and
+    ``hidden_index`` (an index into the decoder's hidden states, the state after its first a layers:
+    qwen3_omni_moe's talker reads the thinker's; rewritten to a where the new first a layers copy the old first
+    a in order, so the state is the source's (stacking), else to the count of copies of the first a layers when
+    they all come first (interposition: 2a), refused otherwise).
     """
 
     key: str
@@ -137,7 +146,8 @@ class TensorRule:
 class Wrapper:
     """A multimodal checkpoint whose text decoder is a supported family.
 
-    The decoder's config is nested under ``text_config_key`` (its own model_type picks the layout)
+    The decoder's config is nested under ``text_config_key`` (dotted where it sits deeper: qwen3_omni_moe's
+    ``thinker_config.text_config``; its own model_type picks the layout, or `text_layout`)
     and its layers are saved under ``layer_prefix``; every other tensor (vision tower, projector)
     and every other config key is copied untouched.
     """
@@ -151,6 +161,16 @@ class Wrapper:
     # other prefixes the decoder layers are saved under, used where the checkpoint's names carry one
     # (kimi_k25: Hub `language_model.model.layers.`, transformers 5.23's save_pretrained `...blocks.`)
     alt_prefixes: tuple[str, ...] = ()
+    # the decoder's layout where its text model_type is no standalone family (no causal-LM class of its own:
+    # qwen3_vl_moe_text, glm4v_moe_text...); it is used only inside this wrapper
+    text_layout: Layout | None = None
+    # keys of the wrapper's own config (dotted from its top) that index decoder layers (see `DepthKey`)
+    depth_keys: tuple[DepthKey, ...] = ()
+    # the submodule that computes the text logits where the model class has no forward (qwen3_omni_moe: thinker)
+    text_module: str = ""
+    # tower tensors saved under the decoder's own base prefix (ernie4_5_vl_moe: model.vision_model.): not the
+    # language model's in parameter counts
+    tower_prefixes: tuple[str, ...] = ()
 
 
 # --- identity depth init (`--depth-init identity`, issue 11): what a layer writes into the residual stream ---
@@ -246,6 +266,9 @@ class Layout:
     depth_refused_keys: tuple[tuple[str, str], ...] = ()
     # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
     moe_period_key: str = ""
+    # router / router-bias / fused tensors (rels) whose `expert_axis` has leading dims other than 1 (ernie4_5_vl_moe's
+    # transposed gates [H, E] and its [2, E] bias, one row per modality): their copies are joined through torch
+    inner_axis: tuple[str, ...] = ()
     # config keys counting extra slots after the routed experts on a router's expert axis (longcat_flash's
     # zero experts, inkling_text's router-gated shared experts): a tensor spanning routed + extra slots
     # is duplicated segment by segment, [E, E copies, Z, Z copies], so that every segment stays whole
@@ -291,7 +314,7 @@ class Layout:
         if not self._wrapped(config):
             return config
         assert self.wrapper is not None
-        sub = config.get(self.wrapper.text_config_key)
+        sub = lookup(config, self.wrapper.text_config_key)  # dotted: qwen3_omni_moe's thinker_config.text_config
         if not isinstance(sub, Mapping):
             raise ConfigError(f"config.json: no {self.wrapper.text_config_key} (the text decoder's config)")
         return sub
@@ -302,7 +325,11 @@ class Layout:
             return dict(text)
         assert self.wrapper is not None
         new = copy.deepcopy(dict(config))
-        new[self.wrapper.text_config_key] = dict(text)
+        *path, last = self.wrapper.text_config_key.split(".")
+        parent = new
+        for part in path:
+            parent = parent[part]
+        parent[last] = dict(text)
         return new
 
     def key_path(self, config: Mapping[str, Any], key: str) -> str:
@@ -1394,6 +1421,51 @@ WRAPPERS: tuple[Wrapper, ...] = (
             alt_prefixes=("language_model.model.blocks.",)),
 )
 
+# -- Multimodal MoE releases whose text decoder has no causal-LM class of its own (issue 10, item 5) -----------
+# Each decoder's layout lives in its wrapper (`Wrapper.text_layout`): it is not a standalone family.
+
+
+def _family(name: str) -> Layout:
+    return next(lay for lay in LAYOUTS if lay.name == name)
+
+
+WRAPPERS += (
+    # fused experts `mlp.experts.gate_up_proj` / `down_proj` (expert axis first; the Hub release stores the last two
+    # dims transposed, which transformers' conversion reads back), `mlp.gate`; qwen3_moe routing, always normalised
+    Wrapper(("qwen3_vl_moe",), "text_config", "model.language_model.layers.", text_layout=replace(
+        _family("qwen3_moe"), name="qwen3_vl_moe_text", model_types=("qwen3_vl_moe_text",),
+        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        routing="softmax over all experts, top-k, always renormalised over the k (no norm_topk_prob key)"),
+        depth_keys=(DepthKey("vision_config.deepstack_visual_indexes", "positional_prefix"),)),
+    # the thinker's decoder is qwen3_moe's (per-expert names, norm_topk_prob); the talker's MoE decoder (qwen2_moe-like,
+    # under talker.model.layers.) is not grown: one layout grows one decoder, so it is copied untouched with code2wav
+    Wrapper(("qwen3_omni_moe",), "thinker_config.text_config", "thinker.model.layers.", text_layout=replace(
+        _family("qwen3_moe"), name="qwen3_omni_moe_text", model_types=("qwen3_omni_moe_text",)),
+        depth_keys=(DepthKey("thinker_config.vision_config.deepstack_visual_indexes", "positional_prefix"),
+                    DepthKey("talker_config.accept_hidden_layer", "hidden_index")),
+        text_module="thinker"),
+    # glm4_moe's decoder (per-expert, `mlp.gate` + correction bias, shared experts, first_k_dense_replace)
+    Wrapper(("glm4v_moe",), "text_config", "model.language_model.layers.", text_layout=replace(
+        _family("glm4_moe"), name="glm4v_moe_text", model_types=("glm4v_moe_text",), notes=())),
+    # modality-isolated experts: per layer E text experts then E vision experts, saved per expert as experts.0..2E-1
+    # (the text ones first; transformers splits them in half on load); transposed gates [H, E], text `gate.weight`
+    # and vision `gate.weight_1`; the correction bias [2, E], a row per modality. Width growth keeps each half whole:
+    # experts [text E, text copies, vision E, vision copies], gates and bias doubled along their expert axis 1
+    Wrapper(("ernie4_5_vl_moe",), "text_config", "model.layers.", text_layout=replace(
+        _family("ernie4_5_moe"), name="ernie4_5_vl_moe_text", model_types=("ernie4_5_vl_moe_text",),
+        router_weights=("mlp.gate.weight", "mlp.gate.weight_1"),
+        expert_axis=(("mlp.gate.weight", 1), ("mlp.gate.weight_1", 1), ("mlp.moe_statics.e_score_correction_bias", 1)),
+        inner_axis=("mlp.gate.weight", "mlp.gate.weight_1", "mlp.moe_statics.e_score_correction_bias"),
+        expert_segments=("moe_num_experts",),  # the vision experts: as many as the text ones
+        routing=("per modality (text tokens: text experts; image / video tokens: vision experts): softmax (float32) "
+                 "over the E experts; top-k of probabilities + that modality's e_score_correction_bias row; weights = "
+                 "probabilities / clamp(sum, moe_norm_min); plus shared experts"),
+        moe_rule="mlp_layer_types", moe_range=(), default_dense=1, depth_keys=(_COUNT, _MOE_TYPES),
+        notes=("width growth halves the correction bias (originals included): originals are not byte-identical",)),
+        tower_prefixes=("model.vision_model.", "model.resampler_model.")),
+)
+# -- end of issue 10, item 5 ---------------------------------------------------------------------------------------
+
 # --- identity depth init (issue 11): per family, the tensors an added layer copy has zeroed (see `Residual`).
 # Read off each family's decoder layer in transformers 5.23 (models/*/modeling_*.py). Every sublayer adds its
 # output to the stream; where a norm follows the sublayer before the add (gemma / olmo2 / afmoe / kolibri1
@@ -1494,6 +1566,11 @@ RESIDUAL: dict[str, Residual] = {
         refused_keys=(("num_kv_shared_layers", "the last layers reuse the keys and values of the last earlier "
                        "layer of their type, which would be an added copy that sees another input"),)),
     "dots3_note_text": _DEEPSEEK_WRITERS,
+    # decoders that live only in their wrapper (`Wrapper.text_layout`)
+    "qwen3_vl_moe_text": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, *_FUSED_DOWN)),
+    "qwen3_omni_moe_text": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, *_FUSED_DOWN)),
+    "glm4v_moe_text": _DEEPSEEK_WRITERS,
+    "ernie4_5_vl_moe_text": _DEEPSEEK_WRITERS,  # text and vision experts alike
     # wrappers whose checkpoints name the decoder's tensors their own way (layouts.WRAPPERS' layout_overrides)
     "minimax_m3_vl": Residual((_ATTN, _MLP_DOWN, "block_sparse_moe.experts.*.w2",
                                "block_sparse_moe.shared_experts.down_proj")),
@@ -1507,6 +1584,11 @@ _WRAPPER_BY_TYPE: dict[str, Wrapper] = {t: w for w in WRAPPERS for t in w.model_
 
 def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
+
+
+def wrapper_of(model_type: Any) -> Wrapper | None:
+    """The multimodal wrapper entry of a model_type, if it is one."""
+    return _WRAPPER_BY_TYPE.get(model_type) if isinstance(model_type, str) else None
 
 
 def supported_wrapper_types() -> list[str]:
@@ -1547,12 +1629,13 @@ def _layout_for(config: Mapping[str, Any], where: str) -> Layout:
         raise ConfigError(f"{where}: no model_type")
     wrapper = _WRAPPER_BY_TYPE.get(model_type)
     if wrapper is not None:
-        text = config.get(wrapper.text_config_key)
+        text = lookup(config, wrapper.text_config_key)
         text_type = text.get("model_type") if isinstance(text, Mapping) else None
         if not isinstance(text_type, str):
             raise ConfigError(f"{where}: model_type {model_type!r} needs {wrapper.text_config_key} "
                               f"with a model_type (the text decoder's config)")
-        layout = _BY_TYPE.get(text_type)
+        own = wrapper.text_layout
+        layout = own if own is not None and text_type in own.model_types else _BY_TYPE.get(text_type)
         if layout is None:
             raise UnsupportedModelError(
                 f"{where}: {wrapper.text_config_key}.model_type {text_type!r} (the text decoder of "
@@ -1560,6 +1643,12 @@ def _layout_for(config: Mapping[str, Any], where: str) -> Layout:
         return replace(layout, layer_prefix=wrapper.layer_prefix, wrapper=wrapper, **dict(wrapper.layout_overrides))
     layout = _BY_TYPE.get(model_type)
     if layout is None:
+        from .siblings import BY_DENSE
+
+        if model_type in BY_DENSE:
+            moe = " or ".join(s.moe for s in BY_DENSE[model_type])
+            raise UnsupportedModelError(f"{where}: model_type {model_type!r} is a dense model, not MoE; "
+                                        f"`moegrow upcycle` turns it into its MoE sibling ({moe})")
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} is not a supported MoE family "
             f"(supported: {', '.join(supported_model_types())}; multimodal, with a supported text "

@@ -66,6 +66,18 @@ def filled(nbytes: int, dtype: str, value: float) -> bytearray:
     return bytearray(values.view(torch.uint8).numpy().tobytes())
 
 
+def generate(init: str, std: float, dtype: str, nbytes: int, seed: int, tensor: str,
+             part: int) -> bytearray | memoryview:
+    """A tensor made from nothing (`plan.Part.init`): zeros, or N(0, std^2) drawn on the CPU (the same
+    blocks as `add_noise` on zeros, so any machine regenerates the same bytes)."""
+    zeros = bytearray(nbytes)
+    if init == "zeros":
+        return zeros
+    if init == "normal":
+        return add_noise(zeros, dtype, std, seed, tensor, part, "cpu")
+    raise ValueError(f"unknown init {init!r}")
+
+
 def shift(raw: bytearray, dtype: str, add: int) -> memoryview:
     """An integer tensor's bytes with `add` added to every value (expert indices moved to copies)."""
     import torch

@@ -43,6 +43,9 @@ class Part:
     at the copies: deepseek_v4's hash routing).
     ``fill``: every value is this constant instead of the source's (identity depth init: 0 for an added
     layer copy's residual writers, 1 for its stream scale); scale and noise then apply to it.
+    ``init``: a generated part with no source bytes (`source` is ""): ``zeros``, or ``normal`` (std
+    `noise`, drawn on the CPU from the seed and the output tensor's name: regenerated bit for bit by
+    verify); it is the only part of its tensor (upcycling's new routers).
     """
 
     source: str
@@ -51,10 +54,11 @@ class Part:
     rows: tuple[int, int, int] | None = None
     add: int = 0
     fill: float | None = None
+    init: str = ""
 
     @property
     def is_copy(self) -> bool:
-        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None
+        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None and not self.init
 
     @property
     def needs_device(self) -> bool:
@@ -117,6 +121,8 @@ class Plan:
     allow_inexact: bool = False  # --allow-inexact: a family whose width growth cannot be exact
     warnings: list[str] = field(default_factory=list)
     depth_init: str = "copy"     # --depth-init: copy, or identity (added copies' residual writers zeroed)
+    upcycle: dict[str, Any] | None = None  # operation upcycle: the dense model_type and the router init
+    why_inexact: str = ""                  # why not function-preserving, where a planner knows better
 
     @property
     def function_preserving(self) -> bool:
@@ -126,6 +132,8 @@ class Plan:
         """Whether the grown model computes the source's function, and if not, why."""
         if self.function_preserving:
             return "yes (logits equal up to float rounding)"
+        if self.why_inexact:
+            return f"no ({self.why_inexact})"
         if self.layer_map is not None and self.depth_init != "identity":
             return "no (depth growth adds layers)"
         if not self.exact:
@@ -134,7 +142,7 @@ class Plan:
 
     def sources(self) -> set[str]:
         """The source tensors whose bytes are read (a filled part's are not)."""
-        return {p.source for t in self.tensors for p in t.parts if p.fill is None}
+        return {p.source for t in self.tensors for p in t.parts if p.fill is None and not p.init}
 
     def filled(self) -> dict[str, Any]:
         """Identity depth init: how many output tensors are set to a constant, and their names relative to
@@ -436,16 +444,18 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
-            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked): a byte concatenation
+            axis = layout.axis_of(role.rel)  # leading dims are 1 (checked) but for `inner_axis`: joined through torch
             n = t.shape[axis]
             per = layout.rows_per_expert(text, role.rel)  # rows per slot
             if layout.segment_of(role.rel) is None and n == sum(segments) * per != e_old * per:
+                if any(d != 1 for d in t.shape[:axis]):
+                    raise GrowthError(f"{name}: segments of expert slots along an inner axis cannot be duplicated")
                 parts = tuple(Part(name, std if c else 0.0, scale, (start * per, (start + count) * per, n))
                               for start, count in zip(starts, segments) if count for c in range(factor))
             else:  # routed experts only, or one extra segment only: duplicated whole
                 parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
-            out.append(OutTensor(name, t.dtype, shape, parts))
+            out.append(OutTensor(name, t.dtype, shape, parts, axis))
         elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
             out.append(_widened_table(name, t, e_old, factor, k_old, k_new))
         else:

@@ -17,7 +17,7 @@ RECORD_NAME = "moegrow.json"
 
 
 def part_record(p: Part, axis: int = 0) -> list[Any]:
-    """[source, noise] + [scale] where scaled + [{rows, add, axis, fill}] where a part has any of them."""
+    """[source, noise] + [scale] where scaled + [{rows, add, axis, fill, init}] where a part has any of them."""
     extra: dict[str, Any] = {}
     if p.rows is not None:
         extra["rows"] = list(p.rows)
@@ -27,6 +27,8 @@ def part_record(p: Part, axis: int = 0) -> list[Any]:
         extra["fill"] = p.fill
     if axis:
         extra["axis"] = axis
+    if p.init:
+        extra["init"] = p.init
     record: list[Any] = [p.source, p.noise]
     if p.scale != 1.0 or extra:
         record.append(p.scale)
@@ -41,7 +43,8 @@ def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
 
     The scale appears only where a part is scaled (see layouts.TensorRule) or has extras: `rows`
     [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table), `fill`
-    (every value this constant instead of the source's: identity depth init's zeroed residual writers)."""
+    (every value this constant instead of the source's: identity depth init's zeroed residual writers), `init`
+    (a generated part, source "": zeros, or normal with the part's noise as std)."""
     return {t.name: [part_record(p, t.axis) for p in t.parts] for t in tensors}
 
 
@@ -61,6 +64,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "seed": plan.seed,
             "allow_inexact": plan.allow_inexact,
             "depth_init": plan.depth_init,
+            **({k: v for k, v in plan.upcycle.items() if k != "why_exact"} if plan.upcycle else {}),
         },
         "noise_device": device,
         "function_preserving": plan.function_preserving,

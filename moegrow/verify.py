@@ -21,6 +21,7 @@ from .configs import check_moe_layers
 from .errors import MoegrowError, SourceError
 from .grow import rebuild_plan
 from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
+from .layouts import wrapper_of
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, tensor_mapping
 from .source import Source, read_config
@@ -67,13 +68,13 @@ def _record_problem(record: Any) -> str | None:
 
     if not isinstance(record, dict):
         return "not a JSON object"
-    if record.get("operation") not in ("grow-depth", "grow-width", "grow"):
+    if record.get("operation") not in ("grow-depth", "grow-width", "grow", "upcycle"):
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     def is_extra(x: Any) -> bool:  # see provenance.part_record
-        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill"} and all(
+        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill", "init"} and all(
             (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows"
-            else is_num(v) if k == "fill" else is_int(v)
+            else is_num(v) if k == "fill" else v in ("zeros", "normal") if k == "init" else is_int(v)
             for k, v in x.items())
 
     def is_part(p: Any) -> bool:
@@ -95,6 +96,10 @@ def _record_problem(record: Any) -> str | None:
         "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
         "allow_inexact": lambda v: isinstance(v, bool),
         "depth_init": lambda v: v in ("copy", "identity"),
+        "experts": lambda v: is_int(v) and v >= 1,
+        "router_init": lambda v: v in ("zeros", "normal"),  # upcycle
+        "router_std": lambda v: is_num(v) and v >= 0,
+        "dense_model_type": lambda v: isinstance(v, str),
     }
     for key, ok in checks.items():
         if g.get(key) is not None and not ok(g[key]):
@@ -147,7 +152,7 @@ class _Reader:
 
 def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, device: str,
                   reader: _Reader, report: Report) -> None:
-    from .noise import add_noise, filled, shift
+    from .noise import add_noise, filled, generate, shift
 
     if not t.flat:
         _check_joined(t, out, plan, source, reader, report)
@@ -155,6 +160,13 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
     pos = out.start
     measured = []
     for i, part in enumerate(t.parts):
+        if part.init:  # generated (the tensor's only part): zeros, or normal regenerated from the seed
+            got = reader.read(out.path, pos, t.nbytes)
+            pos += t.nbytes
+            if got != bytes(generate(part.init, part.noise, t.dtype, t.nbytes, plan.seed, t.name, i)):
+                what = "zeros" if part.init == "zeros" else f"normal(std {part.noise}) drawn from seed {plan.seed}"
+                report.problems.append(f"{t.name}: part {i} is not {what}")
+            continue
         src = source.tensors[part.source]
         off, n = part.span(src.nbytes)
         got = reader.read(out.path, pos, n)
@@ -305,10 +317,14 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32,
     for path in (source, output):
         config = transformers.AutoConfig.from_pretrained(path)
         # multimodal wrappers that AutoModelForCausalLM does not map (aria, minimax_m3_vl, inkling_mm_model,
-        # inkling2, kimi_k25) run text-only input_ids through their image-text-to-text class
-        auto = (transformers.AutoModelForCausalLM if type(config) in transformers.AutoModelForCausalLM._model_mapping
-                else transformers.AutoModelForImageTextToText)
+        # inkling2, kimi_k25, ...) run text-only input_ids through their image-text-to-text class, else (qwen3_omni_moe)
+        # their multimodal-LM class's text module (`Wrapper.text_module`)
+        autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText)
+        auto = next((a for a in autos if type(config) in a._model_mapping), transformers.AutoModelForMultimodalLM)
         model = auto.from_pretrained(path, dtype=torch.float32)
+        wrapper = wrapper_of(config.model_type)
+        if wrapper is not None and wrapper.text_module:
+            model = getattr(model, wrapper.text_module)
         model.eval()
         if identity is not None and path == output:
             _watch_identity(model, _decoder_layers(model, identity.num_layers, identity.prefix), identity)

@@ -364,7 +364,7 @@ CONFIG_CASES = {
     "unknown-model-type": (_config(lambda c: c.update(model_type="frobnicator_moe")),
                            ["'frobnicator_moe' is not a supported MoE family"]),
     "dense-model-type": (_config(lambda c: c.update(model_type="llama")),
-                         ["'llama' is not a supported MoE family"]),
+                         ["'llama' is a dense model, not MoE", "moegrow upcycle", "mixtral"]),
 }
 
 
@@ -393,7 +393,7 @@ def llama(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_dense_checkpoint_is_refused(command, llama, tmp_path):
     out = tmp_path / "out"
-    fails(COMMANDS[command](llama, out), llama, out, str(llama), "'llama' is not a supported MoE family")
+    fails(COMMANDS[command](llama, out), llama, out, str(llama), "'llama' is a dense model, not MoE", "moegrow upcycle")
 
 
 def test_dense_tensors_under_a_moe_model_type(llama, ckpt_copy, tmp_path):

@@ -252,10 +252,14 @@ def wrapper_source(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(set(mm.CASES) - set(mm.DEPTH_ALWAYS_REFUSED)))
 def test_wrappers_take_their_text_family_data(case, wrapper_source, tmp_path, record_property):
     src, out = wrapper_source(case), tmp_path / "out"
-    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--depth-init", "identity", "--quiet")
+    method = "stack" if (case, "interpose") in mm.DEPTH_METHOD_REFUSED else "interpose"
+    code, _, err = run("grow-depth", src, out, "--layers", "2x", "--method", method, "--depth-init", "identity",
+                       "--quiet")
     assert code == 0, err
     prefix = mm.CASES[case][4]
-    assert any(n.startswith(prefix + "1.") for n in _zeroed(out))
+    added = [1, 3, 5] if method == "interpose" else [3, 4, 5]
+    assert all(any(n.startswith(f"{prefix}{j}.") for n in _zeroed(out)) for j in added)
+    assert not any(n.startswith(f"{prefix}{j}.") for n in _zeroed(out) for j in set(range(6)) - set(added))
     diff = (mm.mm_logits(src, case) - mm.mm_logits(out, case)).abs().max().item()
     record_property("max_logit_diff", diff)
     assert diff <= 1e-5, diff
