@@ -18,8 +18,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from . import __version__
-from .anatomy import analyse
-from .plan import Plan, param_counts
+from .counts import growth_param_counts
+from .plan import Plan
 from .source import Source
 
 CARD_NAME = "README.md"
@@ -102,24 +102,10 @@ def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
     return shlex.join(argv)
 
 
-def _counts(plan: Plan, source: Source) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((total, active) before, (total, active) after), as the CLI's summary counts them."""
-    layout = plan.layout
-    before = {n: t.shape for n, t in source.tensors.items()}
-    after = {t.name: t.shape for t in plan.tensors}
-    if plan.upcycle:  # a dense source: every parameter active
-        from .upcycle import dense_param_count
-
-        dense = (dense_param_count(before),) * 2
-    return (dense if plan.upcycle else
-            param_counts(before, analyse(before, plan.source_config, layout), layout, layout.top_k(plan.source_config)),
-            param_counts(after, analyse(after, plan.config, layout), layout, layout.top_k(plan.config)))
-
-
 def _growth(plan: Plan, source: Source) -> list[str]:
     """The body's account of what was done, as markdown lines."""
     layout, old, new = plan.layout, plan.source_config, plan.config
-    (total0, active0), (total1, active1) = _counts(plan, source)
+    (total0, active0), (total1, active1) = growth_param_counts(plan, source)
     rows = [("layers", layout.num_layers(old), layout.num_layers(new)),
             ("routed experts", "dense" if plan.upcycle else layout.num_experts(old), layout.num_experts(new)),
             ("experts per token (top-k)", "-" if plan.upcycle else layout.top_k(old), layout.top_k(new)),

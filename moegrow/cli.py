@@ -23,11 +23,10 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .anatomy import analyse
 from .errors import MoegrowError, VerificationFailed
 from .execute import DEFAULT_MAX_SHARD, format_size, parse_size
 from .io import read_index
-from .plan import Plan, param_counts
+from .plan import Plan
 
 app = typer.Typer(
     name="moegrow",
@@ -127,6 +126,12 @@ TopK = Annotated[str, typer.Option(
     help="scale: top-k times the growth factor, so that at zero noise the grown model computes "
     "the source's function; keep: same top-k (same FLOPs per token, not function-preserving); "
     "or an integer.")]
+DType = Annotated[str, typer.Option(
+    "--dtype", help="keep: every tensor in its source dtype; a quantised source (fp8 with block scales...) "
+    "stays quantised, and noised copies are requantised in its format with fresh scales (originals and "
+    "their scales stay byte-identical). bfloat16, float16 or float32: quantised weights are dequantised "
+    "as transformers does and written in that dtype (scales and quantization_config dropped), other float "
+    "tensors converted too, except float32 ones of a bfloat16/float16 source (correction biases...).")]
 AllowInexact = Annotated[bool, typer.Option(
     "--allow-inexact", help="Grow the width of a family whose routing no duplication can preserve "
     "(phimoe), which is refused without it; the result is not function-preserving (a warning says so).")]
@@ -168,18 +173,10 @@ def _emit(obj: dict[str, Any]) -> None:
 
 def _summary(plan: Plan, source: Any) -> dict[str, Any]:
     """Plan facts for --dry-run and the run summary."""
-    layout = plan.layout
-    src_shapes = {n: t.shape for n, t in source.tensors.items()}
-    out_shapes = {t.name: t.shape for t in plan.tensors}
-    if plan.upcycle:  # a dense source: every parameter active, no experts
-        from .upcycle import dense_param_count
+    from .counts import growth_param_counts
 
-        before = (dense_param_count(src_shapes),) * 2
-    else:
-        before = param_counts(src_shapes, analyse(src_shapes, plan.source_config, layout), layout,
-                              layout.top_k(plan.source_config))
-    after = param_counts(out_shapes, analyse(out_shapes, plan.config, layout), layout,
-                         layout.top_k(plan.config))
+    layout = plan.layout
+    before, after = growth_param_counts(plan, source)
     used = plan.sources()
     return {
         "operation": plan.operation,
@@ -199,6 +196,8 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "noise": plan.noise,
         "router_noise": plan.router_noise,
         "seed": plan.seed,
+        "dtype": plan.dtype,
+        "quantization": plan.quant.describe() if plan.quant is not None else None,
         "warnings": plan.warnings,
         **({"depth_init": plan.depth_init, "identity_init": plan.filled()} if plan.layer_map is not None else {}),
         **({"upcycle": plan.upcycle} if plan.upcycle else {}),
@@ -215,6 +214,10 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
     err.print(f"  params {s['total_params'][0]:,} -> {s['total_params'][1]:,} total, "
               f"{s['active_params'][0]:,} -> {s['active_params'][1]:,} active")
     err.print(f"  {s['tensors']} tensors, {format_size(s['bytes_in'])} read, {format_size(s['bytes_out'])} written")
+    if s.get("quantization") or s.get("dtype", "keep") != "keep":
+        q = s.get("quantization")
+        src = f"{q['format']} ({q['quantized_tensors']} quantised weights)" if q else "float"
+        err.print(f"  source {src}, --dtype {s['dtype']}", markup=False)
     if s["layer_map"] is not None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
@@ -318,6 +321,13 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> N
     else:
         out.print(f"  params: {info['total_params']:,} total, {info['active_params']:,} active per token")
     out.print(f"  dtypes: {', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}")
+    q = info["quantization"]
+    if q:
+        block = f", blocks {'x'.join(map(str, q['block_size']))}" if q.get("block_size") else ""
+        out.print(f"  quantisation: {q['format']}{block}, {q['quantized_tensors']} quantised weights "
+                  f"(+{q['scale_tensors']} scale tensors)", markup=False)
+    out.print("  --dtype writes: " + ", ".join(f"{k} {format_size(v)}" for k, v in info["dtype_bytes"].items()),
+              markup=False)
     out.print(f"  {info['num_tensors']} tensors, {format_size(info['total_bytes'])} in {len(info['files'])} file(s)")
 
 
@@ -326,11 +336,11 @@ def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method =
                layer_map: LayerMap = None, revision: Revision = None, dry_run: DryRun = False,
                max_shard_size: MaxShard = None, device: Device = "auto", force: Force = False,
                quiet: Quiet = False, json_out: Json = False, threads: Threads = 2,
-               strict: Strict = False, depth_init: DepthInit = "copy") -> None:
+               strict: Strict = False, depth_init: DepthInit = "copy", dtype: DType = "keep") -> None:
     """Grow depth: copy layers by interposition (default) or stacking; rewrite layer-indexed config."""
     _run_growth("grow-depth", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map,
-                depth_init=depth_init)
+                depth_init=depth_init, dtype=dtype)
 
 
 @app.command("grow-width")
@@ -339,11 +349,11 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
                revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
                json_out: Json = False, threads: Threads = 2, strict: Strict = False,
-               allow_inexact: AllowInexact = False) -> None:
+               allow_inexact: AllowInexact = False, dtype: DType = "keep") -> None:
     """Grow width: duplicate every expert (copies after originals) and its router rows."""
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
-                seed=seed, top_k=top_k, allow_inexact=allow_inexact)
+                seed=seed, top_k=top_k, allow_inexact=allow_inexact, dtype=dtype)
 
 
 @app.command("grow")
@@ -353,12 +363,12 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
          threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
-         depth_init: DepthInit = "copy") -> None:
+         depth_init: DepthInit = "copy", dtype: DType = "keep") -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
-                depth_init=depth_init)
+                depth_init=depth_init, dtype=dtype)
 
 
 UpExperts = Annotated[str | None, typer.Option(

@@ -282,7 +282,14 @@ class _Job:
             self.nonfinite[part.source] = count_nonfinite(raw, src.dtype) if part.rows is None else None
         return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device)
 
+    def read(self, name: str, offset: int, count: int) -> bytes:
+        """`count` bytes of source tensor `name` from `offset` within it."""
+        src = self.tensors[name]
+        return pread_exact(self.fd(src.path), count, src.start + offset, str(src.path))
+
     def write_tensor(self, t: OutTensor, dst_fd: int, pos: int) -> None:
+        if t.encode is not None:
+            return self._write_encoded(t, dst_fd, pos)
         if not t.flat:
             return self._write_joined(t, dst_fd, pos)
         for i, part in enumerate(t.parts):
@@ -300,6 +307,23 @@ class _Job:
                 raw = (bytearray(n) if part.fill is not None  # filled: the source's bytes are not needed
                        else bytearray(pread_exact(self.fd(src.path), n, src.start + off, str(src.path))))
                 pwrite_all(dst_fd, self._part_bytes(t, i, raw), pos)
+            pos += n
+            self.progress(n)
+
+    def _write_encoded(self, t: OutTensor, dst_fd: int, pos: int) -> None:
+        """A dequantised, converted or requantised tensor (moegrow.quant): part by part, byte copies where
+        a part is one (an original's values or scales kept as they are)."""
+        from .quant.transform import encoded_part, verbatim
+
+        for i, part in enumerate(t.parts):
+            if verbatim(t, part, self.tensors):
+                src = self.tensors[part.source]
+                off, n = part.span(src.nbytes)
+                self.copier.copy(self.fd(src.path), src.start + off, dst_fd, pos, n, str(src.path))
+            else:
+                data = encoded_part(self.plan, t, i, self.tensors, self.read, self.device)
+                pwrite_all(dst_fd, data, pos)
+                n = len(data)
             pos += n
             self.progress(n)
 

@@ -9,6 +9,7 @@ from .anatomy import analyse
 from .configs import check_moe_layers
 from .layouts import layout_for, lookup
 from .plan import param_counts
+from .quant.plan import output_bytes, planning_index, quantisation
 from .source import Source
 
 
@@ -30,7 +31,9 @@ def describe(source: Source) -> dict[str, Any]:
     """A JSON-ready description: layers, MoE layout, routing, parameter counts, files, bytes."""
     config = source.config
     layout = layout_for(config, f"{source.spec}/config.json", source.tensors)
-    shapes = {n: t.shape for n, t in source.tensors.items()}
+    quant = quantisation(config, source.tensors)
+    # a quantised weight counts once, as its dequantised tensor (not values + scales)
+    shapes = {n: t.shape for n, t in planning_index(source.tensors, quant, "keep").items()}
     anatomy = analyse(shapes, config, layout, f"{source.spec}/config.json")
     check_moe_layers(config, layout, anatomy.moe_layers, f"{source.spec}/config.json")
     top_k = layout.top_k(config)
@@ -89,4 +92,8 @@ def describe(source: Source) -> dict[str, Any]:
         "num_tensors": len(source.tensors),
         "total_bytes": source.total_bytes,
         "files": files,
+        # null for a float checkpoint; else format, block_size (where there is one), quantized_tensors
+        "quantization": quant.describe() if quant is not None else None,
+        # the bytes of tensors each --dtype writes for this checkpoint as it is (before any growth)
+        "dtype_bytes": output_bytes(source.tensors, quant),
     }

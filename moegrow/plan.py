@@ -46,6 +46,8 @@ class Part:
     ``init``: a generated part with no source bytes (`source` is ""): ``zeros``, or ``normal`` (std
     `noise`, drawn on the CPU from the seed and the output tensor's name: regenerated bit for bit by
     verify); it is the only part of its tensor (upcycling's new routers).
+    ``decode``: a quantisation format (moegrow.quant): `source` names a quantised weight by its
+    dequantised name, whose tensors (values, scales) are decoded to float32 first.
     """
 
     source: str
@@ -55,16 +57,18 @@ class Part:
     add: int = 0
     fill: float | None = None
     init: str = ""
+    decode: str = ""
 
     @property
     def is_copy(self) -> bool:
-        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None and not self.init
+        return (self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None and not self.init
+                and not self.decode)
 
     @property
     def needs_device(self) -> bool:
-        """Whether making this part is tensor math on a device (noise, scaling); copies, shifts of index
-        tables and plain fills are not."""
-        return self.noise != 0.0 or self.scale != 1.0
+        """Whether making this part is tensor math on a device (noise, scaling, decoding); copies, shifts of
+        index tables and plain fills are not."""
+        return self.noise != 0.0 or self.scale != 1.0 or bool(self.decode)
 
     def span(self, nbytes: int) -> tuple[int, int]:
         """(offset, length) of this part's bytes within its source tensor of `nbytes` bytes."""
@@ -76,12 +80,31 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Encode:
+    """How an output tensor is written when not in its source's dtype (see moegrow.quant).
+
+    ``format`` "": each part as float32 (decoded, scaled, noised) rounded to the tensor's float
+    dtype; else a quantisation format: the tensor is member ``member`` (values, scales...) of a
+    requantised weight whose dequantised output name is ``group`` (its noise is seeded by that name,
+    so that every member of one copy comes from the same noised data).
+    """
+
+    format: str = ""
+    member: str = ""
+    group: str = ""
+
+    def record(self) -> str:
+        return f"{self.format}.{self.member}" if self.format else "cast"
+
+
+@dataclass(frozen=True)
 class OutTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
     axis: int = 0  # the parts are concatenated along this axis
+    encode: Encode | None = None  # None: the parts' bytes in their own dtype (copied or transformed)
 
     @property
     def flat(self) -> bool:
@@ -97,7 +120,7 @@ class OutTensor:
 
     @property
     def is_copy(self) -> bool:
-        return all(p.is_copy for p in self.parts)
+        return self.encode is None and all(p.is_copy for p in self.parts)
 
 
 @dataclass
@@ -123,10 +146,15 @@ class Plan:
     depth_init: str = "copy"     # --depth-init: copy, or identity (added copies' residual writers zeroed)
     upcycle: dict[str, Any] | None = None  # operation upcycle: the dense model_type and the router init
     why_inexact: str = ""                  # why not function-preserving, where a planner knows better
+    dtype: str = "keep"          # --dtype: keep, or the float dtype every weight is written in
+    quant: Any = None            # moegrow.quant.plan.Quantisation of a quantised source, else None
+    lossy: str = ""              # why the --dtype conversion rounds weights, if it does
+    # a quantised source: output tensor shapes with each quantised weight as one tensor (parameter counts)
+    dequantised_shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
     def function_preserving(self) -> bool:
-        return self.exact and self.noise == 0.0 and self.router_noise == 0.0
+        return self.exact and not self.lossy and self.noise == 0.0 and self.router_noise == 0.0
 
     def preservation(self) -> str:
         """Whether the grown model computes the source's function, and if not, why."""
@@ -134,6 +162,8 @@ class Plan:
             return "yes (logits equal up to float rounding)"
         if self.why_inexact:
             return f"no ({self.why_inexact})"
+        if self.lossy:
+            return f"no ({self.lossy})"
         if self.layer_map is not None and self.depth_init != "identity":
             return "no (depth growth adds layers)"
         if not self.exact:
@@ -141,15 +171,21 @@ class Plan:
         return "no (noise on the copies; exact at --noise 0 --router-noise 0)"
 
     def sources(self) -> set[str]:
-        """The source tensors whose bytes are read (a filled part's are not)."""
-        return {p.source for t in self.tensors for p in t.parts if p.fill is None and not p.init}
+        """The source tensors the plan reads (a quantised weight's members for a decoded part; a filled
+        part reads nothing)."""
+        names = {p.source for t in self.tensors for p in t.parts if not p.init and p.fill is None}
+        if self.quant is not None:
+            names = {m.name for n in names for m in self.quant.members_of(n)}
+        return names
 
     def filled(self) -> dict[str, Any]:
         """Identity depth init: how many output tensors are set to a constant, and their names relative to
         the layer (expert indices as *), per constant: {"zeroed": {...}, "ones": {...}}."""
         out: dict[str, Any] = {}
         for key, value in (("zeroed", 0.0), ("ones", 1.0)):
-            names = [t.name for t in self.tensors if any(p.fill == value for p in t.parts)]
+            # a requantised weight's members count once, by the weight's (dequantised) name
+            names = list(dict.fromkeys(t.encode.group if t.encode is not None else t.name for t in self.tensors
+                                       if any(p.fill == value for p in t.parts)))
             rels = sorted({_EXPERT_INDEX.sub(r"\1*\2", n.removeprefix(self.layout.layer_prefix).partition(".")[2])
                            for n in names})
             if names:

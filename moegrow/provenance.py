@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .plan import OutTensor, Part, Plan
+from .plan import Encode, OutTensor, Part, Plan
 from .source import Source
 
 RECORD_NAME = "moegrow.json"
 
 
-def part_record(p: Part, axis: int = 0) -> list[Any]:
-    """[source, noise] + [scale] where scaled + [{rows, add, axis, fill, init}] where a part has any of them."""
+def part_record(p: Part, axis: int = 0, encode: Encode | None = None) -> list[Any]:
+    """[source, noise] + [scale] where scaled + [{rows, add, axis, fill, init, decode, encode}] where a part has any."""
     extra: dict[str, Any] = {}
     if p.rows is not None:
         extra["rows"] = list(p.rows)
@@ -29,6 +29,10 @@ def part_record(p: Part, axis: int = 0) -> list[Any]:
         extra["axis"] = axis
     if p.init:
         extra["init"] = p.init
+    if p.decode:
+        extra["decode"] = p.decode
+    if encode is not None:
+        extra["encode"] = encode.record()
     record: list[Any] = [p.source, p.noise]
     if p.scale != 1.0 or extra:
         record.append(p.scale)
@@ -44,8 +48,10 @@ def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
     The scale appears only where a part is scaled (see layouts.TensorRule) or has extras: `rows`
     [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table), `fill`
     (every value this constant instead of the source's: identity depth init's zeroed residual writers), `init`
-    (a generated part, source "": zeros, or normal with the part's noise as std)."""
-    return {t.name: [part_record(p, t.axis) for p in t.parts] for t in tensors}
+    (a generated part, source "": zeros, or normal with the part's noise as std),
+    `decode` (the source is a quantised weight, by its dequantised name, in this format), `encode`
+    (`cast`: written in the tensor's float dtype; `FORMAT.MEMBER`: one member of a requantised weight)."""
+    return {t.name: [part_record(p, t.axis, t.encode) for p in t.parts] for t in tensors}
 
 
 def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
@@ -64,6 +70,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "seed": plan.seed,
             "allow_inexact": plan.allow_inexact,
             "depth_init": plan.depth_init,
+            "dtype": plan.dtype,
             **({k: v for k, v in plan.upcycle.items() if k != "why_exact"} if plan.upcycle else {}),
         },
         "noise_device": device,

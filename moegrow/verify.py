@@ -24,6 +24,7 @@ from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
 from .layouts import wrapper_of
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, tensor_mapping
+from .quant.verify import check_encoded
 from .source import Source, read_config
 
 
@@ -72,9 +73,10 @@ def _record_problem(record: Any) -> str | None:
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     def is_extra(x: Any) -> bool:  # see provenance.part_record
-        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill", "init"} and all(
+        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill", "init", "decode", "encode"} and all(
             (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows"
-            else is_num(v) if k == "fill" else v in ("zeros", "normal") if k == "init" else is_int(v)
+            else is_num(v) if k == "fill" else v in ("zeros", "normal") if k == "init"
+            else isinstance(v, str) if k in ("decode", "encode") else is_int(v)
             for k, v in x.items())
 
     def is_part(p: Any) -> bool:
@@ -100,6 +102,7 @@ def _record_problem(record: Any) -> str | None:
         "router_init": lambda v: v in ("zeros", "normal"),  # upcycle
         "router_std": lambda v: is_num(v) and v >= 0,
         "dense_model_type": lambda v: isinstance(v, str),
+        "dtype": lambda v: v in ("keep", "bfloat16", "float16", "float32"),
     }
     for key, ok in checks.items():
         if g.get(key) is not None and not ok(g[key]):
@@ -241,6 +244,7 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
         report.problems.append(f"{name}: in OUTPUT but not accounted for by the growth")
     reader = _Reader()
     device = str(record.get("noise_device"))
+    by_name = {t.name: t for t in plan.tensors}
     try:
         for t in plan.tensors:
             out = out_tensors.get(t.name)
@@ -251,7 +255,10 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
                 report.problems.append(f"{t.name}: {out.dtype}{list(out.shape)}, expected "
                                        f"{t.dtype}{list(t.shape)}")
                 continue
-            _check_tensor(t, out, plan, source, device, reader, report)
+            if t.encode is not None:  # dequantised, converted or requantised (moegrow.quant)
+                check_encoded(t, out, plan, source, device, reader, report, by_name, out_tensors)
+            else:
+                _check_tensor(t, out, plan, source, device, reader, report)
             report.checked += 1
             if progress:
                 progress(t.nbytes)

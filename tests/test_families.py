@@ -715,9 +715,10 @@ def test_deepseek_fp8_scales_travel_with_their_experts(checkpoints, ckpt_copy):
             moved += name.endswith("_scale_inv")
     assert moved == 2 * e_old * 3  # two MoE layers, three projections per expert
     assert run("verify", src, out)[0] == 0
-    code, stdout, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01")
-    assert code == 2 and not stdout and len(err.strip().splitlines()) == 1, err
-    assert ".mlp.experts." in err and "quantis" in err, err
+    # noise on fp8 copies: requantised with fresh scales (tests/test_quant.py), originals untouched
+    code, stdout, err = run("grow-width", src, src.parent / "noisy", "--experts", "2x", "--noise", "0.01", "--quiet")
+    assert code == 0, err
+    assert run("verify", src, src.parent / "noisy")[0] == 0
 
 
 def _dbrx(folder, p=1.0):

@@ -1,0 +1,214 @@
+"""Plans for quantised checkpoints and `--dtype`: plan on the dequantised view, then lower.
+
+The growth planners (moegrow.plan) see a checkpoint index in which every quantised weight is one
+float tensor under its dequantised name (`planning_index`): they duplicate, noise and scale it
+like any float weight. `lower` then turns their plan back into tensors to write:
+
+- ``--dtype keep``: a weight without noise or scaling stays its members' byte copies (values and
+  scales); one with noise becomes one output tensor per member, each part decoded, noised in
+  float32 and encoded again (`Encode` names the format and the member); parts that are copies
+  (originals) stay byte copies, so originals and their scales are byte-identical.
+- ``--dtype bfloat16|float16|float32``: every quantised weight is decoded and written in the
+  target dtype (its scales dropped), other float tensors are converted too, except float32 ones
+  of a lower-precision source (router correction biases and the like stay float32); the config
+  loses `quantization_config` and names the target dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import GrowthError
+from ..io import DTYPE_SIZES, FLOAT_DTYPES
+from ..plan import Encode, Meta, OutTensor, Part, Plan, TensorMeta
+from . import CODECS
+from .codec import Codec, Member, QuantGroup
+from .tensors import TARGETS
+
+DTYPES = ("keep", *TARGETS)
+_LOWER_PRECISION = ("BF16", "F16")
+# conversions that round no value: source dtype -> targets
+_WIDENING = {"BF16": {"F32", "F64"}, "F16": {"F32", "F64"}, "F32": {"F64"}}
+
+
+@dataclass
+class Quantisation:
+    """A quantised source: its codec and weights (by dequantised name and by member name)."""
+
+    codec: Codec
+    groups: dict[str, QuantGroup]
+    by_member: dict[str, QuantGroup] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_member = {m.name: g for g in self.groups.values() for m in g.members}
+
+    def members_of(self, name: str) -> list[Member] | tuple[Member, ...]:
+        """A planning-index name's source tensors: a weight's members, or the tensor itself."""
+        g = self.groups.get(name)
+        return g.members if g is not None else [Member("", name, "", ())]
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.codec.describe(), "quantized_tensors": len(self.groups),
+                "scale_tensors": sum(len(g.members) - 1 for g in self.groups.values())}
+
+
+def quantisation(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Quantisation | None:
+    """The source's quantisation, found by the first codec of `CODECS` that accepts it; None if float."""
+    for cls in CODECS:
+        codec = cls.detect(config, tensors)
+        if codec is not None:
+            return Quantisation(codec, {g.name: g for g in codec.groups(tensors)})
+    return None
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise GrowthError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dtype
+
+
+def lower_precision(tensors: Mapping[str, TensorMeta], quant: Quantisation | None) -> bool:
+    """Whether the source stores its float weights below float32 (so that its float32 tensors are
+    deliberately float32: correction biases, router weights of some families)."""
+    skip = quant.by_member if quant else {}
+    return any(t.dtype in _LOWER_PRECISION for n, t in tensors.items() if n not in skip)
+
+
+def target_of(t: TensorMeta, dtype: str, keep_f32: bool) -> str:
+    """The dtype a float tensor (not quantised) is written in under --dtype `dtype`."""
+    if dtype == "keep" or t.dtype not in FLOAT_DTYPES:
+        return t.dtype
+    if t.dtype == "F32" and keep_f32:
+        return "F32"
+    return TARGETS[dtype]
+
+
+def planning_index(tensors: Mapping[str, TensorMeta], quant: Quantisation | None,
+                   dtype: str) -> dict[str, TensorMeta]:
+    """The index the planners see: each quantised weight one float tensor (F32 under --dtype keep, where it
+    is never written as such), float tensors in the dtype they will be written in."""
+    if quant is None and dtype == "keep":
+        return dict(tensors)
+    keep_f32 = lower_precision(tensors, quant)
+    index: dict[str, TensorMeta] = {}
+    for name, t in tensors.items():
+        g = quant.by_member.get(name) if quant else None
+        if g is None:
+            index[name] = Meta(target_of(t, dtype, keep_f32), tuple(t.shape))
+        elif name == g.members[0].name:
+            index[g.name] = Meta("F32" if dtype == "keep" else TARGETS[dtype], g.shape)
+    return index
+
+
+def lower(plan: Plan, tensors: Mapping[str, TensorMeta], quant: Quantisation | None, dtype: str) -> Plan:
+    """The planners' plan (on `planning_index`) as tensors to write; the config and records follow."""
+    plan.dtype = dtype
+    plan.quant = quant
+    if quant is None and dtype == "keep":
+        return plan
+    if quant is not None:
+        plan.dequantised_shapes = {t.name: t.shape for t in plan.tensors}
+    out: list[OutTensor] = []
+    for t in plan.tensors:
+        if quant is not None and any(p.source in quant.groups for p in t.parts):
+            out.extend(_lower_weight(t, quant) if dtype == "keep" else [_decoded(t, quant)])
+        elif any(tensors[p.source].dtype != t.dtype for p in t.parts):
+            out.append(replace(t, encode=Encode(group=t.name)))
+        else:
+            out.append(t)
+    plan.tensors = out
+    if dtype != "keep":
+        _rewrite_config(plan, dtype)
+        rounded = _rounded(out, tensors, quant)
+        if rounded:
+            plan.lossy = f"--dtype {dtype} rounds {', '.join(rounded)} weights"
+            plan.warnings.append(f"--dtype {dtype}: {', '.join(rounded)} weights are rounded to {dtype}; the "
+                                 "output computes the source's function only up to that rounding")
+    return plan
+
+
+def _rounded(out: list[OutTensor], tensors: Mapping[str, TensorMeta], quant: Quantisation | None) -> list[str]:
+    """The source dtypes (a quantised weight's: float32, as dequantised) that the conversions round."""
+    found = set()
+    for t in out:
+        for p in t.parts if t.encode is not None and not t.encode.format else ():
+            src = "F32" if quant is not None and p.source in quant.groups else tensors[p.source].dtype
+            if src != t.dtype and t.dtype not in _WIDENING.get(src, ()):
+                found.add(f"dequantised {quant.codec.format}" if p.decode and quant else src)
+    return sorted(found)
+
+
+def _check_axis(t: OutTensor, quant: Quantisation) -> None:
+    """Quantised parts join along axis 0 (experts), whole or in runs of whole rows of every member."""
+    for p in t.parts:
+        g = quant.groups[p.source]
+        rows_ok = p.rows is None or all(m.shape[0] == p.rows[2] for m in g.members)
+        if t.axis != 0 or (len(t.parts) > 1 and len(g.shape) < 3) or not rows_ok:
+            raise GrowthError(f"{g.members[0].name}: a {g.format} weight can only be duplicated whole or "
+                              "along its leading (expert) axis")
+
+
+def _lower_weight(t: OutTensor, quant: Quantisation) -> list[OutTensor]:
+    """--dtype keep: one output tensor per member; noised parts requantised, the others byte copies."""
+    _check_axis(t, quant)
+    codec = quant.codec
+    out = []
+    for role in codec.roles:
+        parts: list[Part] = []
+        rows = 0
+        for p in t.parts:
+            m = quant.groups[p.source].member(role)
+            rows += m.shape[0] if p.rows is None else p.rows[1] - p.rows[0]
+            parts.append(replace(p, source=m.name) if p.is_copy else replace(p, decode=codec.format))
+        m0 = quant.groups[t.parts[0].source].member(role)
+        shape = (rows, *m0.shape[1:]) if len(t.parts) > 1 or t.parts[0].rows else m0.shape
+        encode = None if all(p.is_copy for p in parts) else Encode(codec.format, role, t.name)
+        out.append(OutTensor(codec.member_name(t.name, role), m0.dtype, shape, tuple(parts), t.axis, encode))
+    return out
+
+
+def _decoded(t: OutTensor, quant: Quantisation) -> OutTensor:
+    """--dtype float: the weight decoded, every part, and written in the target dtype."""
+    _check_axis(t, quant)
+    parts = tuple(replace(p, decode=quant.codec.format) for p in t.parts)
+    return replace(t, parts=parts, encode=Encode(group=t.name))
+
+
+def _rewrite_config(plan: Plan, dtype: str) -> None:
+    """No `quantization_config`; `dtype` / `torch_dtype` (wherever the config has them) the target."""
+    config = copy.deepcopy(plan.config)
+    if "quantization_config" in config:
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
+        plan.config_changes.append("quantization_config: removed (weights dequantised)")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for k in keys:
+        if config.get(k) != dtype:
+            plan.config_changes.append(f"{k}: {config.get(k)!r} -> {dtype!r}")
+            config[k] = dtype
+    for sub in config.values():  # a multimodal config's text / vision configs
+        if isinstance(sub, dict):
+            for k in ("dtype", "torch_dtype"):
+                if k in sub:
+                    sub[k] = dtype
+    plan.config = config
+
+
+def output_bytes(tensors: Mapping[str, TensorMeta], quant: Quantisation | None) -> dict[str, int]:
+    """What each --dtype writes for this checkpoint as it is (no growth), in bytes."""
+    sizes = {}
+    for dtype in DTYPES:
+        total = 0
+        for name, t in planning_index(tensors, quant, dtype).items():
+            g = quant.groups.get(name) if quant else None
+            quantised = g is not None and dtype == "keep"
+            metas = [(m.dtype, m.shape) for m in g.members] if quantised else [(t.dtype, t.shape)]
+            for dt, shape in metas:
+                n = DTYPE_SIZES[dt]
+                for d in shape:
+                    n *= d
+                total += n
+        sizes[dtype] = total
+    return sizes
