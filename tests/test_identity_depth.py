@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import test_multimodal as mm
-from .conftest import FAMILIES, build_model, built_once, run, save, weights
+from .conftest import FAMILIES, TOKENS, build_model, built_once, logits, run, save, weights
 from .test_families import (
     FAMILY_CONFIGS,
     INTERPOSE_REFUSED,
@@ -291,3 +291,32 @@ def test_unknown_depth_init_is_refused(source, tmp_path):
                        "--depth-init", "zero")
     assert code == 2 and "--depth-init" in err and "'zero'" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["keep", "float32"])
+def test_identity_on_a_quantised_source(dtype, tmp_path, record_property):
+    """An fp8 (block-scaled) DeepSeek-V3: the added copies' zeroed writers requantised (--dtype keep: values
+    all zero bytes) or dequantised (float32: zeros); the grown model computes the dequantised source's function."""
+    from .test_quant import load_dequantising, make_fp8, reference_logits
+
+    src, out = make_fp8("divides", tmp_path / "fp8"), tmp_path / "out"
+    code, stdout, err = run("grow-depth", src, out, "--layers", "2x", "--depth-init", "identity", "--dtype", dtype,
+                            "--json", "--quiet")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["identity_init"]["zeroed"]["count"] == 22  # as for the float source: weights, not members
+    w = weights(out)
+    down = "model.layers.3.mlp.experts.0.down_proj.weight"  # layer 3: the added copy of layer 1
+    assert not w[down].float().any() and w[down].dtype == (torch.float8_e4m3fn if dtype == "keep" else torch.float32)
+    if dtype == "keep":
+        assert torch.equal(w["model.layers.2.mlp.experts.0.down_proj.weight_scale_inv"],
+                           weights(src)["model.layers.1.mlp.experts.0.down_proj.weight_scale_inv"])  # an original
+        with torch.no_grad():
+            before, after = (load_dequantising(f)(input_ids=TOKENS).logits for f in (src, out))
+    else:
+        before, after = reference_logits(src, tmp_path), logits(out)
+    diff = (before - after).abs().max().item()
+    record_property("max_logit_diff", diff)
+    assert diff <= 1e-5, diff
+    code, stdout, err = run("verify", src, out, "--json")
+    assert code == 0, stdout + err
