@@ -132,6 +132,11 @@ DType = Annotated[str, typer.Option(
     "their scales stay byte-identical). bfloat16, float16 or float32: quantised weights are dequantised "
     "as transformers does and written in that dtype (scales and quantization_config dropped), other float "
     "tensors converted too, except float32 ones of a bfloat16/float16 source (correction biases...).")]
+Iteration = Annotated[int | None, typer.Option(
+    help="Megatron-LM run folder: the iteration to read (default: latest_checkpointed_iteration.txt's).")]
+Optimizer = Annotated[str, typer.Option(
+    help="Training checkpoints (Megatron torch_dist): keep grows the Adam moments with their parameters "
+    "(copies, no noise; the step carried); drop writes no optimizer state.")]
 AllowInexact = Annotated[bool, typer.Option(
     "--allow-inexact", help="Grow the width of a family whose routing no duplication can preserve "
     "(phimoe), which is refused without it; the result is not function-preserving (a warning says so).")]
@@ -242,6 +247,13 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
+    iteration, optimizer = kw.pop("iteration", None), kw.pop("optimizer", "keep")
+    from .training import detect
+
+    if detect(source):
+        return _run_training(operation, source, output, iteration, optimizer, json_out, dry_run, force, quiet, kw)
+    if iteration is not None:
+        raise typer.BadParameter("applies to Megatron-LM run folders only", param_hint="--iteration")
     shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
     src = _open(source, revision)
     plan = plan_upcycle_for(src, **kw) if operation == "upcycle" else plan_for(src, operation, **kw)
@@ -273,13 +285,66 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
         err.print(f"  wrote {output} ({len(written.files)} shard(s)) in {written.seconds:.1f} s")
 
 
+def _run_training(operation: str, source: str, output: Path | None, iteration: int | None, optimizer: str,
+                  json_out: bool, dry_run: bool, force: bool, quiet: bool, kw: dict[str, Any]) -> None:
+    """A growth of a training-stack checkpoint (moegrow/training.py), written in its own format."""
+    from .execute import check_output
+    from .training import open_training, plan_training, summary, write_training
+
+    ckpt = open_training(source, iteration)
+    plan = plan_training(ckpt, operation, optimizer=optimizer, **kw)
+    s = summary(ckpt, plan)
+    if dry_run:
+        if json_out:
+            _emit({**s, "dry_run": True})
+        else:
+            _print_training(s, "plan")
+        return
+    assert output is not None
+    check_output(output, ckpt.root, force)
+    seconds = write_training(ckpt, plan, output, force)
+    s.update(output=str(output), seconds=round(seconds, 3))
+    if json_out:
+        _emit(s)
+    if not quiet:
+        _print_training(s, "grown")
+        err.print(f"  wrote {output} in {seconds:.1f} s", markup=False)
+
+
+def _print_training(s: dict[str, Any], title: str) -> None:
+    err.print(f"[bold]{title}[/bold] {s['operation']} ({s['format']})")
+    err.print(f"  layers {s['layers'][0]} -> {s['layers'][1]}, experts {s['experts'][0]} -> {s['experts'][1]}, "
+              f"top-k {s['top_k'][0]} -> {s['top_k'][1]}", markup=False)
+    err.print(f"  {s['keys']} keys in {s['chunks']} chunks, {format_size(s['bytes_out'])} written; "
+              f"optimizer {s['optimizer']}", markup=False)
+    if s["layer_map"] is not None:
+        err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
+    for c in s["config_changes"]:
+        err.print(f"  common.pt {c}", markup=False)
+    err.print(f"  function-preserving: {s['preservation']}", markup=False)
+    for w in s["warnings"]:
+        err.print(f"warning: {w}", style="yellow", markup=False)
+
+
 # -- commands ------------------------------------------------------------------------------------
 
 
 @app.command()
-def inspect(source: Src, revision: Revision = None, json_out: Json = False) -> None:
+def inspect(source: Src, revision: Revision = None, json_out: Json = False, iteration: Iteration = None) -> None:
     """Describe a checkpoint: layers, MoE layers, experts, top-k, routing, parameter counts."""
     from .inspection import describe
+    from .training import detect
+
+    if detect(source):
+        from .training import describe as describe_training
+        from .training import open_training, print_description
+
+        tinfo = describe_training(open_training(source, iteration))
+        if json_out:
+            _emit(tinfo)
+        else:
+            print_description(tinfo, Console(highlight=False, soft_wrap=True))
+        return
 
     info = describe(_open(source, revision))
     if json_out:
@@ -336,11 +401,12 @@ def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method =
                layer_map: LayerMap = None, revision: Revision = None, dry_run: DryRun = False,
                max_shard_size: MaxShard = None, device: Device = "auto", force: Force = False,
                quiet: Quiet = False, json_out: Json = False, threads: Threads = 2,
-               strict: Strict = False, depth_init: DepthInit = "copy", dtype: DType = "keep") -> None:
+               strict: Strict = False, depth_init: DepthInit = "copy", dtype: DType = "keep",
+               iteration: Iteration = None, optimizer: Optimizer = "keep") -> None:
     """Grow depth: copy layers by interposition (default) or stacking; rewrite layer-indexed config."""
     _run_growth("grow-depth", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map,
-                depth_init=depth_init, dtype=dtype)
+                depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer)
 
 
 @app.command("grow-width")
@@ -349,11 +415,13 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
                revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
                json_out: Json = False, threads: Threads = 2, strict: Strict = False,
-               allow_inexact: AllowInexact = False, dtype: DType = "keep") -> None:
+               allow_inexact: AllowInexact = False, dtype: DType = "keep", iteration: Iteration = None,
+               optimizer: Optimizer = "keep") -> None:
     """Grow width: duplicate every expert (copies after originals) and its router rows."""
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
-                seed=seed, top_k=top_k, allow_inexact=allow_inexact, dtype=dtype)
+                seed=seed, top_k=top_k, allow_inexact=allow_inexact, dtype=dtype, iteration=iteration,
+                optimizer=optimizer)
 
 
 @app.command("grow")
@@ -363,12 +431,13 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
          threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
-         depth_init: DepthInit = "copy", dtype: DType = "keep") -> None:
+         depth_init: DepthInit = "copy", dtype: DType = "keep", iteration: Iteration = None,
+         optimizer: Optimizer = "keep") -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
-                depth_init=depth_init, dtype=dtype)
+                depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer)
 
 
 UpExperts = Annotated[str | None, typer.Option(

@@ -7,12 +7,16 @@ it. The output is built in a hidden sibling folder marked as partial and renamed
 only when complete.
 
 Failure handling (docs/errors.md): any error or interrupt removes the partial folder; an OUTPUT
-replaced with --force is moved aside only once the new one is complete; a run killed outright
-leaves at most `.NAME.moegrow-partial-PID`, which the next run for that OUTPUT removes.
+replaced with --force is swapped out only once the new one is complete; a run killed outright
+leaves at most `.NAME.moegrow-partial-PID`, which the next run for that OUTPUT removes. The final
+rename never replaces an OUTPUT that appeared meanwhile (another run's) unless --force says so.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import importlib
 import json
 import os
@@ -43,6 +47,7 @@ from .plan import OutTensor, Plan
 
 PARTIAL_MARK = ".moegrow-partial-"
 OLD_MARK = ".moegrow-old-"  # an OUTPUT being replaced (--force), for the instant of two renames
+LOCK_MARK = ".moegrow-lock"  # serialises the final renames where renameat2 is missing
 DEFAULT_MAX_SHARD = 50 * 1000**3  # transformers' save_pretrained default ("50GB")
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -134,12 +139,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_LIVE: set[Path] = set()  # partial folders this process is writing now (several threads may run growths)
+
+
 def clean_stale_partials(output: Path) -> list[Path]:
     """Remove the folders that runs for this OUTPUT left when they died (SIGKILL, power loss).
 
     `.NAME.moegrow-partial-PID` is removed when process PID is gone. `.NAME.moegrow-old-PID` (an
     OUTPUT that a --force run was replacing when it died) is renamed back to OUTPUT when OUTPUT is
-    missing, else removed.
+    missing, else removed. A lock file left by a dead run is removed when nobody holds it.
     """
     output = _absolute(output)
     removed: list[Path] = []
@@ -151,14 +159,104 @@ def clean_stale_partials(output: Path) -> list[Path]:
         for mark in (PARTIAL_MARK, OLD_MARK):
             prefix = f".{output.name}{mark}"
             pid = p.name[len(prefix):]
-            if not (p.name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
+            if not (p.name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)) or p in _LIVE:
                 continue
-            if mark == OLD_MARK and not _exists(output):
-                os.rename(p, output)
-            else:
-                _remove(p)
-                removed.append(p)
+            if mark == OLD_MARK and _put_back(p, output):
+                continue
+            _remove(p)
+            removed.append(p)
+    if _exists(output.parent / f".{output.name}{LOCK_MARK}"):
+        try:
+            with _output_lock(output, wait=False):
+                pass  # taken, so no run holds it; released, so it is removed
+        except OSError:
+            pass  # not ours to remove (permissions): check_output reports the folder
     return removed
+
+
+def _put_back(old: Path, output: Path) -> bool:
+    """Rename an orphaned old OUTPUT back to OUTPUT unless OUTPUT exists; True when done."""
+    try:
+        if _rename_flags(old, output, RENAME_NOREPLACE):
+            return True
+        with _output_lock(output):
+            if _exists(output):
+                return False
+            os.rename(old, output)
+            return True
+    except OSError:  # OUTPUT exists (EEXIST), or another run put it back first (ENOENT)
+        return False
+
+
+# renameat2(2): atomic renames that never replace (NOREPLACE) or that swap (EXCHANGE) two paths.
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def _load_renameat2() -> Any:
+    """libc's renameat2 (glibc 2.28+, musl 1.2.5+), or None on a platform without it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def _rename_flags(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags): True when done, False where the platform, kernel or
+    filesystem lacks it (then the caller falls back to a lock). Other failures raise OSError
+    (FileExistsError when NOREPLACE finds dst, FileNotFoundError when EXCHANGE misses it)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+@contextmanager
+def _output_lock(output: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on `.NAME.moegrow-lock` beside OUTPUT; the file is removed on release.
+
+    Every run that cannot use renameat2 takes it for its final check-and-rename, so no two of them
+    interleave. A waiter that wakes on a file its predecessor removed locks the new one. With
+    `wait` False, yields False at once when another process holds the lock.
+    """
+    path = output.parent / f".{output.name}{LOCK_MARK}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        try:
+            os.unlink(path)  # while still held: a waiter then sees it was removed and retries
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -438,10 +536,13 @@ def write_json(path: Path, obj: Any) -> None:
 def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path, output: Path, *,
             provenance: Mapping[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD,
             device: str = "cpu", threads: int = 2, force: bool = False,
-            progress: Callable[[int], None] | None = None, card: Callable[[str], str] | None = None) -> Written:
+            progress: Callable[[int], None] | None = None, card: Callable[[str], str] | None = None,
+            check_source: Callable[[], None] | None = None) -> Written:
     """Write the grown checkpoint to `output`; on any failure leave no output and no temp folder.
 
     `card(device)`: the model card (README.md, in place of the source's), given where tensor math ran.
+    `check_source` runs once everything is written, before the rename: it raises when the source
+    changed during the run (see `Source.check_unchanged`), so that mixed bytes are never published.
     """
     target = _absolute(output)
     clean_stale_partials(target)  # first: it may put back an OUTPUT that a killed --force run moved
@@ -453,6 +554,7 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
         tmp.mkdir()
     except OSError as e:
         raise OutputError(f"{target.parent}: cannot create the output there: {e.strerror or e}") from None
+    _LIVE.add(tmp)
     warnings: list[str] = []
     try:
         names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings)
@@ -462,8 +564,10 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
         if card is not None:
             (tmp / "README.md").write_text(card(device), encoding="utf-8")
         write_json(tmp / "moegrow.json", provenance)
+        if check_source is not None:
+            check_source()
         with _signals_deferred():
-            _replace(tmp, target)
+            _replace(tmp, target, force)
     except BaseException as e:
         with _signals_deferred():
             _remove(tmp)
@@ -471,25 +575,62 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
             where = f" ({e.filename})" if e.filename else ""
             raise OutputError(f"{output}: write failed: {e.strerror or e}{where}") from None
         raise
+    finally:
+        _LIVE.discard(tmp)
     total = sum(t.nbytes for t in plan.tensors)
     return Written(output, names, total, time.perf_counter() - start, warnings)
 
 
-def _replace(tmp: Path, output: Path) -> None:
-    """Rename the finished folder into place (replacing an old OUTPUT only now, for --force)."""
-    if _exists(output):
-        trash = output.parent / f".{output.name}{OLD_MARK}{os.getpid()}"
-        _remove(trash)
-        os.rename(output, trash)
+def _replace(tmp: Path, output: Path, force: bool = True) -> None:
+    """Rename the finished folder to OUTPUT, atomically with respect to other runs.
+
+    renameat2 RENAME_NOREPLACE fails when OUTPUT exists by now (another run finished first): without
+    --force this run loses (exit 2); with it, RENAME_EXCHANGE swaps the new folder with the old
+    OUTPUT in one step (OUTPUT is never missing, the last run to swap wins) and the old one, now
+    at `tmp`, is deleted. Where renameat2 is missing, the same under a lock (`_replace_locked`).
+    """
+    while True:
         try:
+            if not _rename_flags(tmp, output, RENAME_NOREPLACE):
+                return _replace_locked(tmp, output, force)
+        except FileExistsError:
+            if not force:
+                raise OutputError(_lost_race(output)) from None
+            try:
+                if not _rename_flags(tmp, output, RENAME_EXCHANGE):
+                    return _replace_locked(tmp, output, force)
+            except FileNotFoundError:
+                continue  # OUTPUT was removed in between: try the plain rename again
+            _fsync_dir(output.parent)
+            _remove(tmp)  # the old OUTPUT
+            return
+        _fsync_dir(output.parent)
+        return
+
+
+def _replace_locked(tmp: Path, output: Path, force: bool) -> None:
+    """`_replace` by plain renames, under the OUTPUT lock: check, then rename (or, for --force,
+    move the old OUTPUT aside, rename, delete the old one)."""
+    trash = output.parent / f".{output.name}{OLD_MARK}{os.getpid()}"
+    with _output_lock(output):
+        if not _exists(output):
             os.rename(tmp, output)
-        except BaseException:
-            os.rename(trash, output)  # put the old OUTPUT back
-            raise
-        _remove(trash)
-    else:
-        os.rename(tmp, output)
+        elif not force:
+            raise OutputError(_lost_race(output))
+        else:
+            _remove(trash)
+            os.rename(output, trash)
+            try:
+                os.rename(tmp, output)
+            except BaseException:
+                os.rename(trash, output)  # put the old OUTPUT back
+                raise
     _fsync_dir(output.parent)
+    _remove(trash)
+
+
+def _lost_race(output: Path) -> str:
+    return f"{output}: already exists: another run wrote it while this one ran (use --force to replace it)"
 
 
 def _fsync_dir(path: Path) -> None:

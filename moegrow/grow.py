@@ -131,7 +131,8 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     CLI passes its own); by default the plan's (`card.plan_options`).
     `strict` first reads every source tensor and refuses NaN or Inf (see `check_finite`);
     without it, only the tensors that pass through torch (noised copies) are checked, and
-    `Written.warnings` names those holding NaN or Inf.
+    `Written.warnings` names those holding NaN or Inf. A source shard (or config.json) that
+    changed since `open_source` fails the run before OUTPUT appears (`Source.check_unchanged`).
     """
     if strict:
         check_output(Path(output), source.folder, force)  # fail fast, before a full read
@@ -155,4 +156,4 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
 
     return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
                    max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                   progress=progress, card=card)
+                   progress=progress, card=card, check_source=source.check_unchanged)

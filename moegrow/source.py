@@ -7,8 +7,10 @@ needs: config, index, safetensors shards, tokenizer, generation and template fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,50 @@ HUB_PATTERNS = [
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+@dataclass(frozen=True)
+class FileStamp:
+    """A source file as the run opened it: a later difference means the run read mixed bytes.
+
+    size, mtime and inode catch rewrites and replacements; the header's hash (the whole file for
+    config.json) catches a header edit whose mtime was put back. A stat and a header read per
+    file: cheap even for a checkpoint of 163 shards.
+    """
+
+    size: int
+    mtime_ns: int
+    inode: tuple[int, int]  # (st_dev, st_ino)
+    head_sha256: str
+
+
+def _head(path: Path, whole: bool) -> bytes:
+    """A safetensors file's 8-byte length and header JSON (at most 100 MB), or the whole file."""
+    with open(path, "rb") as f:
+        if whole:
+            return f.read()
+        head = f.read(8)
+        return head + f.read(min(int.from_bytes(head, "little"), 100 * 1024 * 1024)) if len(head) == 8 else head
+
+
+def stamp(path: Path, st: os.stat_result | None = None) -> FileStamp:
+    """Stamp `path`; `st`, a stat taken before the file was first parsed, dates the stamp from then."""
+    st = st or os.stat(path)
+    head = _head(path, whole=path.suffix != ".safetensors")
+    return FileStamp(st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino), hashlib.sha256(head).hexdigest())
+
+
+def stamp_changes(path: Path, old: FileStamp) -> list[str]:
+    """What differs between `path` now and its stamp: [] when nothing does."""
+    try:
+        new = stamp(path)
+    except OSError:
+        return ["removed or unreadable"]
+    diff = [word for word, a, b in (("size", old.size, new.size), ("mtime", old.mtime_ns, new.mtime_ns),
+                                    ("inode", old.inode, new.inode),
+                                    ("header" if path.suffix == ".safetensors" else "content",
+                                     old.head_sha256, new.head_sha256)) if a != b]
+    return diff
+
+
 @dataclass
 class Source:
     """A checkpoint ready to plan from: its folder, config and tensor index."""
@@ -36,6 +82,16 @@ class Source:
     revision: str | None = None
     commit: str | None = None
     files: list[Path] = field(default_factory=list)
+    stamps: dict[Path, FileStamp] = field(default_factory=dict)  # shards and config.json, at open
+
+    def check_unchanged(self) -> None:
+        """Refuse (exit 2) when a stamped file changed since the source was opened: the bytes read
+        may then mix old and new. Run after the output is written, before it is renamed into place."""
+        for path, old in self.stamps.items():
+            diff = stamp_changes(path, old)
+            if diff:
+                raise SourceError(f"{path}: changed during the run ({', '.join(diff)}); "
+                                  "nothing was written")
 
     @property
     def total_bytes(self) -> int:
@@ -50,10 +106,8 @@ class Source:
         shards = sorted({t.path for t in self.tensors.values()})
         files = {}
         for p in shards:
-            with open(p, "rb") as f:
-                head = f.read(8)
-                head += f.read(int.from_bytes(head, "little"))
-            files[p.name] = {"size": p.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
+            s = self.stamps.get(p) or stamp(p)  # the stamp: the bytes the run checks it read
+            files[p.name] = {"size": s.size, "header_sha256": s.head_sha256}
         cfg = (self.folder / "config.json").read_bytes()
         out: dict[str, Any] = {"spec": self.spec, "config_sha256": hashlib.sha256(cfg).hexdigest(),
                                "files": files}
@@ -132,6 +186,11 @@ def open_source(spec: str, revision: str | None = None) -> Source:
         folder, commit = download(spec, revision)
     else:
         raise SourceError(f"{spec}: no such folder, and not a Hub repo id (org/name)")
+    # stat before parsing: a change from now on moves the mtime that the end of the run compares
+    before = {}
+    for p in [folder / "config.json", *folder.rglob("*.safetensors")]:
+        with contextlib.suppress(OSError):  # missing or unreadable: reported by the reading below
+            before[p] = os.stat(p)
     config = read_config(folder)
     if not any(folder.glob("*.safetensors")) and not (folder / INDEX_NAME).exists():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -140,4 +199,9 @@ def open_source(spec: str, revision: str | None = None) -> Source:
             raise SourceError(f"{spec}: no safetensors weights{only}; moegrow never loads pickle checkpoints")
     tensors = read_index(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return Source(spec, folder, config, tensors, repo_id, revision, commit, files)
+    stamped = [folder / "config.json", *sorted({t.path for t in tensors.values()})]
+    try:
+        stamps = {p: stamp(p, before.get(p)) for p in stamped}
+    except OSError as e:
+        raise SourceError(f"{e.filename}: cannot read: {e.strerror or e}") from None
+    return Source(spec, folder, config, tensors, repo_id, revision, commit, files, stamps)

@@ -320,3 +320,14 @@ def test_identity_on_a_quantised_source(dtype, tmp_path, record_property):
     assert diff <= 1e-5, diff
     code, stdout, err = run("verify", src, out, "--json")
     assert code == 0, stdout + err
+
+
+def test_training_checkpoints_take_copy_only(tmp_path):
+    """A Megatron-LM run folder (tests/fixtures): `--depth-init identity` is refused in one line, copy still grows."""
+    from .test_megatron import FIX
+
+    code, _, err = run("grow-depth", FIX / "run", tmp_path / "out", "--layer-map", "0,1,1", "--depth-init", "identity")
+    assert code == 2 and "--depth-init identity" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    code, _, err = run("grow-depth", FIX / "run", tmp_path / "out", "--layer-map", "0,1,1", "--depth-init", "copy")
+    assert code == 0, err

@@ -1,0 +1,254 @@
+"""Training-stack checkpoints (Megatron-core torch_dist): `inspect` and the growths, for the CLI.
+
+The command line sends a SOURCE here when it is such a checkpoint (`detect`); the output is written
+in the same format as the source, atomically (a hidden partial folder renamed into place, as
+execute.py does for safetensors), with the provenance record `moegrow.json` at its top.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .dcp_io import METADATA_NAME, write_dcp
+from .errors import GrowthError, OutputError
+from .execute import (
+    PARTIAL_MARK,
+    _absolute,
+    _remove,
+    _replace,
+    _signals_deferred,
+    check_output,
+    clean_stale_partials,
+    write_json,
+)
+from .megatron import (
+    COMMON_NAME,
+    FORMAT,
+    LATEST_NAME,
+    MegatronCheckpoint,
+    MegatronPlan,
+    fingerprint,
+    is_megatron,
+    open_megatron,
+    out_chunks,
+    plan_megatron,
+    updated_common,
+    width_inexact_reason,
+)
+from .plan import layer_map_for, parse_experts, parse_layer_map, parse_layers
+
+_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+_CARRIED_NOT = {METADATA_NAME, COMMON_NAME, "moegrow.json"}
+
+
+def detect(spec: str) -> bool:
+    """Whether SOURCE is a training-stack checkpoint (a local folder moegrow must not read as safetensors)."""
+    path = Path(spec)
+    return path.is_dir() and is_megatron(path)
+
+
+def describe(ckpt: MegatronCheckpoint) -> dict[str, Any]:
+    """`inspect` of a Megatron checkpoint: architecture, keys, optimizer state, parallel layout."""
+    reader = ckpt.reader
+    args = ckpt.args
+    ranks = {int(m[1]) for s in reader.metadata.storage_data.values() if (m := _RANK_FILE.match(s.relative_path))}
+    model = {k: t for k, t in reader.tensors.items() if not k.startswith("optimizer.")}
+    reason = width_inexact_reason(ckpt, ckpt.top_k)
+    iterations = sorted(int(p.name[5:]) for p in ckpt.root.glob("iter_*") if p.name[5:].isdigit()) \
+        if ckpt.is_run else None
+    parallel = {"saved_by_ranks": len(ranks) or None}
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                 "data_parallel_size", "world_size", "use_distributed_optimizer"):
+        if args is not None and getattr(args, name, None) is not None:
+            parallel[name] = getattr(args, name)
+    numel = 0
+    for t in model.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        numel += n
+    return {
+        "source": ckpt.spec,
+        "format": FORMAT,
+        "checkpoint": str(ckpt.folder),
+        "iteration": ckpt.iteration,
+        "iterations": iterations,
+        "args_in_common_pt": args is not None,
+        "num_layers": ckpt.num_layers,
+        "num_experts": ckpt.num_experts,
+        "top_k": ckpt.top_k,
+        "routing": ckpt.router,
+        "width_exact": reason is None,
+        "width_inexact_reason": reason,
+        "model_keys": sorted(model),
+        "non_tensor_keys": len(reader.objects),
+        "optimizer": ckpt.optimizer(),
+        "parallel": parallel,
+        "total_params": numel,
+        "dtypes": dict(sorted(Counter(t.dtype for t in model.values()).items())),
+        "total_bytes": sum(t.nbytes for t in reader.tensors.values()),
+    }
+
+
+def print_description(info: dict[str, Any], out: Any) -> None:
+    it = f", iteration {info['iteration']} of {info['iterations']}" if info["iterations"] else ""
+    out.print(f"{info['source']}  {info['format']} ({info['checkpoint']}{it})", markup=False, highlight=False)
+    out.print(f"  layers: {info['num_layers']}, experts: {info['num_experts']}, top-k: "
+              f"{info['top_k'] if info['top_k'] is not None else 'unknown (no Megatron-LM args in common.pt)'}",
+              markup=False)
+    r = info["routing"]
+    if info["args_in_common_pt"]:
+        out.print(f"  routing: {r['score_function']}" + (" pre-softmax" if r["pre_softmax"] else "")
+                  + (f", {r['num_groups']} groups (top-{r['group_topk']})" if r["num_groups"] else "")
+                  + (", expert bias" if r["expert_bias"] else ""), markup=False)
+    exact = "yes" if info["width_exact"] else f"no ({info['width_inexact_reason']})"
+    out.print(f"  width growth function-preserving: {exact}", markup=False)
+    o = info["optimizer"]
+    if o["present"]:
+        growable = "grows with its parameters" if o["growable"] else "cannot grow: use --optimizer drop"
+        step = f", step {o['step']:g}" if o["step"] is not None else ""
+        out.print(f"  optimizer: {o['kind']} ({', '.join(o['states']) or 'no moments'}{step}, {o['keys']} keys; "
+                  f"{growable})", markup=False)
+    else:
+        out.print("  optimizer: none", markup=False)
+    p = info["parallel"]
+    out.print("  parallel layout: " + ", ".join(f"{k} {v}" for k, v in p.items() if v is not None), markup=False)
+    out.print(f"  params: {info['total_params']:,}; {len(info['model_keys'])} model keys, "
+              f"{info['non_tensor_keys']} non-tensor entries; dtypes "
+              f"{', '.join(f'{k} x{v}' for k, v in info['dtypes'].items())}", markup=False)
+
+
+def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | None = None,
+                  method: str = "interpose", layer_map: str | None = None, experts: str | None = None,
+                  noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str = "scale",
+                  allow_inexact: bool = False, optimizer: str = "keep", dtype: str = "keep",
+                  depth_init: str = "copy") -> MegatronPlan:
+    """The CLI's growth flags, read as for Hugging Face checkpoints, into a Megatron plan."""
+    from .configs import parse_top_k
+
+    if dtype != "keep":
+        raise GrowthError(f"--dtype {dtype}: training checkpoints are grown in their own dtypes (--dtype keep)")
+    if depth_init != "copy":
+        raise GrowthError(f"--depth-init {depth_init}: training checkpoints are grown with --depth-init copy only "
+                          "(their residual writers are not laid out as per-family data)")
+
+    lmap = None
+    if operation in ("grow-depth", "grow"):
+        n = ckpt.num_layers
+        if layer_map:
+            lmap = parse_layer_map(layer_map, n)
+        elif layers:
+            lmap = layer_map_for(method, n, parse_layers(layers, n))
+        else:
+            raise GrowthError("give --layers (e.g. 2x) or --layer-map")
+    factor = 1
+    if operation in ("grow-width", "grow"):
+        if not experts:
+            raise GrowthError("give --experts (e.g. 2x)")
+        factor = parse_experts(experts, ckpt.num_experts)
+    for flag, std in (("--noise", noise), ("--router-noise", router_noise)):
+        if not std >= 0 or std == float("inf"):
+            raise GrowthError(f"{flag}: the noise std must be a finite number >= 0, not {std}")
+    return plan_megatron(ckpt, operation, layer_map=lmap, factor=factor, noise=noise, router_noise=router_noise,
+                         seed=seed, top_k=parse_top_k(top_k), optimizer=optimizer, allow_inexact=allow_inexact)
+
+
+def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
+    return {
+        "operation": plan.operation,
+        "format": FORMAT,
+        "layers": [ckpt.num_layers, len(plan.layer_map) if plan.layer_map else ckpt.num_layers],
+        "experts": [ckpt.num_experts, ckpt.num_experts * plan.factor],
+        "top_k": [plan.k_old, plan.k_new],
+        "layer_map": plan.layer_map,
+        "keys": len(plan.shapes),
+        "chunks": len(plan.pieces),
+        "non_tensor_entries": len(plan.objects),
+        "bytes_out": plan.bytes_out,
+        "config_changes": [f"args.{k}: {a!r} -> {b!r}" for k, (a, b) in plan.args_changes.items()],
+        "optimizer": plan.optimizer,
+        "function_preserving": plan.function_preserving,
+        "preservation": plan.preservation(),
+        "noise": plan.noise,
+        "router_noise": plan.router_noise,
+        "seed": plan.seed,
+        "warnings": plan.warnings,
+    }
+
+
+def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
+    """The provenance record: enough to rebuild the plan, and every output chunk's source."""
+    from .megatron import noise_name
+
+    tensors: dict[str, Any] = {}
+    for p in plan.pieces:
+        entry = tensors.setdefault(p.key, {"shape": list(plan.shapes[p.key]), "chunks": []})
+        entry["chunks"].append([list(p.offsets), p.source, list(p.source_offsets), p.noise]
+                               + ([noise_name(p)] if p.noise else []))
+    return {
+        "moegrow_version": __version__,
+        "operation": plan.operation,
+        "format": FORMAT,
+        "source": fingerprint(ckpt),
+        "growth": {"layer_map": plan.layer_map, "factor": plan.factor,
+                   "experts": ckpt.num_experts * plan.factor, "top_k": plan.top_k, "noise": plan.noise,
+                   "router_noise": plan.router_noise, "seed": plan.seed, "optimizer": plan.optimizer,
+                   "allow_inexact": bool(plan.inexact_reason)},
+        "noise_device": "cpu" if any(p.noise for p in plan.pieces) else "none",
+        "function_preserving": plan.function_preserving,
+        "config_changes": summary(ckpt, plan)["config_changes"],
+        "warnings": plan.warnings,
+        "non_tensor_entries": plan.objects,
+        "tensors": tensors,
+    }
+
+
+def write_training(ckpt: MegatronCheckpoint, plan: MegatronPlan, output: Path, force: bool = False) -> float:
+    """Write the grown checkpoint in the source's format and folder shape; return the seconds taken.
+
+    A run folder gives a run folder (`latest_checkpointed_iteration.txt` and the grown iteration's
+    folder); a checkpoint folder gives a checkpoint folder. On any failure nothing is left behind.
+    """
+    from .torch_pickle import save_record
+
+    start = time.perf_counter()
+    target = _absolute(output)
+    clean_stale_partials(target)
+    check_output(output, ckpt.root, force)
+    tmp = target.parent / f".{target.name}{PARTIAL_MARK}{__import__('os').getpid()}"
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"{target.parent}: cannot create the output there: {e.strerror or e}") from None
+    try:
+        folder = tmp / ckpt.folder.name if ckpt.is_run else tmp
+        folder.mkdir(exist_ok=True)
+        reader = ckpt.reader
+        objects = {new: (lambda src=src: reader.object_bytes(src)) for new, src in plan.objects.items()}
+        write_dcp(folder, out_chunks(plan, reader), objects)
+        save_record(updated_common(ckpt, plan), folder / COMMON_NAME)
+        for p in sorted(ckpt.folder.iterdir()):  # metadata.json and whatever else the trainer put there
+            if p.is_file() and p.name not in _CARRIED_NOT and not p.name.endswith(".distcp"):
+                shutil.copyfile(p, folder / p.name)
+        if ckpt.is_run:
+            (tmp / LATEST_NAME).write_text(str(ckpt.iteration) if ckpt.iteration is not None else "release")
+        write_json(tmp / "moegrow.json", record(ckpt, plan))
+        with _signals_deferred():
+            _replace(tmp, target)
+    except BaseException as e:
+        with _signals_deferred():
+            _remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"{output}: write failed: {e.strerror or e}") from None
+        raise
+    return time.perf_counter() - start
+
+
+def open_training(spec: str, iteration: int | None) -> MegatronCheckpoint:
+    return open_megatron(spec, iteration)

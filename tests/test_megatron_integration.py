@@ -1,0 +1,108 @@
+"""Grown Megatron checkpoints load into megatron-core itself (skipped where megatron-core is absent).
+
+Runs in the fixture venv (tests/fixtures/README.md): each grown checkpoint is loaded with
+`dist_checkpointing.load` into a GPTModel of the grown sizes with its Adam optimizer, strictly (no
+missing, no unexpected key), at world size 1 and 2 (expert parallel 2), and for noise-free width
+growth the logits are compared with the source model's (loaded from the source checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from .conftest import run  # noqa: E402
+
+FIX = Path(__file__).parent / "fixtures"
+MEGATRON = FIX / "training" / "megatron"
+sys.path.insert(0, str(FIX))
+
+
+def load(folder: Path, arch: dict, ep: bool = False, optimizer: bool = True) -> tuple[torch.nn.Module, dict]:
+    """A GPTModel of `arch` (and its Adam) loaded strictly from `folder`; returns (model, loaded state)."""
+    import make_training_fixtures as mf
+    import megatron_tiny as mt
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    model = mt.build(arch, ep=ep, seed=123)
+    opt = None
+    if optimizer:
+        opt = torch.optim.Adam(model.parameters(), lr=0.0)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # Adam's state exists (zeros) to be loaded into
+    state = mf.megatron_state(model, opt, 0, 2 if ep else 1)
+    loaded, missing, unexpected = dist_checkpointing.load(state, str(folder), strict=StrictHandling.RETURN_ALL)
+    assert not missing and not unexpected, (sorted(missing)[:5], sorted(unexpected)[:5])
+    result = model.load_state_dict(loaded["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    if opt is not None:
+        step = loaded["optimizer"]["state"].pop("common_step")  # as megatron's FP32Optimizer restores it
+        for per_param in loaded["optimizer"]["state"].values():
+            per_param["step"] = step.clone()
+        opt.load_state_dict(loaded["optimizer"])
+        loaded["adam"] = opt
+    return model.eval(), loaded
+
+
+def _grow(tmp_path: Path, name: str, *args: str) -> Path:
+    out = tmp_path / name
+    code, _, err = run(*args[:2], out, *args[2:])
+    assert code == 0, err
+    return out
+
+
+def test_world_size_1_width_exact_depth_loads(tmp_path: Path) -> None:
+    import megatron_tiny as mt
+
+    mt.init_distributed(port=29531)
+    src_model, _ = load(MEGATRON / "run" / "iter_0000020", {})
+    wide = _grow(tmp_path, "wide", "grow-width", str(MEGATRON / "run"), "--experts", "2x")
+    model, loaded = load(wide / "iter_0000020", {"num_experts": 8, "moe_router_topk": 4})
+    diff = float((mt.logits(model) - mt.logits(src_model)).abs().max())
+    print(f"world size 1, width 2x, noise 0: max abs logit difference {diff:.3g}")
+    assert diff <= 1e-5
+    names = [n for n, _ in model.named_parameters()]
+    state = loaded["adam"].state
+    params = dict(model.named_parameters())
+    for e in range(4):
+        a = state[params[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"]]
+        b = state[params[f"decoder.layers.1.mlp.experts.local_experts.{e + 4}.linear_fc1.weight"]]
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert a["exp_avg"].abs().sum() > 0
+    assert len(names) == len(params)
+    deep = _grow(tmp_path, "deep", "grow", str(MEGATRON / "run"), "--layers", "2x", "--experts", "2x",
+                 "--noise", "0.01")
+    load(deep / "iter_0000020", {"num_layers": 4, "num_experts": 8, "moe_router_topk": 4})
+    torch.distributed.destroy_process_group()
+
+
+def _worker(rank: int, folders: dict, out: str) -> None:
+    import megatron_tiny as mt
+
+    mt.init_distributed(rank, 2, ep=2, port=29532)
+    src, _ = load(Path(folders["src"]), {}, ep=True)
+    wide, _ = load(Path(folders["wide"]), {"num_experts": 8, "moe_router_topk": 4}, ep=True)
+    load(Path(folders["deep"]), {"num_layers": 4, "num_experts": 8, "moe_router_topk": 4}, ep=True)
+    diff = float((mt.logits(wide) - mt.logits(src)).abs().max())
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"diff": diff}))
+    torch.distributed.destroy_process_group()
+
+
+def test_world_size_2_expert_parallel(tmp_path: Path) -> None:
+    wide = _grow(tmp_path, "wide", "grow-width", str(MEGATRON / "ep2"), "--experts", "2x")
+    deep = _grow(tmp_path, "deep", "grow", str(MEGATRON / "ep2"), "--layers", "2x", "--experts", "2x",
+                 "--noise", "0.01", "--router-noise", "0.01")
+    folders = {"src": str(MEGATRON / "ep2"), "wide": str(wide), "deep": str(deep)}
+    torch.multiprocessing.spawn(_worker, args=(folders, str(tmp_path)), nprocs=2)
+    diffs = [json.loads((tmp_path / f"rank{r}.json").read_text())["diff"] for r in range(2)]
+    print(f"world size 2 (expert parallel 2), width 2x, noise 0: max abs logit difference {max(diffs):.3g}")
+    assert max(diffs) <= 1e-5
