@@ -123,7 +123,8 @@ def hold(procs: list[subprocess.Popen], out: Path, when: Callable[[Path], bool] 
 def finish(procs: list[subprocess.Popen], watch: Callable[[], None] = lambda: None) -> list[tuple[int, str]]:
     """SIGCONT every child, wait for all (running `watch` meanwhile); (exit code, stderr) each."""
     for proc in procs:
-        os.kill(proc.pid, signal.SIGCONT)
+        if proc.poll() is None:  # one that exited before it was caught is already reaped
+            os.kill(proc.pid, signal.SIGCONT)
     while any(proc.poll() is None for proc in procs):
         watch()
         time.sleep(0.002)
