@@ -6,8 +6,6 @@ The example grows real tiny checkpoints with the moegrow CLI (a subprocess) and 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +14,6 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "continue_training.py"
 SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2)
-
-
-def has_identity_depth() -> bool:
-    """Whether the moegrow CLI the example calls has `--depth-init identity` (issue 11, merged separately)."""
-    help_text = subprocess.run([sys.executable, "-m", "moegrow", "grow-depth", "--help"], capture_output=True,
-                               text=True, env={**os.environ, "COLUMNS": "200"}).stdout
-    return "--depth-init" in help_text
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +37,12 @@ def train(example, workdir, case, noise, steps):
 
 @pytest.mark.parametrize("case", ["upcycle", "depth"])
 def test_function_preserving_growth_starts_at_the_source_loss(example, workdir, case):
-    if case == "depth" and not has_identity_depth():
-        pytest.skip("--depth-init identity is not in this moegrow")
     run = train(example, workdir, case, 0.0, 1)
     assert run.step0_diff <= 1e-5, run
     assert run.history[0]["loss"] == pytest.approx(run.grown_loss, abs=1e-6)  # training starts from that loss
     assert run.history[1]["loss"] < run.history[0]["loss"]
+    if case == "depth":  # the added copies' residual writers start at zero and grow once trained
+        assert run.history[0]["zeroed_norm"] == 0.0 < run.history[1]["zeroed_norm"]
 
 
 def test_noise_free_width_copies_stay_identical(example, workdir):
