@@ -18,9 +18,10 @@ their original (`_same`):
 
 Usage (from the repository root, moegrow importable):
   python examples/continue_training.py [--case width|depth|depth-copy|upcycle|all] [--noise 0 0.01]
-      [--steps 20] [--lr 1e-3] [--warmup 0] [--aux-coef C] [--workdir DIR] [--plot training.png]
+      [--steps 20] [--lr 1e-3] [--warmup 0] [--aux-coef C] [--workdir DIR] [--plot PNG]
 
-With --plot, a PNG of loss and cosine similarity per step is written when matplotlib is importable.
+A PNG of loss and cosine similarity per step (--plot, default continue_training.png; --plot '' for none) is
+written when matplotlib is importable.
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def main() -> None:
                         help="router_aux_loss_coef for the grown model (default: its config's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep sources and grown models here")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
+    parser.add_argument("--plot", default="continue_training.png",
+                        help="PNG of the curves, written when matplotlib is installed ('' for none)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: more threads only contend
     transformers.logging.set_verbosity_error()
@@ -258,7 +260,7 @@ def main() -> None:
                                   aux_coef=args.aux_coef, seed=args.seed)
                 for case in cases for noise in (args.noise if CASES[case][2] else [0.0])]
     if args.plot:
-        print(f"wrote {args.plot}" if plot(runs, args.plot) else "matplotlib is not installed: no plot")
+        print(f"wrote {args.plot}" if plot(runs, Path(args.plot)) else "matplotlib is not installed: no plot")
 
 
 if __name__ == "__main__":
