@@ -46,6 +46,20 @@ class LayerwiseResult:
         return max((d.max_abs_diff for d in self.layers), default=0.0)
 
 
+def layers_are_copies(record: dict[str, Any], layout: Any) -> bool:
+    """Whether the growth a provenance record describes claims that every output layer computes its source
+    layer's function on the same input: depth copies (unless the family's layers depend on their index) and
+    width growth that is exact at zero noise."""
+    g = record.get("growth") or {}
+    if g.get("layer_map") is not None and layout.index_dependent_layers:
+        if any(j != m for j, m in enumerate(g["layer_map"])):
+            return False
+    if not g.get("factor"):
+        return True
+    return bool(layout.exact_width and (g.get("top_k") or "scale") == "scale" and not g.get("noise")
+                and not g.get("router_noise"))
+
+
 def _torch() -> Any:
     try:
         import torch
@@ -292,3 +306,46 @@ def layerwise_diff(source: Path, output: Path, layer_map: Sequence[int] | None =
     if before.shape == after.shape:
         result.max_abs_logit_diff = float((before - after).abs().max())
     return result
+
+
+def forward_check(source: Path, output: Path, record: dict[str, Any], atol: float,
+                  whole: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """`verify --forward`: the report's `forward` object and the problems found.
+
+    Layer-wise (the default): per-layer differences and the logits, in bounded memory; a layer beyond atol
+    is a problem where the growth says the layer is a copy of its source (`layers_are_copies`), the logits
+    where it says the whole model is. `whole`: both whole models loaded, logits only (small models)."""
+    exact = bool(record.get("function_preserving"))
+    problems: list[str] = []
+    if whole:
+        from .verify import forward_diff
+
+        diff = forward_diff(source, output)
+        forward: dict[str, Any] = {"mode": "whole", "max_abs_logit_diff": diff}
+    else:
+        from .source import read_config
+
+        config = read_config(source)
+        copies = layers_are_copies(record, layout_for(config, str(source / "config.json")))
+        try:
+            result = layerwise_diff(source, output, (record.get("growth") or {}).get("layer_map"))
+        except MoegrowError:
+            raise
+        except Exception as e:  # a model whose forward the layer loop cannot drive: say so, name the way out
+            raise MoegrowError(f"{output}: verify --forward could not run the models layer by layer ({type(e).__name__}: "
+                               f"{e}); --forward --whole compares the whole models (memory: both in float32)") from e
+        diff = result.max_abs_logit_diff
+        forward = {"mode": "layerwise", "max_abs_diff": result.max_abs_diff,
+                   "layers": [d.as_dict() for d in result.layers], "max_abs_logit_diff": diff,
+                   "layers_are_copies": copies}
+        for d in result.layers:
+            if copies and not d.max_abs_diff <= atol:
+                problems.append(f"decoder layer {d.layer} differs from source layer {d.source_layer} by "
+                                f"{d.max_abs_diff:.3g} > {atol:g} on that layer's input, but the growth says it is "
+                                "a copy computing the same function")
+    forward.update(atol=atol, function_preserving=exact)
+    if exact and not (diff is not None and diff <= atol):
+        problems.append(f"logits differ by {diff:.3g} > {atol:g}, but the growth claims to preserve the function"
+                        if diff is not None else "the vocabularies differ, but the growth claims to preserve "
+                        "the function")
+    return forward, problems

@@ -223,6 +223,9 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     # Depth growth adds layers to the residual stream: it never keeps the source's function.
     plan = Plan("grow-depth", layout, dict(config), new_config, _ordered(out),
                 layer_map=list(layer_map), config_changes=changes, exact=False)
+    if layout.index_dependent_layers and any(j != m for j, m in enumerate(layer_map)):
+        plan.warnings.append(f"{layout.name}: {layout.index_dependent_layers}: a layer copied to another index "
+                             "does not compute its original's function")
     if anatomy.extra_layers:
         plan.warnings.append(
             f"layers {list(anatomy.extra_layers)} lie after the {n_old} decoder layers (MTP); "
