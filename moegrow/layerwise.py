@@ -51,9 +51,9 @@ def layers_are_copies(record: dict[str, Any], layout: Any) -> bool:
     layer's function on the same input: depth copies (unless the family's layers depend on their index) and
     width growth that is exact at zero noise."""
     g = record.get("growth") or {}
-    if g.get("layer_map") is not None and layout.index_dependent_layers:
-        if any(j != m for j, m in enumerate(g["layer_map"])):
-            return False
+    moved = g.get("layer_map") is not None and any(j != m for j, m in enumerate(g["layer_map"]))
+    if moved and layout.index_dependent_layers:
+        return False
     if not g.get("factor"):
         return True
     return bool(layout.exact_width and (g.get("top_k") or "scale") == "scale" and not g.get("noise")
@@ -157,7 +157,10 @@ class StreamedModel:
         self._files = ExitStack()
         self.slices: dict[str, Any] = {}
         for f in sorted(folder.glob("*.safetensors")):
-            handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu"))
+            try:  # read with pread, not mmap: the pages of the layers already run do not stay in the process
+                handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu", backend="pread"))
+            except TypeError:  # safetensors < 0.8 has no backend choice
+                handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu"))
             for k in handle.keys():  # noqa: SIM118
                 self.slices[k] = handle.get_slice(k)
         raw = json.loads((folder / "config.json").read_text())
@@ -332,8 +335,9 @@ def forward_check(source: Path, output: Path, record: dict[str, Any], atol: floa
         except MoegrowError:
             raise
         except Exception as e:  # a model whose forward the layer loop cannot drive: say so, name the way out
-            raise MoegrowError(f"{output}: verify --forward could not run the models layer by layer ({type(e).__name__}: "
-                               f"{e}); --forward --whole compares the whole models (memory: both in float32)") from e
+            raise MoegrowError(f"{output}: verify --forward could not run the models layer by layer "
+                               f"({type(e).__name__}: {e}); --forward --whole compares the whole models "
+                               "(memory: both in float32)") from e
         diff = result.max_abs_logit_diff
         forward = {"mode": "layerwise", "max_abs_diff": result.max_abs_diff,
                    "layers": [d.as_dict() for d in result.layers], "max_abs_logit_diff": diff,
