@@ -270,10 +270,24 @@ class StreamedModel:
         self._files.close()
 
 
+def _return_freed_layers() -> None:
+    """Make glibc give each large allocation its own mapping (a fixed 1 MiB mmap threshold), so that a freed
+    layer's memory goes back to the system. Its default threshold grows after the first large free, and the
+    next layers' tensors then fill the heap, which does not shrink: measured on a 2-layer, 64-expert model,
+    peak RSS grew by about one layer per layer without this. No-op off glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def layerwise_diff(source: Path, output: Path, layer_map: Sequence[int] | None = None, seed: int = 0,
                    tokens: int = 32) -> LayerwiseResult:
     """Per-layer max abs difference of OUTPUT's layers against SOURCE's (see the module docstring)."""
     torch = _torch()
+    _return_freed_layers()
     recorded: dict[int, tuple[Any, Any, Any]] = {}
     src = StreamedModel(source)
     try:
