@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,6 @@ class StreamedModel:
     def __init__(self, folder: Path) -> None:
         torch = _torch()
         import transformers
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
         from transformers.modeling_utils import LoadStateDictConfig
@@ -155,19 +154,13 @@ class StreamedModel:
                                                dtype_plan=model._get_dtype_plan(torch.float32),
                                                weight_mapping=mapping, device_map={"": "cpu"})
         self._files = ExitStack()
-        self.slices: dict[str, Any] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            try:  # read with pread, not mmap: the pages of the layers already run do not stay in the process
-                handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu", backend="pread"))
-            except TypeError:  # safetensors < 0.8 has no backend choice
-                handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu"))
-            for k in handle.keys():  # noqa: SIM118
-                self.slices[k] = handle.get_slice(k)
+        self.slices = self._open_slices()
         raw = json.loads((folder / "config.json").read_text())
         layout = layout_for(raw, str(folder / "config.json"), self.slices)
         meta = model.state_dict()
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        # each checkpoint key under the name transformers loads it as (the loader renames the same way)
         renamed = {k: rename_source_key(k, renamings, converters, model.base_model_prefix, meta)[0]
                    for k in self.slices}
         self.path, self.layers = self._decoder_layers(layout, renamed)
@@ -183,6 +176,20 @@ class StreamedModel:
         info.missing_keys = {k for k in info.missing_keys if not k.startswith(layer_prefix)}
         cls._finalize_model_loading(model, self.load_config, info)
         model.eval()
+
+    def _open_slices(self) -> dict[str, Any]:
+        """Every tensor of the folder as a lazy safetensors slice, read when the loader materialises it."""
+        from safetensors import safe_open
+
+        slices = {}
+        for f in sorted(self.folder.glob("*.safetensors")):
+            try:  # pread, not mmap: the pages of layers already run do not stay in the process
+                handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu", backend="pread"))
+            except TypeError:  # safetensors < 0.8 has no backend choice
+                handle = self._files.enter_context(safe_open(f, framework="pt", device="cpu"))
+            for k in handle.keys():  # noqa: SIM118
+                slices[k] = handle.get_slice(k)
+        return slices
 
     def _decoder_layers(self, layout: Any, renamed: dict[str, str]) -> tuple[str, Any]:
         """The ModuleList holding the decoder layers: the one the layout's layer tensors load into."""
@@ -277,10 +284,8 @@ def _return_freed_layers() -> None:
     peak RSS grew by about one layer per layer without this. No-op off glibc."""
     import ctypes
 
-    try:
+    with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def layerwise_diff(source: Path, output: Path, layer_map: Sequence[int] | None = None, seed: int = 0,
