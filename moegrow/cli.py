@@ -337,9 +337,10 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
 def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown checkpoint folder.")],
            forward: Annotated[bool, typer.Option(
                "--forward", help="Also run both models with transformers (float32) on fixed random "
-               "tokens, one decoder layer at a time (memory: about one layer in float32): each output layer "
-               "on its source layer's input, and the logits; fails beyond --atol on a layer the growth says is "
-               "a copy of its source, or on the logits when it claims exactness.")] = False,
+               "tokens, one decoder layer at a time (memory: the weights outside the layers plus about two "
+               "layers in float32): each output layer on its source layer's input, and the logits; fails "
+               "beyond --atol on a layer the growth says is a copy of its source, or on the logits when it "
+               "claims exactness.")] = False,
            whole: Annotated[bool, typer.Option(
                "--whole", help="With --forward: load both whole models in float32 and compare logits only "
                "(small models; implies --forward).")] = False,

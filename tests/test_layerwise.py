@@ -176,3 +176,16 @@ def test_mtp_layers_after_the_decoder_are_not_decoder_layers(source, tmp_path):
     code, report, _ = forward(src, out)
     assert code == 0, report["problems"]
     assert [d["layer"] for d in report["forward"]["layers"]] == [0, 1, 2]
+
+
+def test_grow_both_axes_checks_every_layer_against_its_source(source, tmp_path):
+    """`grow --layers 2x --experts 2x` at noise 0: the whole model is not the source's function, every layer is."""
+    src, out = source("family:qwen3_moe"), tmp_path / "out"
+    assert run("grow", src, out, "--layers", "2x", "--experts", "2x", "--quiet")[0] == 0
+    code, report, _ = forward(src, out)
+    lw = report["forward"]
+    assert code == 0 and lw["layers_are_copies"] and not lw["function_preserving"], report["problems"]
+    assert [d["source_layer"] for d in lw["layers"]] == [0, 0, 1, 1, 2, 2] and lw["max_abs_diff"] <= ATOL
+    _tamper_expert_copies(out, 2)
+    code, report, _ = forward(src, out)
+    assert code == 1 and any(p.startswith("decoder layer 2 differs from source layer 1") for p in report["problems"])
