@@ -5,8 +5,8 @@ decoder layers (embeddings, final norm, head, towers) is loaded with transformer
 checkpoint-to-module conversion, and each decoder layer's tensors are loaded the same way just
 before the model's own forward calls that layer, and dropped right after. The decoder's own loop
 thus drives every layer (masks per layer type, position embeddings, state passed between layers),
-and no family's forward is written here. Peak memory: the non-layer weights plus one layer in
-float32, plus activations.
+and no family's forward is written here. Peak memory: the non-layer weights plus about two layers in
+float32 (a layer and the copies its conversion makes), plus activations.
 
 The source pass records each layer's inputs and output; the output pass runs output layer j once
 more on the source's inputs of layer `layer_map[j]` and compares its output with the source's.
