@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MoegrowError
+from .errors import MoegrowError, UnsupportedModelError
 from .layouts import layout_for
 from .verify import IdentityWatch
 
@@ -59,6 +59,8 @@ def layers_are_copies(record: dict[str, Any], layout: Any) -> bool:
     moved = g.get("layer_map") is not None and any(j != m for j, m in enumerate(g["layer_map"]))
     if moved and layout.index_dependent_layers:
         return False
+    if record.get("operation") == "upcycle":  # each MoE layer computes its dense layer's function, or not
+        return bool(record.get("function_preserving"))
     if not g.get("factor"):
         return True
     return bool(layout.exact_width and (g.get("top_k") or "scale") == "scale" and not g.get("noise")
@@ -83,15 +85,17 @@ def model_class(config: Any) -> tuple[Any, Any]:
     import transformers
     from transformers.models.auto.auto_factory import _get_model_class
 
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+    autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText,
+             transformers.AutoModelForMultimodalLM)  # the last: qwen3_omni_moe, run through its text module
+    for auto in autos:
         if type(config) in auto._model_mapping:
             cls = _get_model_class(config, auto._model_mapping)
             text = config.sub_configs.get("text_config")
             if text is not None and getattr(cls, "config_class", None) == text:
                 config = config.get_text_config()
             return cls, config
-    raise MoegrowError(f"verify --forward: transformers maps model_type {config.model_type!r} to no causal-LM "
-                       "or image-text-to-text class")
+    raise MoegrowError(f"verify --forward: transformers maps model_type {config.model_type!r} to no causal-LM, "
+                       "image-text-to-text or multimodal-LM class")
 
 
 def _clone(x: Any) -> Any:
@@ -161,14 +165,17 @@ class StreamedModel:
         self._files = ExitStack()
         self.slices = self._open_slices()
         raw = json.loads((folder / "config.json").read_text())
-        layout = layout_for(raw, str(folder / "config.json"), self.slices)
+        try:
+            prefix = layout_for(raw, str(folder / "config.json"), self.slices).layer_prefix
+        except UnsupportedModelError:  # a dense source of `upcycle`: its decoder layers where transformers saves them
+            prefix = "model.layers."
         meta = model.state_dict()
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         # each checkpoint key under the name transformers loads it as (the loader renames the same way)
         renamed = {k: rename_source_key(k, renamings, converters, model.base_model_prefix, meta)[0]
                    for k in self.slices}
-        self.path, self.layers = self._decoder_layers(layout, renamed)
+        self.path, self.layers = self._decoder_layers(prefix, renamed)
         n = len(self.layers)
         self.keys: list[list[str]] = [[] for _ in range(n)]
         rest = []
@@ -196,20 +203,20 @@ class StreamedModel:
                 slices[k] = handle.get_slice(k)
         return slices
 
-    def _decoder_layers(self, layout: Any, renamed: dict[str, str]) -> tuple[str, Any]:
+    def _decoder_layers(self, prefix: str, renamed: dict[str, str]) -> tuple[str, Any]:
         """The ModuleList holding the decoder layers: the one the layout's layer tensors load into."""
         import torch
 
         lists = {name: m for name, m in self.model.named_modules() if isinstance(m, torch.nn.ModuleList)}
         votes: dict[str, int] = {}
         for k, name in renamed.items():
-            if k.startswith(layout.layer_prefix):
+            if k.startswith(prefix):
                 for path in lists:
                     if name.startswith(f"{path}."):
                         votes[path] = votes.get(path, 0) + 1
         if not votes:
             raise MoegrowError(f"{self.folder}: verify --forward found no decoder layers "
-                               f"({layout.layer_prefix}N.*) in the transformers model")
+                               f"({prefix}N.*) in the transformers model")
         path = max(votes, key=lambda p: (votes[p], len(p)))
         return path, lists[path]
 
@@ -275,8 +282,12 @@ class StreamedModel:
     def logits(self, ids: Any) -> Any:
         import torch
 
+        from .layouts import wrapper_of
+
+        wrapper = wrapper_of(self.model.config.model_type)
+        runner = getattr(self.model, wrapper.text_module) if wrapper and wrapper.text_module else self.model
         with torch.no_grad():
-            return self.model(input_ids=ids, use_cache=False).logits.float()
+            return runner(input_ids=ids, use_cache=False).logits.float()
 
     def close(self) -> None:
         self._files.close()
@@ -364,8 +375,8 @@ def forward_check(source: Path, output: Path, record: dict[str, Any], atol: floa
     else:
         from .source import read_config
 
-        config = read_config(source)
-        copies = layers_are_copies(record, layout_for(config, str(source / "config.json")))
+        config = read_config(output)  # the grown checkpoint's family (an upcycled source is dense)
+        copies = layers_are_copies(record, layout_for(config, str(output / "config.json")))
         try:
             result = layerwise_diff(source, output, (record.get("growth") or {}).get("layer_map"),
                                     identity=identity.positions if identity is not None else ())
