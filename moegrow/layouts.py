@@ -284,6 +284,9 @@ class Layout:
     # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
     mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
+    # non-empty where a decoder layer's function depends on its index (why): a depth copy placed at another
+    # index computes another function, so `verify --forward` reports its difference without failing on it
+    index_dependent_layers: str = ""
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
 
@@ -961,6 +964,7 @@ LAYOUTS: tuple[Layout, ...] = (
         default_dense=3,  # a config without mlp_layer_types has min(3, L) dense layers
         depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
         width_rules=_group_rules(),
+        index_dependent_layers="residual adds are scaled by the layer's index (1/sqrt(2(l+1)))",
     ),
     Layout(
         name="glm_moe_dsa",
