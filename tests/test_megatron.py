@@ -217,3 +217,10 @@ def test_verify_refuses_a_record_that_is_not_a_training_growth(tmp_path: Path) -
     (out / "moegrow.json").write_text("{}")
     code, _, err = run("verify", FIX / "bare", out)
     assert code == 2 and "moegrow.json" in err and "Traceback" not in err
+
+
+def test_verify_forward_is_refused_for_training_checkpoints(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("grow-width", FIX / "bare", out, "--experts", "2x", "--top-k", "4")[0] == 0
+    code, _, err = run("verify", FIX / "bare", out, "--forward")
+    assert code == 2 and "--forward" in err and "Traceback" not in err
