@@ -14,6 +14,8 @@ Without WORLD_SIZE, or with 1, none of this runs and torch.distributed is not im
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import socket
@@ -218,7 +220,13 @@ def execute_ranks(ranks: Ranks, plan: Plan, tensors: Mapping[str, SourceTensor],
                 (tmp / TOKEN_NAME).write_text(token)
             except BaseException as e:
                 setup = e
-        ranks.agree(setup)
+        digests = ranks.agree(setup, fingerprint(plan, tensors, max_shard_size))
+        if len(set(digests)) > 1:
+            odd = next(r for r, d in enumerate(digests) if d != digests[0])
+            exc = RankError(f"rank {odd} planned a different growth than rank 0 (its source, config or "
+                            "flags differ): every rank must grow the same source with the same flags")
+            exc.moegrow_agreed = True  # type: ignore[attr-defined]  # every rank saw the digests
+            raise exc
         folder, token = ranks.broadcast((str(tmp), token))
         folder = Path(folder)
         ranks.agree(None if lead else _check_shared(folder, token, ranks.rank))
@@ -264,6 +272,18 @@ def execute_ranks(ranks: Ranks, plan: Plan, tensors: Mapping[str, SourceTensor],
             ex._LIVE.discard(live)
     total = sum(t.nbytes for t in plan.tensors)
     return ex.Written(output, names, total, time.perf_counter() - start, all_warnings)
+
+
+def fingerprint(plan: Plan, tensors: Mapping[str, SourceTensor], max_shard_size: int) -> str:
+    """sha256 of what decides the output bytes: every output tensor and how it is made, the new
+    config, the seed, the shard limit, and where each source tensor lies in its shard file."""
+    h = hashlib.sha256(json.dumps([plan.config, plan.seed, max_shard_size], sort_keys=True, default=str).encode())
+    for t in plan.tensors:
+        h.update(repr(t).encode())
+    for name in sorted(plan.sources()):
+        src = tensors[name]
+        h.update(repr((name, src.path.name, src.dtype, src.shape, src.start, src.end)).encode())
+    return h.hexdigest()
 
 
 def _check_shared(folder: Path, token: str, me: int) -> RankError | None:
