@@ -22,6 +22,7 @@ lint:
 bench:
 	$(BIN)/python benchmarks/bench.py --size 1
 	$(BIN)/python benchmarks/bench.py --size 4
+	$(BIN)/python benchmarks/bench_ranks.py --size 1 --procs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -94,7 +94,9 @@ Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit (H
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 MaxShard = Annotated[str | None, typer.Option(
-    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB).")]
+    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB). Under torchrun or srun "
+    "(WORLD_SIZE > 1) the shard is the unit each process writes: use at least as many shards as processes "
+    "(see docs/usage.md).")]
 Device = Annotated[str, typer.Option(help="Where noise is drawn and added: auto, cpu or cuda. "
                                           "Byte copies never touch a device.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the "
