@@ -38,6 +38,7 @@ lint:
 bench:
 	$(BIN)/python benchmarks/bench.py --size 1
 	$(BIN)/python benchmarks/bench.py --size 4
+	$(BIN)/python benchmarks/bench_ranks.py --size 1 --procs 2
 
 # verify --forward's peak RSS on a Qwen3-30B-A3B-width checkpoint (16 GiB of disk while it runs)
 bench-verify:

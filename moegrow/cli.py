@@ -94,7 +94,9 @@ Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit (H
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 MaxShard = Annotated[str | None, typer.Option(
-    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB).")]
+    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB). Under torchrun or srun "
+    "(WORLD_SIZE > 1) the shard is the unit each process writes: use at least as many shards as processes "
+    "(see docs/usage.md).")]
 Device = Annotated[str, typer.Option(help="Where noise is drawn and added: auto, cpu or cuda. "
                                           "Byte copies never touch a device.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the "
@@ -241,6 +243,22 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
 def _run_growth(operation: str, source: str, output: Path | None, revision: str | None, json_out: bool,
                 dry_run: bool, max_shard_size: str | None, device: str, force: bool, quiet: bool,
                 threads: int, strict: bool = False, **kw: Any) -> None:
+    """A growth; under torchrun / srun (WORLD_SIZE > 1) one rank of several (moegrow/ranks.py)."""
+    from .ranks import joined
+
+    with joined(enabled=not dry_run) as ranks:
+        try:
+            _run_growth_as(ranks, operation, source, output, revision, json_out, dry_run, max_shard_size,
+                           device, force, quiet, threads, strict, **kw)
+        except BaseException as e:
+            if ranks is None:
+                raise
+            ranks.fail(e)
+
+
+def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None, revision: str | None,
+                   json_out: bool, dry_run: bool, max_shard_size: str | None, device: str, force: bool,
+                   quiet: bool, threads: int, strict: bool = False, **kw: Any) -> None:
     from .execute import check_output
     from .grow import check_finite, plan_for, write
     from .upcycle import plan_upcycle_for
@@ -251,6 +269,10 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     from .training import detect
 
     if detect(source):
+        if ranks is not None:
+            from .ranks import RankError
+
+            raise RankError(f"{source}: training checkpoints are written by one process (unset WORLD_SIZE)")
         return _run_training(operation, source, output, iteration, optimizer, json_out, dry_run, force, quiet, kw)
     if iteration is not None:
         raise typer.BadParameter("applies to Megatron-LM run folders only", param_hint="--iteration")
@@ -264,15 +286,28 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     if strict:
         check_finite(plan, src)
     if dry_run:
+        from .ranks import rank
+
+        if rank() != 0:  # under torchrun every rank plans the same: one prints
+            return
         if json_out:
             _emit({**summary, "dry_run": True})
         else:
             _print_summary(summary, "plan")
         return
     assert output is not None
-    with _progress(summary["bytes_out"], operation, _interactive(quiet)) as progress:
+    total = summary["bytes_out"]
+    if ranks is not None:  # rank 0 shows its own share's progress and the summary; the others are quiet
+        from .ranks import share
+
+        total = share(plan, shard, ranks.rank, ranks.size)
+        quiet, json_out = quiet or ranks.rank != 0, json_out and ranks.rank == 0
+    with _progress(total, operation, _interactive(quiet)) as progress:
         written = write(plan, src, output, max_shard_size=shard, device=device, threads=threads,
-                        force=force, progress=progress, options={**kw, "max_shard_size": max_shard_size})
+                        force=force, progress=progress, options={**kw, "max_shard_size": max_shard_size},
+                        ranks=ranks)
+    if ranks is not None and ranks.rank != 0:
+        return
     for w in written.warnings:  # NaN / Inf in the source: shown even with --quiet
         err.print(f"warning: {w}", style="yellow", markup=False, emoji=False)
     summary.update(output=str(output), files=written.files, seconds=round(written.seconds, 3),
