@@ -58,7 +58,8 @@ def _tensors(d: dict[str, int]) -> list[tuple[str, str, tuple[int, ...]]]:
                 mlp(p + f"mlp.experts.{e}.", d["moe_inter"])
             mlp(p + "mlp.shared_experts.", d["moe_inter"])
         if i == LAYERS:
-            out += [(p + "shared_head.norm.weight", "BF16", (h,)), (p + "shared_head.head.weight", "BF16", (d["vocab"], h))]
+            out += [(p + "shared_head.norm.weight", "BF16", (h,)),
+                    (p + "shared_head.head.weight", "BF16", (d["vocab"], h))]
     out += [("model.norm.weight", "BF16", (h,)), ("lm_head.weight", "BF16", (d["vocab"], h))]
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from .anatomy import Anatomy, analyse, expert_name, layer_name
@@ -26,13 +26,13 @@ class TensorMeta(Protocol):
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a DeepSeek-V3 growth plans 365,000 tensors
 class Meta:
     dtype: str
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Part:
     """A source tensor (or a run of its rows), times `scale`, plus Gaussian noise of std `noise`.
 
@@ -69,7 +69,7 @@ class Part:
         return start * row, (stop - start) * row
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Encode:
     """How an output tensor is written when not in its source's dtype (see moegrow.quant).
 
@@ -87,7 +87,7 @@ class Encode:
         return f"{self.format}.{self.member}" if self.format else "cast"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutTensor:
     name: str
     dtype: str
@@ -165,6 +165,22 @@ class Plan:
         if self.quant is not None:
             names = {m.name for n in names for m in self.quant.members_of(n)}
         return names
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def with_fields(obj: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` for the plan's frozen dataclasses, without its per-call introspection
+    (a fifth of the time: a DeepSeek-V3 growth replaces 700,000 parts)."""
+    cls = type(obj)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    new = object.__new__(cls)
+    for n in names:
+        object.__setattr__(new, n, changes[n] if n in changes else getattr(obj, n))
+    return new
 
 
 _NUM = re.compile(r"(\d+)")
@@ -356,9 +372,11 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     k_old = layout.top_k(text)
     k_new = int(lookup(layout.text(new_config), layout.config_key(text, layout.top_k_keys, "top-k")))
 
+    segment_of = [max(i for i, start in enumerate(starts) if start <= e) for e in range(sum(segments))]
+
     def new_index(e: int, c: int) -> int:
         """Expert slot e's copy c: every segment keeps its slots together, copies after originals."""
-        s = max(i for i, start in enumerate(starts) if start <= e)
+        s = segment_of[e] if e < len(segment_of) else max(i for i, start in enumerate(starts) if start <= e)
         return starts[s] * factor + c * segments[s] + (e - starts[s])
 
     out: list[OutTensor] = []
@@ -419,7 +437,7 @@ def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layo
     plan = plan_width(depth.config, virtual, layout, factor, **width)
     plan.tensors = [
         OutTensor(t.name, t.dtype, t.shape,
-                  tuple(replace(p, source=origin[p.source]) for p in t.parts), t.axis)
+                  tuple(with_fields(p, source=origin[p.source]) for p in t.parts), t.axis)
         for t in plan.tensors
     ]
     plan.operation = "grow"

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import GrowthError
 from ..io import DTYPE_SIZES, FLOAT_DTYPES
-from ..plan import Encode, Meta, OutTensor, Part, Plan, TensorMeta
+from ..plan import Encode, Meta, OutTensor, Part, Plan, TensorMeta, with_fields
 from . import CODECS
 from .codec import Codec, Member, QuantGroup
 from .tensors import TARGETS
@@ -162,7 +162,7 @@ def _lower_weight(t: OutTensor, quant: Quantisation) -> list[OutTensor]:
         for p in t.parts:
             m = quant.groups[p.source].member(role)
             rows += m.shape[0] if p.rows is None else p.rows[1] - p.rows[0]
-            parts.append(replace(p, source=m.name) if p.is_copy else replace(p, decode=codec.format))
+            parts.append(with_fields(p, source=m.name) if p.is_copy else with_fields(p, decode=codec.format))
         m0 = quant.groups[t.parts[0].source].member(role)
         shape = (rows, *m0.shape[1:]) if len(t.parts) > 1 or t.parts[0].rows else m0.shape
         encode = None if all(p.is_copy for p in parts) else Encode(codec.format, role, t.name)
