@@ -350,7 +350,10 @@ def _widened_table(name: str, t: TensorMeta, e_old: int, factor: int, k_old: int
 
 def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                factor: int, *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-               top_k: str | int = "scale", allow_inexact: bool = False) -> Plan:
+               top_k: str | int = "scale", allow_inexact: bool = False,
+               origin: Mapping[str, str] | None = None) -> Plan:
+    """`origin`: where each tensor of `tensors` really comes from (plan_grow's deepened index), so that
+    parts name their source tensors directly."""
     if layout.width_refused:
         raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width_refused}")
     if not layout.exact_width and not allow_inexact:
@@ -382,6 +385,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     out: list[OutTensor] = []
     for name, t in tensors.items():
         role = anatomy.roles[name]
+        src = origin[name] if origin is not None else name
         scale = scaled.get(role.rel, 1.0) if role.kind in ("expert", "fused", "router_bias") else 1.0
         if scale != 1.0:
             _check_noise(name, t, scale, f"scale by {scale:.6g}")
@@ -390,7 +394,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             _check_noise(name, t, noise)
             for c in range(factor):
                 new = expert_name(layout, role.layer, new_index(role.expert, c), role.rel, role.prefix)
-                out.append(OutTensor(new, t.dtype, t.shape, (Part(name, noise if c else 0.0, scale),)))
+                out.append(OutTensor(new, t.dtype, t.shape, (Part(src, noise if c else 0.0, scale),)))
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
@@ -400,16 +404,18 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             if layout.segment_of(role.rel) is None and n == sum(segments) * per != e_old * per:
                 if any(d != 1 for d in t.shape[:axis]):
                     raise GrowthError(f"{name}: segments of expert slots along an inner axis cannot be duplicated")
-                parts = tuple(Part(name, std if c else 0.0, scale, (start * per, (start + count) * per, n))
+                parts = tuple(Part(src, std if c else 0.0, scale, (start * per, (start + count) * per, n))
                               for start, count in zip(starts, segments) if count for c in range(factor))
             else:  # routed experts only, or one extra segment only: duplicated whole
-                parts = tuple(Part(name, std if c else 0.0, scale) for c in range(factor))
+                parts = tuple(Part(src, std if c else 0.0, scale) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
             out.append(OutTensor(name, t.dtype, shape, parts, axis))
         elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
-            out.append(_widened_table(name, t, e_old, factor, k_old, k_new))
+            table = _widened_table(name, t, e_old, factor, k_old, k_new)
+            out.append(table if src == name else
+                       with_fields(table, parts=tuple(with_fields(p, source=src) for p in table.parts)))
         else:
-            out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
+            out.append(OutTensor(name, t.dtype, t.shape, (Part(src),)))
     exact = layout.exact_width and top_k == "scale"
     plan = Plan("grow-width", layout, dict(config), new_config, _ordered(out), seed=seed,
                 experts=e_old * factor, factor=factor, top_k=top_k, noise=noise,
@@ -434,12 +440,7 @@ def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layo
     depth = plan_depth(config, tensors, layout, layer_map)
     virtual = {t.name: Meta(t.dtype, t.shape) for t in depth.tensors}
     origin = {t.name: t.parts[0].source for t in depth.tensors}
-    plan = plan_width(depth.config, virtual, layout, factor, **width)
-    plan.tensors = [
-        OutTensor(t.name, t.dtype, t.shape,
-                  tuple(with_fields(p, source=origin[p.source]) for p in t.parts), t.axis)
-        for t in plan.tensors
-    ]
+    plan = plan_width(depth.config, virtual, layout, factor, origin=origin, **width)
     plan.operation = "grow"
     plan.exact = False  # the width part is exact relative to the deepened model, not the source
     plan.source_config = dict(config)
