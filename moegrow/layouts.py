@@ -244,6 +244,10 @@ class Layout:
     # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
     mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
+    # (rel, neuron axis, pairing) of fused expert tensors [E, ...] for --reinit (moegrow/neurons.py): the axis of
+    # the intermediate neurons, and how gate and up share it ("interleaved", "halves", or "" for one projection);
+    # per-expert gate/up/down tensors are recognised by name; a family with fused experts and no entry is refused
+    neurons: tuple[tuple[str, int, str], ...] = ()
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
 
@@ -711,6 +715,7 @@ LAYOUTS: tuple[Layout, ...] = (
         router_weights=("mlp.router.weight",),
         router_biases=("mlp.router.bias",),
         routing="router logits with a bias; top-k of the logits, softmax over the k",
+        neurons=(("mlp.experts.gate_up_proj", 2, "interleaved"), ("mlp.experts.down_proj", 1, "")),
         depth_keys=(_COUNT, _LAYER_TYPES),
         notes=("The Hub release's MXFP4 experts (*_blocks / *_scales, uint8, expert axis first) are "
                "duplicated byte for byte like the others but cannot take --noise (refused, naming the tensor).",),
@@ -1021,6 +1026,7 @@ LAYOUTS: tuple[Layout, ...] = (
         top_k_keys=("num_experts_per_tok",),
         experts_prefix="feed_forward.experts.",
         fused_experts=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+        neurons=(("feed_forward.experts.gate_up_proj", 2, "halves"), ("feed_forward.experts.down_proj", 1, "")),
         router_weights=("feed_forward.router.weight",),
         shared_prefix="feed_forward.shared_expert.",
         routing=("top-k of the router logits; sigmoid of the k selected logits scales each expert's "

@@ -47,6 +47,10 @@ def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, ind
     """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted or noised."""
     if part.add:
         return shift(raw, dtype, part.add)
+    if getattr(part, "relative", False) or getattr(part, "reinit", None) is not None:
+        from .noise_modes import part_bytes  # --noise-mode relative, --reinit
+
+        return part_bytes(raw, dtype, part, seed, tensor, index, device)
     return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale)
 
 
