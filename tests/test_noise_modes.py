@@ -301,3 +301,77 @@ def test_upcycle_relative_noise_and_reinit(tmp_path):
         c = w[f"model.layers.{layer}.block_sparse_moe.experts.2.w2.weight"].double()
         assert abs(float((c - o).std() / o.std()) - 0.01) < 0.001
     verify_ok(src, out2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "keep"])
+def test_quantised_source_relative_noise_and_reinit(dtype, tmp_path):
+    """An fp8 (block-scaled) source: the std and the neurons are taken in dequantised space; with --dtype keep
+    the copies are requantised (verify recomputes them), with float32 they are measured exactly."""
+    from .test_quant import dequantised, make_fp8
+
+    src = make_fp8("divides", tmp_path / "fp8")
+    out = tmp_path / "out"
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--dtype", dtype, "--reinit", "0.5", "--quiet")
+    assert code == 0, err
+    verify_ok(src, out)
+    ref = dequantised(src)
+    grown = dequantised(out) if dtype == "keep" else {n: t.float() for n, t in weights(out).items()}
+    for layer in (1, 2):
+        for e in range(8):
+            ex = f"model.layers.{layer}.mlp.experts."
+            rows = {}
+            for proj, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                orig, copy = ref[f"{ex}{e}.{proj}.weight"], grown[f"{ex}{e + 8}.{proj}.weight"]
+                changed = (orig != copy).any(dim=1 - axis)
+                rows[proj] = changed
+                if dtype == "float32":
+                    kept = ~changed[:, None] if axis == 0 else ~changed[None, :]
+                    assert torch.equal(copy[kept.expand_as(orig)], orig[kept.expand_as(orig)])
+            if dtype == "float32":
+                assert torch.equal(rows["gate_proj"], rows["up_proj"]) and torch.equal(rows["gate_proj"],
+                                                                                      rows["down_proj"])
+                assert int(rows["gate_proj"].sum()) == 4  # half of moe_intermediate_size 8
+    if dtype == "keep":
+        return
+    out2 = tmp_path / "out2"
+    code, _, err = run("grow-width", src, out2, "--experts", "2x", "--dtype", "float32", "--noise", "0.02",
+                       "--noise-mode", "relative", "--quiet")
+    assert code == 0, err
+    verify_ok(src, out2)
+    grown = {n: t.float() for n, t in weights(out2).items()}
+    ratios = [float((grown[f"model.layers.{layer}.mlp.experts.{e + 8}.{p}.weight"].double()
+                     - ref[f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"].double()).std()
+                    / ref[f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"].double().std())
+              for layer in (1, 2) for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert abs(sum(ratios) / len(ratios) - 0.02) < 0.002, ratios  # 128 values a tensor: pooled
+
+
+def test_verify_noise_drawn_elsewhere_checks_statistics(sources, tmp_path):
+    """A record saying the noise was drawn on CUDA (not recomputable here): verify checks each slice's noise
+    std against the recorded relative std and the re-initialised values (CPU draws) bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    src = sources("gpt_oss")
+    out = tmp_path / "out"
+    grow(src, out, "--reinit", "0.25", "--noise", "0.02", "--noise-mode", "relative")
+    record_path = out / "moegrow.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "noise_device": "cuda"}))
+    verify_ok(src, out)
+    shard = out / "model.safetensors"
+    data = load_file(shard)
+    name = next(n for n in data if n.endswith("mlp.experts.down_proj"))
+    original = data[name].clone()
+    data[name][E:] = data[name][:E] + 2 * (data[name][E:] - data[name][:E])  # every copy's noise doubled
+    save_file(data, shard, metadata={"format": "pt"})
+    code, _, err = run("verify", src, out)
+    assert code == 1 and "noise std" in err, err
+    # a re-initialised row of the first copy (its values moved by far more than the 2% noise), nudged by less
+    # than the noise: only the bit-for-bit check of the re-initialised values can see it
+    diff = (original[E] - original[0]).abs()
+    row = int((diff.amax(dim=1) > 20 * 0.02 * float(original[0].std())).nonzero()[0])
+    data[name] = original.clone()
+    data[name][E, row, 0] += 1e-4
+    save_file(data, shard, metadata={"format": "pt"})
+    code, _, err = run("verify", src, out)
+    assert code == 1 and "re-initialised values differ" in err, err
