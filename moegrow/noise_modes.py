@@ -23,21 +23,16 @@ from .noise import BLOCK, block_seed, noise_block, torch_dtype
 
 
 def slice_stats(x: Any, slices: int) -> list[tuple[float, float]]:
-    """(mean, std) of each of `slices` equal contiguous runs of flat `x`, accumulated in float64 blockwise."""
-    import torch
-
+    """(mean, std) of each of `slices` equal contiguous runs of flat `x`: two passes (mean, then squared
+    deviations), block by block; each block summed by torch (cascade summation, in x's dtype), the block
+    sums accumulated in float64."""
     per = x.numel() // slices
     stats = []
     for s in range(slices):
         seg = x[s * per:(s + 1) * per]
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        for lo in range(0, per, BLOCK):
-            total += seg[lo:lo + BLOCK].sum(dtype=torch.float64)
-        mean = float(total) / per if per else 0.0
-        sq = torch.zeros((), dtype=torch.float64, device=x.device)
-        for lo in range(0, per, BLOCK):
-            sq += ((seg[lo:lo + BLOCK].to(torch.float64) - mean) ** 2).sum()
-        stats.append((mean, (float(sq) / (per - 1)) ** 0.5 if per > 1 else 0.0))
+        mean = sum(float(seg[lo:lo + BLOCK].sum()) for lo in range(0, per, BLOCK)) / per if per else 0.0
+        sq = sum(float((seg[lo:lo + BLOCK] - mean).square_().sum()) for lo in range(0, per, BLOCK))
+        stats.append((mean, (sq / (per - 1)) ** 0.5 if per > 1 else 0.0))
     return stats
 
 
@@ -92,8 +87,7 @@ def apply(x: Any, part: Any, seed: int, tensor: str, index: int, device: str) ->
             z = noise_block(seed, tensor, index, b, hi - lo, device).to(x.dtype)
             for s in range(lo // per, (hi - 1) // per + 1):
                 a, e = max(lo, s * per), min(hi, (s + 1) * per)
-                z[a - lo:e - lo] *= stds[s]
-            x[lo:hi] += z
+                x[a:e].add_(z[a - lo:e - lo], alpha=stds[s])
     r = part.reinit
     if r is not None:
         for s in range(slices):
