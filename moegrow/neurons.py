@@ -85,6 +85,23 @@ def refuse_unknown(layout_name: str, name: str) -> GrowthError:
                        f"(no neuron rule for this family's expert tensors); grow without --reinit")
 
 
+def check_consistent(tensors: Any, layout_name: str) -> None:
+    """Refuse a plan whose re-initialised tensors of one copy disagree on the neuron count (a weight stored
+    transposed, or a name rule that does not fit the family): the same indices must fit gate, up and down."""
+    seen: dict[tuple[int, int, int], tuple[int, str]] = {}
+    for t in tensors:
+        for p in t.parts:
+            r = p.reinit
+            if r is None:
+                continue
+            key = (r.layer, r.expert, r.copy)
+            first = seen.setdefault(key, (r.neurons, t.name))
+            if first[0] != r.neurons:
+                raise GrowthError(f"--reinit: {layout_name}: {t.name} has {r.neurons} intermediate neurons by its "
+                                  f"shape, {first[1]} {first[0]}: the neuron layout of this family is not known; "
+                                  "grow without --reinit")
+
+
 def selection_seed(seed: int, layer: int, expert: int, copy: int) -> int:
     """The seed of one copy's neuron selection: by layer, expert and copy, never by tensor name."""
     digest = hashlib.sha256(f"moegrow-reinit\0{seed}\0{layer}\0{expert}\0{copy}".encode()).digest()

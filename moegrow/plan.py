@@ -19,7 +19,7 @@ from .configs import check_moe_layers, rewrite_depth, rewrite_width
 from .errors import GrowthError
 from .io import DTYPE_SIZES, FLOAT_DTYPES
 from .layouts import Layout, lookup
-from .neurons import Reinit, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
+from .neurons import Reinit, check_consistent, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
 
 
 class TensorMeta(Protocol):
@@ -413,6 +413,8 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             out.append(_widened_table(name, t, e_old, factor, k_old, k_new))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
+    if reinit:
+        check_consistent(out, layout.name)
     exact = layout.exact_width and top_k == "scale"
     plan = Plan("grow-width", layout, dict(config), new_config, _ordered(out), seed=seed,
                 experts=e_old * factor, factor=factor, top_k=top_k, noise=noise,

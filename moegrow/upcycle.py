@@ -19,7 +19,7 @@ from .anatomy import expert_name, layer_name
 from .errors import ConfigError, GrowthError, UnsupportedModelError
 from .io import FLOAT_DTYPES
 from .layouts import Layout, layout_for, lookup
-from .neurons import Reinit, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
+from .neurons import Reinit, check_consistent, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
 from .plan import OutTensor, Part, Plan, TensorMeta, _check_noise, _ordered
 from .siblings import BY_DENSE, REFUSED, SIBLINGS, NewTensor, Sibling
 
@@ -140,6 +140,8 @@ def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], e
         out += _experts(sib, layout, i, rels, tensors, experts, noise, relative, reinit)
         out += _new_tensors(sib, layout, config, i, rels, tensors, experts, noise=router_std,
                             router_init=router_init, where=where)
+    if reinit:
+        check_consistent(out, sib.dense)
     # identical experts whose weights sum to 1 give the dense output whatever the router picks
     exact = router_init == "zeros" or sib.weights_sum_to_one
     plan = Plan("upcycle", layout, dict(config), new_config, _ordered(out), seed=seed, experts=experts,
