@@ -415,6 +415,12 @@ def _group_rules(n_group: tuple[str, ...] = ("n_group",), norm: tuple[str, ...] 
     return rules
 
 
+def _fused_neurons(prefix: str) -> tuple[tuple[str, int, str], ...]:
+    """`Layout.neurons` of transformers' standard fused experts, saved as they are: gate_up_proj [E, 2F, H]
+    (gate then up along dim 1: `.chunk(2, dim=-1)` of its output), down_proj [E, H, F]."""
+    return ((f"{prefix}gate_up_proj", 1, "halves"), (f"{prefix}down_proj", 2, ""))
+
+
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="mixtral",
@@ -729,6 +735,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_experts.",
         experts_prefix="mlp.experts.",
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        neurons=_fused_neurons("mlp.experts."),
         router_weights=("mlp.gate.weight",),
         routing=("softmax over all experts; the topk_group best of n_group groups (group score = "
                  "sum of its top 2); top-k; normalised when norm_topk_prob; times "
@@ -826,6 +833,7 @@ LAYOUTS: tuple[Layout, ...] = (
         top_k_keys=("num_experts_per_tok",),
         experts_prefix="block_sparse_moe.experts.",
         fused_experts=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+        neurons=_fused_neurons("block_sparse_moe.experts."),
         router_weights=("block_sparse_moe.router.weight",),
         shared_prefix="shared_mlp.",
         routing="top-k of the router logits, softmax over the k; plus a shared MLP",
@@ -851,6 +859,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_experts.",
         experts_prefix="mlp.experts.",
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        neurons=_fused_neurons("mlp.experts."),
         router_weights=("mlp.gate.weight",),
         router_biases=("mlp.gate.e_score_correction_bias",),
         buffers=("mlp.gate.e_score_correction_bias",),
@@ -1296,6 +1305,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_experts.",
         experts_prefix="mlp.experts.",
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        neurons=_fused_neurons("mlp.experts."),
         router_weights=("mlp.gate.weight",),
         router_biases=("mlp.gate.e_score_correction_bias",),
         buffers=("mlp.gate.e_score_correction_bias",),
@@ -1315,6 +1325,7 @@ LAYOUTS: tuple[Layout, ...] = (
         top_k_keys=("top_k_experts",),
         experts_prefix="experts.",
         fused_experts=("experts.gate_up_proj", "experts.down_proj"),
+        neurons=_fused_neurons("experts."),
         # the router sits at layer level beside a dense MLP; per_expert_scale [E] multiplies the selected weights
         router_weights=("router.proj.weight",),
         router_biases=("router.per_expert_scale",),

@@ -14,13 +14,16 @@ import torch
 import transformers
 
 from .conftest import COMMON, FAMILIES, logits, randomise, run, save, weights
+from .test_families import FAMILY_CONFIGS, MODEL_CLASSES, family_logits
 from .test_upcycle import DENSE
 
 # wider than the shared tiny models, so that a per-tensor std is measured on thousands of values
 WIDE = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=64)
-FUSED = {  # per family: (gate_up rel, down rel, pairing), expert axis first, gate_up [E, H, 2F], down [E, F, H]
-    "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "interleaved"),
-    "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", "halves"),
+FUSED = {  # per family: gate_up rel, down rel, pairing, and the neuron axis of one expert's gate_up and down
+    "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "interleaved", 1, 0),  # [H, 2F], [F, H]
+    "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", "halves", 1, 0),
+    "mistral4": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "halves", 0, 1),  # [2F, H], [H, F]
+    "gemma4_text": ("experts.gate_up_proj", "experts.down_proj", "halves", 0, 1),
 }
 CONFIGS = {
     "mixtral": FAMILIES["mixtral"],
@@ -29,15 +32,24 @@ CONFIGS = {
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=1,
                         intermediate_size_mlp=64),
+    "mistral4": FAMILY_CONFIGS["mistral4"],
+    "gemma4_text": FAMILY_CONFIGS["gemma4_text"],
 }
-E = 4
+FAMILY_LIST = ["mixtral", "qwen3_moe", "gpt_oss", "llama4_text", "mistral4", "gemma4_text"]
+E = 4  # experts of every family above but mistral4's 8 (`experts`)
+
+
+def experts(model_type: str) -> int:
+    c = CONFIGS[model_type]
+    return c.get("num_local_experts") or c.get("num_experts") or c["n_routed_experts"]
 
 
 def build(model_type: str, scales: dict[int, float] | None = None):
     """A tiny model; the experts of layer i are multiplied by scales[i] (layers of very different spreads)."""
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **CONFIGS[model_type], **WIDE})
     torch.manual_seed(0)
-    model = randomise(transformers.AutoModelForCausalLM.from_config(config))
+    cls = getattr(transformers, MODEL_CLASSES[model_type]) if model_type in MODEL_CLASSES else None
+    model = randomise(cls(config) if cls else transformers.AutoModelForCausalLM.from_config(config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             for layer, k in (scales or {}).items():
@@ -71,6 +83,7 @@ def verify_ok(src: Path, out: Path) -> None:
 def expert_pairs(model_type: str, w: dict[str, torch.Tensor]):
     """(name of an original's tensor, name of its copy) for every per-expert tensor or fused tensor slice:
     yields (original values, copy values, label)."""
+    E = experts(model_type)
     if model_type in FUSED:
         for name, t in w.items():
             if ".experts." in name and t.dim() == 3 and t.shape[0] == 2 * E:
@@ -85,7 +98,7 @@ def expert_pairs(model_type: str, w: dict[str, torch.Tensor]):
                 yield w[name], w[f"{prefix}.experts.{int(e) + E}.{rel}"], name
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("model_type", FAMILY_LIST)
 def test_relative_noise_is_a_fraction_of_each_tensors_std(model_type, sources, tmp_path):
     src = sources(model_type)
     w = grow(src, tmp_path / "out", "--noise", "0.01", "--noise-mode", "relative")
@@ -101,7 +114,7 @@ def test_relative_noise_is_a_fraction_of_each_tensors_std(model_type, sources, t
     verify_ok(src, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "moegrow.json").read_text())
     assert record["growth"]["noise_mode"] == "relative"
-    logits(tmp_path / "out")  # loads in transformers, no missing or unexpected keys
+    family_logits(tmp_path / "out", model_type)  # loads in transformers, no missing or unexpected keys
 
 
 def test_absolute_noise_is_unchanged(sources, tmp_path):
@@ -119,25 +132,30 @@ def neuron_changes(model_type: str, w: dict[str, torch.Tensor], src: dict[str, t
     kept values per tensor (changed values, original values of the same tensor, kept values equal?)."""
     out: dict[tuple[str, int], dict[str, set[int]]] = {}
     stats = []
+    E = experts(model_type)
+
+    def along(changed: torch.Tensor, axis: int, like: torch.Tensor) -> torch.Tensor:
+        return (changed[:, None] if axis == 0 else changed[None, :]).expand_as(like)
+
     if model_type in FUSED:
-        gate_up, down, pairing = FUSED[model_type]
+        gate_up, down, pairing, gu_axis, down_axis = FUSED[model_type]
         for name, t in w.items():
             if not name.endswith((gate_up, down)):
                 continue
             layer = name.split(".experts.")[0]
             for e in range(E):
                 orig, copy = t[e], t[E + e]
-                if name.endswith(down):  # [F, H]: neuron j is row j
-                    rows = (orig != copy).any(dim=1)
+                if name.endswith(down):
+                    rows = (orig != copy).any(dim=1 - down_axis)
                     out.setdefault((layer, e), {})["down"] = set(rows.nonzero().flatten().tolist())
-                    mask = rows[:, None].expand_as(orig)
-                else:  # [H, 2F]
-                    cols = (orig != copy).any(dim=0)
+                    mask = along(rows, down_axis, orig)
+                else:
+                    cols = (orig != copy).any(dim=1 - gu_axis)
                     f = cols.numel() // 2
                     gate, up = (cols[0::2], cols[1::2]) if pairing == "interleaved" else (cols[:f], cols[f:])
                     out.setdefault((layer, e), {})["gate"] = set(gate.nonzero().flatten().tolist())
                     out[layer, e]["up"] = set(up.nonzero().flatten().tolist())
-                    mask = cols[None, :].expand_as(orig)
+                    mask = along(cols, gu_axis, orig)
                 stats.append((copy[mask], orig, torch.equal(copy[~mask], orig[~mask]), f"{name}[{e}]"))
         return out, stats
     axes = {"w1": ("gate", 0), "w3": ("up", 0), "w2": ("down", 1),
@@ -153,7 +171,7 @@ def neuron_changes(model_type: str, w: dict[str, torch.Tensor], src: dict[str, t
     return out, stats
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("model_type", FAMILY_LIST)
 def test_reinit_half_the_neurons(model_type, sources, tmp_path):
     src = sources(model_type)
     out = tmp_path / "out"
@@ -176,7 +194,7 @@ def test_reinit_half_the_neurons(model_type, sources, tmp_path):
         assert abs(float(c.mean() - o.mean())) < 0.15 * float(o.std()), label
         assert abs(float(c.std() / o.std()) - 1) < 0.15, (label, float(c.std() / o.std()))
     verify_ok(src, out)
-    logits(out)
+    family_logits(out, model_type)
 
 
 def test_reinit_with_relative_noise_verifies_and_tampering_fails(sources, tmp_path):
