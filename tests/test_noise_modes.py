@@ -393,3 +393,22 @@ def test_verify_noise_drawn_elsewhere_checks_statistics(sources, tmp_path):
     save_file(data, shard, metadata={"format": "pt"})
     code, _, err = run("verify", src, out)
     assert code == 1 and "re-initialised values differ" in err, err
+
+
+@pytest.mark.parametrize("edit", ["growth-mode", "growth-reinit", "part-pairing"])
+def test_verify_refuses_a_malformed_record(edit, sources, tmp_path):
+    src = sources("mixtral")
+    out = tmp_path / "out"
+    grow(src, out, "--reinit", "0.5", "--noise", "0.01", "--noise-mode", "relative")
+    path = out / "moegrow.json"
+    record = json.loads(path.read_text())
+    if edit == "growth-mode":
+        record["growth"]["noise_mode"] = "wide"
+    elif edit == "growth-reinit":
+        record["growth"]["reinit"] = 1.5
+    else:
+        part = record["tensors"]["model.layers.0.block_sparse_moe.experts.4.w1.weight"][0]
+        part[3]["reinit"]["pairing"] = "sideways"
+    path.write_text(json.dumps(record))
+    code, _, err = run("verify", src, out)
+    assert code == 2 and "not a valid moegrow provenance record" in err, err
