@@ -91,7 +91,7 @@ def expert_pairs(model_type: str, w: dict[str, torch.Tensor]):
                     yield t[e], t[E + e], f"{name}[{e}]"
         return
     for name in w:
-        if ".experts.0." not in name and ".experts." in name:
+        if ".experts." in name:
             prefix, _, rest = name.partition(".experts.")
             e, _, rel = rest.partition(".")
             if int(e) < E:
