@@ -145,8 +145,8 @@ DType = Annotated[str, typer.Option(
 Iteration = Annotated[int | None, typer.Option(
     help="Megatron-LM run folder: the iteration to read (default: latest_checkpointed_iteration.txt's).")]
 Optimizer = Annotated[str, typer.Option(
-    help="Training checkpoints (Megatron torch_dist): keep grows the Adam moments with their parameters "
-    "(copies, no noise; the step carried); drop writes no optimizer state.")]
+    help="Training checkpoints (Megatron torch_dist, OLMo-core): keep grows the Adam moments with their "
+    "parameters (copies, no noise; the step carried); drop writes no optimizer state.")]
 AllowInexact = Annotated[bool, typer.Option(
     "--allow-inexact", help="Grow the width of a family whose routing no duplication can preserve "
     "(phimoe), which is refused without it; the result is not function-preserving (a warning says so).")]
@@ -337,7 +337,7 @@ def _print_training(s: dict[str, Any], title: str) -> None:
     if s["layer_map"] is not None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
-        err.print(f"  common.pt {c}", markup=False)
+        err.print(f"  {'' if c.startswith('config.json') else 'common.pt '}{c}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}", markup=False)
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
@@ -512,14 +512,23 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
            revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
     """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
     from .layerwise import forward_check
+    from .training import detect
     from .verify import _read_record
     from .verify import verify as run_verify
 
-    src = _open(source, revision)
-    record = _read_record(output)
-    total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
-    with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
-        report = run_verify(src, output, progress)
+    if detect(source):  # a training-stack checkpoint (moegrow/training_verify.py)
+        from .training_verify import output_bytes, verify_training
+
+        if forward or whole:
+            raise typer.BadParameter("runs transformers models; not for training checkpoints", param_hint="--forward")
+        with _progress(output_bytes(output), "verify", _interactive(quiet or json_out)) as progress:
+            report = verify_training(source, output, progress)
+    else:
+        src = _open(source, revision)
+        record = _read_record(output)
+        total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
+        with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
+            report = run_verify(src, output, progress)
     if forward or whole:
         report.forward, problems = forward_check(src.folder, output, record, atol, whole,
                                                  identity=_identity_watch(src, record))
