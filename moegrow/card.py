@@ -27,11 +27,11 @@ TAG = "moegrow"
 # source metadata that still describes the grown model; datasets, metrics and eval results do not
 _CARRIED = ("license", "license_name", "license_link", "language", "pipeline_tag")
 # growth flags in the order the command writes them, with the defaults it leaves out
-_FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "noise", "router_noise", "seed", "top_k",
-          "allow_inexact", "router_init", "router_std", "to", "revision", "max_shard_size", "device")
+_FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "noise", "noise_mode", "reinit", "router_noise",
+          "seed", "top_k", "allow_inexact", "router_init", "router_std", "to", "revision", "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
                              "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02,
-                             "depth_init": "copy"}
+                             "depth_init": "copy", "noise_mode": "absolute", "reinit": 0.0}
 _WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
          "grow": "layers copied, then experts duplicated with their router rows",
          "upcycle": "every expert a copy of the dense MLP, new routers"}
@@ -76,10 +76,11 @@ def plan_options(plan: Plan) -> dict[str, Any]:
     if plan.upcycle:
         return {"experts": plan.experts, "top_k": plan.top_k, "noise": plan.noise, "seed": plan.seed,
                 "router_init": plan.upcycle["router_init"], "router_std": plan.upcycle["router_std"] or None,
-                "to": plan.config.get("model_type")}
+                "to": plan.config.get("model_type"), "noise_mode": plan.noise_mode, "reinit": plan.reinit}
     return {"layer_map": plan.layer_map, "experts": f"{plan.factor}x" if plan.factor else None,
             "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
-            "top_k": plan.top_k, "allow_inexact": plan.allow_inexact, "depth_init": plan.depth_init}
+            "top_k": plan.top_k, "allow_inexact": plan.allow_inexact, "depth_init": plan.depth_init,
+            "noise_mode": plan.noise_mode, "reinit": plan.reinit}
 
 
 def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
@@ -89,7 +90,8 @@ def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
     not change the output's bytes (threads, quiet, json, force, strict) are never passed here.
     """
     argv = ["moegrow", operation, source, "OUTPUT"]
-    noised = bool(options.get("noise") or options.get("router_noise") or options.get("router_init") == "normal")
+    noised = bool(options.get("noise") or options.get("router_noise") or options.get("router_init") == "normal"
+                  or options.get("reinit"))
     for key in _FLAGS:
         value = options.get(key)
         if value is None or (value == _DEFAULTS.get(key) and not (key == "seed" and noised)):
@@ -132,6 +134,11 @@ def _growth(plan: Plan, source: Source) -> list[str]:
         lines += [f"- upcycled from `{up['dense_model_type']}`: {plan.experts} experts, each a copy of the dense "
                   f"MLP, top-{plan.top_k}; noise std {plan.noise:g} on every expert but expert 0, router "
                   f"{router}, seed {plan.seed}", f"- why the function can be kept: {up['why_exact']}"]
+    if plan.noise_mode == "relative":
+        lines.append("- noise mode: relative (each std above is a fraction of the source expert tensor's own std)")
+    if plan.reinit:
+        lines.append(f"- Drop-Upcycling (arXiv 2502.19261): {plan.reinit:g} of every copy's intermediate neurons "
+                     "re-initialised from a normal with the original expert's mean and std")
     lines += [f"- config: {c}" for c in plan.config_changes]
     lines.append(f"- function-preserving: {plan.preservation()}")
     lines += [f"- warning: {w}" for w in plan.warnings]

@@ -123,6 +123,16 @@ Experts = Annotated[str | None, typer.Option(
 Noise = Annotated[float, typer.Option(help="Std of Gaussian noise added to the copied experts' "
                                            "weights (originals stay byte-identical). Paper: 0.01.")]
 RouterNoise = Annotated[float, typer.Option(help="Std of Gaussian noise on the copies' router rows.")]
+NoiseMode = Annotated[str, typer.Option(
+    help="absolute: --noise (and --router-noise) is the std itself (the paper's); relative: it is a fraction "
+    "of the std of each source expert tensor it is added to (per expert for fused [E, ...] tensors, per row "
+    "for routers; in dequantised space for quantised weights), so --noise 0.01 perturbs every copy by 1% of "
+    "its own spread whatever the layer's scale.")]
+Reinit = Annotated[float, typer.Option(
+    help="Drop-Upcycling (arXiv 2502.19261): in every copy, re-initialise a random fraction R (0 < R < 1) of "
+    "the intermediate neurons (the same ones in the gate and up rows and the down columns) from a normal with "
+    "the original expert tensor's mean and std; the rest stays a copy (plus any --noise). Seeded by --seed, "
+    "layer, expert and copy. 0: off. Refused for a family whose neuron layout moegrow does not know.")]
 Seed = Annotated[int, typer.Option(help="Noise seed; the same seed gives the same bytes.")]
 TopK = Annotated[str, typer.Option(
     help="scale: top-k times the growth factor, so that at zero noise the grown model computes "
@@ -202,6 +212,8 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "preservation": plan.preservation(),
         "noise": plan.noise,
         "router_noise": plan.router_noise,
+        "noise_mode": plan.noise_mode,
+        "reinit": plan.reinit,
         "seed": plan.seed,
         "dtype": plan.dtype,
         "quantization": plan.quant.describe() if plan.quant is not None else None,
@@ -327,6 +339,11 @@ def _run_training(operation: str, source: str, output: Path | None, iteration: i
     from .training import open_training, plan_training, summary, write_training
 
     ckpt = open_training(source, iteration)
+    if kw.pop("noise_mode", "absolute") != "absolute" or kw.pop("reinit", 0.0):
+        from .errors import GrowthError
+
+        raise GrowthError("--noise-mode relative and --reinit apply to Hugging Face checkpoints only, not to "
+                          "training checkpoints")
     plan = plan_training(ckpt, operation, optimizer=optimizer, **kw)
     s = summary(ckpt, plan)
     if dry_run:
@@ -447,6 +464,7 @@ def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method =
 @app.command("grow-width")
 def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise = 0.0,
                router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
+               noise_mode: NoiseMode = "absolute", reinit: Reinit = 0.0,
                revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
                json_out: Json = False, threads: Threads = 2, strict: Strict = False,
@@ -456,13 +474,14 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
                 seed=seed, top_k=top_k, allow_inexact=allow_inexact, dtype=dtype, iteration=iteration,
-                optimizer=optimizer)
+                optimizer=optimizer, noise_mode=noise_mode, reinit=reinit)
 
 
 @app.command("grow")
 def grow(source: Src, output: Out, layers: Layers = None, method: Method = "interpose",
          layer_map: LayerMap = None, experts: Experts = None, noise: Noise = 0.0,
          router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
+         noise_mode: NoiseMode = "absolute", reinit: Reinit = 0.0,
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
          threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
@@ -472,7 +491,8 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
-                depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer)
+                depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer, noise_mode=noise_mode,
+                reinit=reinit)
 
 
 UpExperts = Annotated[str | None, typer.Option(
@@ -495,6 +515,7 @@ To = Annotated[str | None, typer.Option(
 @app.command()
 def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK = None, noise: UpNoise = 0.0,
             router_init: RouterInit = "zeros", router_std: RouterStd = 0.02, seed: Seed = 0, to: To = None,
+            noise_mode: NoiseMode = "absolute", reinit: Reinit = 0.0,
             revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
             device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
             threads: Threads = 2, strict: Strict = False) -> None:
@@ -507,7 +528,7 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
     before and after, total and active per token. See docs/usage.md for costs and when to use it."""
     _run_growth("upcycle", source, output, revision, json_out, dry_run, max_shard_size, device, force, quiet,
                 threads, strict, experts=experts, top_k=top_k, noise=noise, router_init=router_init,
-                router_std=router_std, seed=seed, to=to)
+                router_std=router_std, seed=seed, to=to, noise_mode=noise_mode, reinit=reinit)
 
 
 @app.command()

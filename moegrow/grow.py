@@ -39,7 +39,7 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
              layer_map: str | list[int] | None = None, experts: str | None = None,
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
              top_k: str | int = "scale", allow_inexact: bool = False, depth_init: str = "copy",
-             dtype: str = "keep") -> Plan:
+             dtype: str = "keep", noise_mode: str = "absolute", reinit: float = 0.0) -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments.
 
     `dtype` (--dtype): keep, or bfloat16 / float16 / float32. The planners see quantised weights as
@@ -76,7 +76,8 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
         factor = parse_experts(experts, layout.num_experts(config))
         check_plan_size(len(tensors) * depth * factor, f"--experts {experts}")
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
-    width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact)
+    width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact,
+                 noise_mode=noise_mode, reinit=reinit)
     if operation == "grow-depth":
         return lower(plan_depth(config, tensors, layout, lmap or [], depth_init), source.tensors, quant, dtype)
     if operation == "grow-width":
@@ -110,7 +111,8 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
                     seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale",
                     allow_inexact=bool(g.get("allow_inexact")), depth_init=g.get("depth_init") or "copy",
-                    dtype=str(g.get("dtype") or "keep"))
+                    dtype=str(g.get("dtype") or "keep"), noise_mode=str(g.get("noise_mode") or "absolute"),
+                    reinit=float(g.get("reinit") or 0.0))
 
 
 def check_finite(plan: Plan, source: Source) -> None:

@@ -284,6 +284,10 @@ class Layout:
     # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
     mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
+    # (rel, neuron axis, pairing) of fused expert tensors [E, ...] for --reinit (moegrow/neurons.py): the axis of
+    # the intermediate neurons, and how gate and up share it ("interleaved", "halves", or "" for one projection);
+    # per-expert gate/up/down tensors are recognised by name; a family with fused experts and no entry is refused
+    neurons: tuple[tuple[str, int, str], ...] = ()
     # non-empty where a decoder layer's function depends on its index (why): a depth copy placed at another
     # index computes another function, so `verify --forward` reports its difference without failing on it
     index_dependent_layers: str = ""
@@ -462,6 +466,12 @@ def _group_rules(n_group: tuple[str, ...] = ("n_group",), norm: tuple[str, ...] 
         rules += (WidthRule("routed_scaling_factor", "div", "unnormalised sigmoid weights do not "
                             "halve, so a selected pair would weigh twice", unless=norm),)
     return rules
+
+
+def _fused_neurons(prefix: str) -> tuple[tuple[str, int, str], ...]:
+    """`Layout.neurons` of transformers' standard fused experts, saved as they are: gate_up_proj [E, 2F, H]
+    (gate then up along dim 1: `.chunk(2, dim=-1)` of its output), down_proj [E, H, F]."""
+    return ((f"{prefix}gate_up_proj", 1, "halves"), (f"{prefix}down_proj", 2, ""))
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -764,6 +774,7 @@ LAYOUTS: tuple[Layout, ...] = (
         router_weights=("mlp.router.weight",),
         router_biases=("mlp.router.bias",),
         routing="router logits with a bias; top-k of the logits, softmax over the k",
+        neurons=(("mlp.experts.gate_up_proj", 2, "interleaved"), ("mlp.experts.down_proj", 1, "")),
         depth_keys=(_COUNT, _LAYER_TYPES),
         notes=("The Hub release's MXFP4 experts (*_blocks / *_scales, uint8, expert axis first) are "
                "duplicated byte for byte like the others but cannot take --noise (refused, naming the tensor).",),
@@ -777,6 +788,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_experts.",
         experts_prefix="mlp.experts.",
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        neurons=_fused_neurons("mlp.experts."),
         router_weights=("mlp.gate.weight",),
         routing=("softmax over all experts; the topk_group best of n_group groups (group score = "
                  "sum of its top 2); top-k; normalised when norm_topk_prob; times "
@@ -874,6 +886,7 @@ LAYOUTS: tuple[Layout, ...] = (
         top_k_keys=("num_experts_per_tok",),
         experts_prefix="block_sparse_moe.experts.",
         fused_experts=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+        neurons=_fused_neurons("block_sparse_moe.experts."),
         router_weights=("block_sparse_moe.router.weight",),
         shared_prefix="shared_mlp.",
         routing="top-k of the router logits, softmax over the k; plus a shared MLP",
@@ -899,6 +912,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_experts.",
         experts_prefix="mlp.experts.",
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        neurons=_fused_neurons("mlp.experts."),
         router_weights=("mlp.gate.weight",),
         router_biases=("mlp.gate.e_score_correction_bias",),
         buffers=("mlp.gate.e_score_correction_bias",),
@@ -1075,6 +1089,7 @@ LAYOUTS: tuple[Layout, ...] = (
         top_k_keys=("num_experts_per_tok",),
         experts_prefix="feed_forward.experts.",
         fused_experts=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+        neurons=(("feed_forward.experts.gate_up_proj", 2, "halves"), ("feed_forward.experts.down_proj", 1, "")),
         router_weights=("feed_forward.router.weight",),
         shared_prefix="feed_forward.shared_expert.",
         routing=("top-k of the router logits; sigmoid of the k selected logits scales each expert's "
@@ -1344,6 +1359,7 @@ LAYOUTS: tuple[Layout, ...] = (
         shared_prefix="mlp.shared_experts.",
         experts_prefix="mlp.experts.",
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        neurons=_fused_neurons("mlp.experts."),
         router_weights=("mlp.gate.weight",),
         router_biases=("mlp.gate.e_score_correction_bias",),
         buffers=("mlp.gate.e_score_correction_bias",),
@@ -1363,6 +1379,7 @@ LAYOUTS: tuple[Layout, ...] = (
         top_k_keys=("top_k_experts",),
         experts_prefix="experts.",
         fused_experts=("experts.gate_up_proj", "experts.down_proj"),
+        neurons=_fused_neurons("experts."),
         # the router sits at layer level beside a dense MLP; per_expert_scale [E] multiplies the selected weights
         router_weights=("router.proj.weight",),
         router_biases=("router.per_expert_scale",),

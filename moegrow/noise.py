@@ -51,6 +51,10 @@ def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, ind
         raw = filled(len(raw), dtype, part.fill)
         if part.noise == 0.0 and part.scale == 1.0:
             return memoryview(raw)
+    if getattr(part, "relative", False) or getattr(part, "reinit", None) is not None:
+        from .noise_modes import part_bytes  # --noise-mode relative, --reinit
+
+        return part_bytes(raw, dtype, part, seed, tensor, index, device)
     return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale)
 
 

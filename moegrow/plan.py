@@ -19,6 +19,7 @@ from .configs import check_moe_layers, rewrite_depth, rewrite_width
 from .errors import GrowthError
 from .io import DTYPE_SIZES, FLOAT_DTYPES
 from .layouts import Layout, lookup
+from .neurons import Reinit, check_consistent, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
 
 
 class TensorMeta(Protocol):
@@ -58,17 +59,23 @@ class Part:
     fill: float | None = None
     init: str = ""
     decode: str = ""
+    # --noise-mode relative: the noise std is `noise` times the std of the values it is added to, per
+    # expert slice; --reinit: neurons of every slice re-initialised (neurons.Reinit); `slices`: the
+    # part's expert slices (a fused tensor's), equal contiguous runs of its bytes
+    relative: bool = False
+    slices: int = 1
+    reinit: Reinit | None = None
 
     @property
     def is_copy(self) -> bool:
         return (self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None and not self.init
-                and not self.decode)
+                and not self.decode and self.reinit is None)
 
     @property
     def needs_device(self) -> bool:
-        """Whether making this part is tensor math on a device (noise, scaling, decoding); copies, shifts of
-        index tables and plain fills are not."""
-        return self.noise != 0.0 or self.scale != 1.0 or bool(self.decode)
+        """Whether making this part is tensor math on a device (noise, scaling, decoding, re-initialising);
+        copies, shifts of index tables and plain fills are not."""
+        return self.noise != 0.0 or self.scale != 1.0 or bool(self.decode) or self.reinit is not None
 
     def span(self, nbytes: int) -> tuple[int, int]:
         """(offset, length) of this part's bytes within its source tensor of `nbytes` bytes."""
@@ -151,10 +158,13 @@ class Plan:
     lossy: str = ""              # why the --dtype conversion rounds weights, if it does
     # a quantised source: output tensor shapes with each quantised weight as one tensor (parameter counts)
     dequantised_shapes: dict[str, tuple[int, ...]] | None = None
+    noise_mode: str = "absolute"  # --noise-mode: relative scales the noise std by each source tensor's std
+    reinit: float = 0.0           # --reinit: the fraction of every copy's neurons re-initialised
 
     @property
     def function_preserving(self) -> bool:
-        return self.exact and not self.lossy and self.noise == 0.0 and self.router_noise == 0.0
+        return (self.exact and not self.lossy and self.noise == 0.0 and self.router_noise == 0.0
+                and not self.reinit)
 
     def preservation(self) -> str:
         """Whether the grown model computes the source's function, and if not, why."""
@@ -164,6 +174,8 @@ class Plan:
             return f"no ({self.why_inexact})"
         if self.lossy:
             return f"no ({self.lossy})"
+        if self.reinit:
+            return f"no (--reinit {self.reinit:g} re-initialises neurons of the copies)"
         if self.layer_map is not None and self.depth_init != "identity":
             return "no (depth growth adds layers)"
         if not self.exact:
@@ -457,10 +469,12 @@ def _widened_table(name: str, t: TensorMeta, e_old: int, factor: int, k_old: int
 
 def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                factor: int, *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-               top_k: str | int = "scale", allow_inexact: bool = False,
-               origin: Mapping[str, str] | None = None) -> Plan:
+               top_k: str | int = "scale", allow_inexact: bool = False, noise_mode: str = "absolute",
+               reinit: float = 0.0, origin: Mapping[str, str] | None = None) -> Plan:
     """`origin`: where each tensor of `tensors` really comes from (plan_grow's deepened index), so that
     parts name their source tensors directly."""
+    relative = check_noise_mode(noise_mode) == "relative"
+    check_reinit(reinit)
     if layout.width_refused:
         raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width_refused}")
     if not layout.exact_width and not allow_inexact:
@@ -501,7 +515,9 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             _check_noise(name, t, noise)
             for c in range(factor):
                 new = expert_name(layout, role.layer, new_index(role.expert, c), role.rel, role.prefix)
-                out.append(OutTensor(new, t.dtype, t.shape, (Part(src, noise if c else 0.0, scale),)))
+                part = _recipe(Part(src, noise if c else 0.0, scale), name, t, layout, role, c, relative, reinit,
+                               1, role.expert)
+                out.append(OutTensor(new, t.dtype, t.shape, (part,)))
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)
             _check_noise(name, t, std)
@@ -511,10 +527,13 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             if layout.segment_of(role.rel) is None and n == sum(segments) * per != e_old * per:
                 if any(d != 1 for d in t.shape[:axis]):
                     raise GrowthError(f"{name}: segments of expert slots along an inner axis cannot be duplicated")
-                parts = tuple(Part(src, std if c else 0.0, scale, (start * per, (start + count) * per, n))
+                parts = tuple(_recipe(Part(src, std if c else 0.0, scale, (start * per, (start + count) * per, n)),
+                                      name, t, layout, role, c, relative, reinit, count, start)
                               for start, count in zip(starts, segments) if count for c in range(factor))
             else:  # routed experts only, or one extra segment only: duplicated whole
-                parts = tuple(Part(src, std if c else 0.0, scale) for c in range(factor))
+                slots = n // per if all(d == 1 for d in t.shape[:axis]) else 1
+                parts = tuple(_recipe(Part(src, std if c else 0.0, scale), name, t, layout, role, c, relative,
+                                      reinit, slots, 0) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
             out.append(OutTensor(name, t.dtype, shape, parts, axis))
         elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
@@ -523,10 +542,13 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
                        with_fields(table, parts=tuple(with_fields(p, source=src) for p in table.parts)))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(src),)))
+    if reinit:
+        check_consistent(out, layout.name)
     exact = layout.exact_width and top_k == "scale"
     plan = Plan("grow-width", layout, dict(config), new_config, _ordered(out), seed=seed,
                 experts=e_old * factor, factor=factor, top_k=top_k, noise=noise,
-                router_noise=router_noise, config_changes=changes, exact=exact, allow_inexact=allow_inexact)
+                router_noise=router_noise, config_changes=changes, exact=exact, allow_inexact=allow_inexact,
+                noise_mode=noise_mode, reinit=reinit)
     if top_k != "scale":
         plan.warnings.append(f"--top-k {top_k}: the grown model does not compute the source's "
                              "function (only --top-k scale preserves it)")
@@ -539,6 +561,35 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         plan.warnings.append(f"originals are not byte-identical: every {r.rel} (originals and copies) is "
                              f"scaled by {by} because {r.why}")
     return plan
+
+
+def _recipe(part: Part, name: str, t: TensorMeta, layout: Layout, role: Any, copy: int, relative: bool,
+            reinit: float, slices: int, first: int) -> Part:
+    """A copy's part under --noise-mode relative and --reinit (originals, copy 0, stay as they are).
+
+    `slices`: the expert slots the part holds (a fused or router tensor's), `first` the first one's index."""
+    if copy == 0:
+        return part
+    rein = _reinit_of(name, t, layout, role, copy, reinit, slices, first) if reinit else None
+    rel = relative and part.noise > 0
+    if not rel and rein is None:
+        return part
+    return with_fields(part, relative=rel, slices=slices, reinit=rein)
+
+
+def _reinit_of(name: str, t: TensorMeta, layout: Layout, role: Any, copy: int, fraction: float, slices: int,
+               first: int) -> Reinit | None:
+    """Where --reinit re-initialises neurons of a copy of `name` (None: a bias or router, copied as it is)."""
+    if role.kind not in ("expert", "fused") or len(t.shape) < 2 or "bias" in role.rel.rsplit(".", 1)[-1]:
+        return None
+    fused = role.kind == "fused"
+    found = neuron_axis(layout, role.rel, fused)
+    shape = tuple(t.shape[1:]) if fused else tuple(t.shape)
+    if found is None or (fused and (layout.axis_of(role.rel) != 0 or t.shape[0] != slices)):
+        raise refuse_unknown(layout.name, name)
+    _check_noise(name, t, fraction, "re-initialise neurons of")
+    axis, pairing = found
+    return Reinit(fraction, shape, axis, pairing, role.layer, first, copy)
 
 
 def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,

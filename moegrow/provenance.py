@@ -34,6 +34,12 @@ def part_record(p: Part, axis: int = 0, encode: Encode | None = None) -> list[An
         extra["decode"] = p.decode
     if encode is not None:
         extra["encode"] = encode.record()
+    if p.relative:
+        extra["noise_mode"] = "relative"
+    if p.reinit is not None:
+        extra["reinit"] = p.reinit.record()
+    if p.slices != 1:
+        extra["slices"] = p.slices
     record: list[Any] = [p.source, p.noise]
     if p.scale != 1.0 or extra:
         record.append(p.scale)
@@ -103,6 +109,8 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "allow_inexact": plan.allow_inexact,
             "depth_init": plan.depth_init,
             "dtype": plan.dtype,
+            "noise_mode": plan.noise_mode,
+            "reinit": plan.reinit,
             **({k: v for k, v in plan.upcycle.items() if k != "why_exact"} if plan.upcycle else {}),
         },
         "noise_device": device,

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .anatomy import expert_name, layer_name
 from .errors import ConfigError, GrowthError, UnsupportedModelError
 from .io import FLOAT_DTYPES
 from .layouts import Layout, layout_for, lookup
+from .neurons import Reinit, check_consistent, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
 from .plan import OutTensor, Part, Plan, TensorMeta, _check_noise, _ordered
 from .siblings import BY_DENSE, REFUSED, SIBLINGS, NewTensor, Sibling
 
@@ -102,7 +104,7 @@ def _shape(x: NewTensor, config: Mapping[str, Any], layer: Mapping[str, str],
 def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], experts: int, top_k: int, *,
                  noise: float = 0.0, seed: int = 0, router_init: str = "zeros",
                  router_std: float = DEFAULT_ROUTER_STD, to: str | None = None, where: str = "config.json",
-                 source: str = "SOURCE") -> Plan:
+                 source: str = "SOURCE", noise_mode: str = "absolute", reinit: float = 0.0) -> Plan:
     """The plan that turns a dense checkpoint into its MoE sibling with `experts` experts, top-`top_k`."""
     sib = sibling_for(config, to, where)
     if experts < 1:
@@ -114,6 +116,8 @@ def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], e
     for flag, std in (("--noise", noise), ("--router-std", router_std)):
         if not (math.isfinite(std) and std >= 0):
             raise GrowthError(f"{flag}: the std must be a finite number >= 0, not {std}")
+    relative = check_noise_mode(noise_mode) == "relative"
+    check_reinit(reinit)
     new_config, changes = upcycle_config(config, sib, experts, top_k, where)
     layout = layout_for(new_config, where, tensors)
     n = _int_key(config, "num_hidden_layers", where)
@@ -133,17 +137,21 @@ def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], e
                                         f"or quantisation tensor?); upcycling would drop it")
         out += [OutTensor(name, tensors[name].dtype, tensors[name].shape, (Part(name),))
                 for rel, name in rels.items() if not rel.startswith(sib.mlp_prefix)]
-        out += _experts(sib, layout, i, rels, tensors, experts, noise)
+        out += _experts(sib, layout, i, rels, tensors, experts, noise, relative, reinit)
         out += _new_tensors(sib, layout, config, i, rels, tensors, experts, noise=router_std,
                             router_init=router_init, where=where)
+    if reinit:
+        check_consistent(out, sib.dense)
     # identical experts whose weights sum to 1 give the dense output whatever the router picks
     exact = router_init == "zeros" or sib.weights_sum_to_one
     plan = Plan("upcycle", layout, dict(config), new_config, _ordered(out), seed=seed, experts=experts,
-                top_k=top_k, noise=noise, config_changes=changes, exact=exact)
+                top_k=top_k, noise=noise, config_changes=changes, exact=exact, noise_mode=noise_mode, reinit=reinit)
     plan.upcycle = {"dense_model_type": sib.dense, "router_init": router_init,
                     "router_std": router_std if router_init == "normal" else 0.0,
                     "why_exact": "; ".join((sib.why_exact, *sib.notes))}
-    plan.why_inexact = ("noise on the expert copies; exact at --noise 0" if exact else
+    plan.why_inexact = ("noise on the expert copies; exact at --noise 0" if exact and not reinit else
+                        "--reinit re-initialises neurons of experts 1.."
+                        if exact else
                         f"--router-init normal: {sib.moe}'s top-k weights do not sum to 1; exact at --router-init "
                         "zeros --noise 0")
     plan.config_changes.append(f"every layer's MLP -> {experts} experts (copies of it), top-{top_k}, router "
@@ -152,8 +160,23 @@ def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], e
 
 
 def _experts(sib: Sibling, layout: Layout, layer: int, rels: Mapping[str, str], tensors: Mapping[str, TensorMeta],
-             experts: int, noise: float) -> list[OutTensor]:
-    """Every expert of one layer from its dense MLP: per-expert tensors, or fused ones [E, ...]."""
+             experts: int, noise: float, relative: bool = False, reinit: float = 0.0) -> list[OutTensor]:
+    """Every expert of one layer from its dense MLP: per-expert tensors, or fused ones [E, ...].
+
+    Expert e > 0 is copy e of the dense MLP: --noise-mode relative and --reinit (key: layer, 0, e) apply."""
+    def part(s: str, e: int) -> Part:
+        p = Part(rels[s], noise if e else 0.0)
+        if not e:
+            return p
+        rein = None
+        if reinit and len(tensors[rels[s]].shape) == 2:  # weights; biases stay copies
+            found = neuron_axis(layout, s, False)
+            if found is None:
+                raise refuse_unknown(sib.dense, rels[s])
+            _check_noise(rels[s], tensors[rels[s]], reinit, "re-initialise neurons of")
+            rein = Reinit(reinit, tuple(tensors[rels[s]].shape), found[0], found[1], layer, 0, e)
+        return replace(p, relative=relative and bool(noise), reinit=rein)
+
     out = []
     for rel, sources in sib.experts:
         metas = [tensors[rels[s]] for s in sources]
@@ -165,11 +188,11 @@ def _experts(sib: Sibling, layout: Layout, layer: int, rels: Mapping[str, str], 
                                   f"{rels[sources[0]]} ({dtype}{list(metas[0].shape)})")
         rows = sum(m.shape[0] for m in metas)
         if rel in layout.fused_experts:
-            parts = tuple(Part(rels[s], noise if e else 0.0) for e in range(experts) for s in sources)
+            parts = tuple(part(s, e) for e in range(experts) for s in sources)
             out.append(OutTensor(layer_name(layout, layer, rel), dtype, (experts, rows, *rest), parts))
         else:
             for e in range(experts):
-                parts = tuple(Part(rels[s], noise if e else 0.0) for s in sources)
+                parts = tuple(part(s, e) for s in sources)
                 out.append(OutTensor(expert_name(layout, layer, e, rel), dtype, (rows, *rest), parts))
     return out
 
@@ -201,13 +224,15 @@ def parse_count(spec: str | int, flag: str) -> int:
 
 def plan_upcycle_for(source: Any, *, experts: str | int | None = None, top_k: str | int | None = None,
                      noise: float = 0.0, seed: int = 0, router_init: str = "zeros",
-                     router_std: float = DEFAULT_ROUTER_STD, to: str | None = None) -> Plan:
+                     router_std: float = DEFAULT_ROUTER_STD, to: str | None = None, noise_mode: str = "absolute",
+                     reinit: float = 0.0) -> Plan:
     """`plan_upcycle` from command-line style arguments and an opened `Source`."""
     if experts is None or top_k is None:
         raise GrowthError("give --experts (e.g. 8) and --top-k (e.g. 2)")
     return plan_upcycle(source.config, source.tensors, parse_count(experts, "--experts"), parse_count(top_k, "--top-k"),
                         noise=noise, seed=seed, router_init=router_init, router_std=router_std, to=to,
-                        where=f"{source.spec}/config.json", source=str(source.spec))
+                        where=f"{source.spec}/config.json", source=str(source.spec), noise_mode=noise_mode,
+                        reinit=reinit)
 
 
 def rebuild_upcycle(source: Any, record: Mapping[str, Any]) -> Plan:
@@ -216,7 +241,8 @@ def rebuild_upcycle(source: Any, record: Mapping[str, Any]) -> Plan:
     return plan_upcycle_for(source, experts=g.get("experts"), top_k=g.get("top_k"),
                             noise=float(g.get("noise") or 0.0), seed=int(g.get("seed") or 0),
                             router_init=str(g.get("router_init") or "zeros"),
-                            router_std=float(g.get("router_std") or 0.0), to=record.get("model_type"))
+                            router_std=float(g.get("router_std") or 0.0), to=record.get("model_type"),
+                            noise_mode=str(g.get("noise_mode") or "absolute"), reinit=float(g.get("reinit") or 0.0))
 
 
 def dense_param_count(shapes: Mapping[str, tuple[int, ...]]) -> int:

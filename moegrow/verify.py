@@ -22,6 +22,7 @@ from .errors import MoegrowError, SourceError
 from .grow import rebuild_plan
 from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
 from .layouts import wrapper_of
+from .neurons import NOISE_MODES, RECORD_KEYS, record_extra_ok
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, mapping_differs
 from .quant.verify import check_encoded
@@ -73,6 +74,10 @@ def _record_problem(record: Any) -> str | None:
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     def is_extra(x: Any) -> bool:  # see provenance.part_record
+        recipes = {k: v for k, v in x.items() if k in RECORD_KEYS} if isinstance(x, dict) else {}
+        if not all(record_extra_ok(k, v) for k, v in recipes.items()):  # --noise-mode relative, --reinit
+            return False
+        x = {k: v for k, v in x.items() if k not in RECORD_KEYS} if isinstance(x, dict) else x
         return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill", "init", "decode", "encode"} and all(
             (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows"
             else is_num(v) if k == "fill" else v in ("zeros", "normal") if k == "init"
@@ -103,6 +108,8 @@ def _record_problem(record: Any) -> str | None:
         "router_std": lambda v: is_num(v) and v >= 0,
         "dense_model_type": lambda v: isinstance(v, str),
         "dtype": lambda v: v in ("keep", "bfloat16", "float16", "float32"),
+        "noise_mode": lambda v: v in NOISE_MODES,
+        "reinit": lambda v: is_num(v) and 0 <= v < 1,
     }
     for key, ok in checks.items():
         if g.get(key) is not None and not ok(g[key]):
@@ -189,6 +196,14 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         if part.is_copy:
             if got != want:
                 report.problems.append(f"{t.name}: part {i} differs from its source {part.source}")
+            continue
+        if part.relative or part.reinit is not None:  # --noise-mode relative, --reinit (noise_modes.py)
+            from .noise_modes import check_part
+
+            problems, std = check_part(part, got, want, src.dtype, plan.seed, t.name, i, device)
+            report.problems += problems
+            if std is not None:
+                measured.append(std)
             continue
         if part.noise == 0.0:  # scaled only: deterministic on any device
             if got != bytes(add_noise(bytearray(want), src.dtype, 0.0, plan.seed, t.name, i, "cpu", part.scale)):

@@ -79,6 +79,10 @@ def noised(x: Any, part: Part, seed: int, group: str, index: int, device: str) -
     """`x` times the part's scale plus its noise (seeded by `group` and the part index, in blocks)."""
     from ..noise import BLOCK, noise_block
 
+    if part.relative or part.reinit is not None:  # --noise-mode relative, --reinit: in dequantised space
+        from ..noise_modes import apply
+
+        return apply(x, part, seed, group, index, device).reshape(x.shape)
     x = x.to(device)
     if part.scale != 1.0:
         x = x * part.scale
