@@ -37,15 +37,20 @@ def _save(folder: Path, tensors: dict, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _float_tensors(model_class, config) -> dict:
-    """Every tensor of a model of `config`, random bf16 (std 0.02), from its meta-device state dict."""
+def _shapes(model_class, config) -> dict:
+    """name -> shape of every tensor of a model of `config` (built on the meta device)."""
     import torch
 
     with torch.device("meta"):
         model = model_class(config)
-    gen = torch.Generator().manual_seed(0)
-    return {n: (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
-            for n, p in model.state_dict().items()}
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+def _random(shape: tuple[int, ...], gen) -> object:
+    """Random bf16 values, std 0.02."""
+    import torch
+
+    return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
 
 def build_mxfp4(folder: Path, experts: int) -> None:
@@ -59,13 +64,13 @@ def build_mxfp4(folder: Path, experts: int) -> None:
     config.num_hidden_layers = 1
     gen = torch.Generator().manual_seed(1)
     tensors = {}
-    for name, t in _float_tensors(transformers.GptOssForCausalLM, config).items():
+    for name, shape in _shapes(transformers.GptOssForCausalLM, config).items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            e, k, rows = t.shape  # [E, in, out]: stored output-major, 32 inputs per scale
+            e, k, rows = shape  # [E, in, out]: stored output-major, 32 inputs per scale
             tensors[name + "_blocks"] = torch.randint(0, 256, (e, rows, k // 32, 16), dtype=torch.uint8, generator=gen)
             tensors[name + "_scales"] = torch.randint(120, 124, (e, rows, k // 32), dtype=torch.uint8, generator=gen)
         else:
-            tensors[name] = t
+            tensors[name] = _random(shape, gen)
     out = config.to_dict()
     out["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
@@ -83,7 +88,9 @@ def build_fp8(folder: Path, experts: int) -> None:
         num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=256,
         qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, vocab_size=1024, n_group=8, topk_group=4)
     tensors = {}
-    for name, t in _float_tensors(transformers.DeepseekV3ForCausalLM, config).items():
+    gen = torch.Generator().manual_seed(1)
+    for name, shape in _shapes(transformers.DeepseekV3ForCausalLM, config).items():
+        t = _random(shape, gen)
         linear = (name.startswith("model.layers.") and name.endswith(".weight") and t.ndim == 2
                   and "norm" not in name and not name.endswith("mlp.gate.weight"))
         if not linear:
