@@ -436,7 +436,7 @@ class _Job:
                 self.progress(n)
             if not computing:
                 continue
-            for _, out in computed(self.plan, items[computing[0]][0], i, self.tensors, self.read, self.device):
+            for _, out, _ in computed(self.plan, items[computing[0]][0], i, self.tensors, self.read, self.device):
                 for k in computing:
                     t, fd, _ = items[k]
                     data = out[t.encode.member if t.encode and t.encode.format else ""]

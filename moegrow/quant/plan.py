@@ -93,9 +93,12 @@ def planning_index(tensors: Mapping[str, TensorMeta], quant: Quantisation | None
     if quant is None and dtype == "keep":
         return dict(tensors)
     keep_f32 = lower_precision(tensors, quant)
+    dropped = set(quant.codec.extras(tensors)) if quant and dtype != "keep" else set()
     index: dict[str, TensorMeta] = {}
     for name, t in tensors.items():
         g = quant.by_member.get(name) if quant else None
+        if name in dropped:
+            continue
         if g is None:
             index[name] = Meta(target_of(t, dtype, keep_f32), tuple(t.shape))
         elif name == g.members[0].name:

@@ -157,21 +157,25 @@ def noised(x: Any, part: Part, noise: NoiseStream | None, offset: int, device: s
 
 
 def computed(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorMeta], read: Reader,
-             device: str = "cpu") -> Iterator[tuple[Chunk, dict[str, bytes]]]:
+             device: str = "cpu", sources: bool = False) -> Iterator[tuple[Chunk, dict[str, bytes], Any]]:
     """Part `i` of encoded tensor `t` (not a `verbatim` one), chunk by chunk: each chunk's bytes by role,
-    every member's of a requantised weight (computed once for all of them), else {"": bytes}."""
+    every member's of a requantised weight (computed once for all of them), else {"": bytes}; and, with
+    `sources`, the chunk's source values (`source_values`, for verify's noise measurement), else None."""
     assert t.encode is not None
     part = t.parts[i]
     noise = None
     if part.noise:
         noise = NoiseStream(plan.seed, t.encode.group, i, _numel(value_shape(plan, part, tensors)), device)
     for chunk in chunks(plan, part, tensors):
-        x = noised(source_values(plan, chunk.part, tensors, read), chunk.part, noise, chunk.offset, device)
+        src = source_values(plan, chunk.part, tensors, read)
+        x = noised(src, chunk.part, noise, chunk.offset, device)
         if t.encode.format:
             g = plan.quant.groups[part.source]
-            yield chunk, {role: to_bytes(q.cpu()) for role, q in plan.quant.codec.quantize(g, x).items()}
+            out = {role: to_bytes(q.cpu()) for role, q in plan.quant.codec.quantize(g, x).items()}
         else:
-            yield chunk, {"": to_bytes(x.to(torch_dtype(t.dtype)).cpu())}
+            out = {"": to_bytes(x.to(torch_dtype(t.dtype)).cpu())}
+        del x
+        yield chunk, out, src if sources else None
 
 
 def encoded_part(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorMeta], read: Reader,
@@ -179,4 +183,4 @@ def encoded_part(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorM
     """The bytes of part `i` of encoded tensor `t` (not a `verbatim` one), whole."""
     assert t.encode is not None
     role = t.encode.member if t.encode.format else ""
-    return b"".join(out[role] for _, out in computed(plan, t, i, tensors, read, device))
+    return b"".join(out[role] for _, out, _ in computed(plan, t, i, tensors, read, device))

@@ -109,12 +109,12 @@ def check_encoded(t: OutTensor, out: TensorInfo, plan: Plan, source: Any, device
         what = (f"{part.source} {'requantised' if t.encode.format else 'converted to ' + t.dtype}"
                 + (f" with the recorded noise (seed {plan.seed}, std {part.noise})" if part.noise else ""))
         recompute = not part.noise or device == "cpu"
-        wanted = computed(plan, t, i, tensors, read, "cpu") if recompute else None
+        wanted = computed(plan, t, i, tensors, read, "cpu", sources=True) if recompute else None
         moments = _Moments() if part.noise and complete else None
         pos = {k: offsets[k][i][0] for k in computing}
         wrong: set[int] = set()
         for chunk in chunks(plan, part, tensors):
-            want = next(wanted)[1] if wanted is not None else None
+            _, want, src = next(wanted) if wanted is not None else (None, None, None)
             got = {}
             for k in computing:
                 m = members[k]
@@ -126,7 +126,9 @@ def check_encoded(t: OutTensor, out: TensorInfo, plan: Plan, source: Any, device
                     wrong.add(k)
             if moments is not None:
                 values = _decoded(plan, members, chunk.part, got, tensors)
-                base = source_values(plan, chunk.part, tensors, read).to(torch.float64) * part.scale
+                if src is None:
+                    src = source_values(plan, chunk.part, tensors, read)
+                base = src.to(torch.float64) * part.scale
                 moments.add(values.to(torch.float64).reshape(-1) - base.reshape(-1))
         for k in sorted(wrong):
             report.problems.append(f"{members[k].name}: part {i} is not {what}")
