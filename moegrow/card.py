@@ -27,10 +27,11 @@ TAG = "moegrow"
 # source metadata that still describes the grown model; datasets, metrics and eval results do not
 _CARRIED = ("license", "license_name", "license_link", "language", "pipeline_tag")
 # growth flags in the order the command writes them, with the defaults it leaves out
-_FLAGS = ("layers", "method", "layer_map", "experts", "noise", "router_noise", "seed", "top_k",
+_FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "noise", "router_noise", "seed", "top_k",
           "allow_inexact", "router_init", "router_std", "to", "revision", "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
-                             "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02}
+                             "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02,
+                             "depth_init": "copy"}
 _WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
          "grow": "layers copied, then experts duplicated with their router rows",
          "upcycle": "every expert a copy of the dense MLP, new routers"}
@@ -78,7 +79,7 @@ def plan_options(plan: Plan) -> dict[str, Any]:
                 "to": plan.config.get("model_type")}
     return {"layer_map": plan.layer_map, "experts": f"{plan.factor}x" if plan.factor else None,
             "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
-            "top_k": plan.top_k, "allow_inexact": plan.allow_inexact}
+            "top_k": plan.top_k, "allow_inexact": plan.allow_inexact, "depth_init": plan.depth_init}
 
 
 def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
@@ -114,6 +115,11 @@ def _growth(plan: Plan, source: Source) -> list[str]:
     lines.append(f"- operation: `{plan.operation}`")
     if plan.layer_map is not None:
         lines.append(f"- layer map (new layer i copies source layer map[i]): `{','.join(map(str, plan.layer_map))}`")
+        for what, filled in plan.filled().items():  # --depth-init identity
+            verb = "zeroed" if what == "zeroed" else "set to 1"
+            lines.append(f"- depth init `identity` (LLaMA Pro block expansion): the first occurrence of each layer "
+                         f"is the original; in the added copies {filled['count']} tensors are {verb}: "
+                         + ", ".join(f"`{r}`" for r in filled["tensors"]))
     if plan.factor:
         lines += [f"- experts: {plan.factor}x (copy j of expert e is expert e + j*E), top-k: `{plan.top_k}`",
                   f"- noise: std {plan.noise:g} on the copies' expert weights, {plan.router_noise:g} on their "

@@ -110,6 +110,12 @@ Method = Annotated[str, typer.Option(
     "(the paper's method); stack: new layer i copies old i mod L_old (0,1,..,0,1,..).")]
 LayerMap = Annotated[str | None, typer.Option(
     help="Explicit source layer of every new layer, e.g. 0,0,1,1 (overrides --layers).")]
+DepthInit = Annotated[str, typer.Option(
+    help="copy: every new layer is a byte copy of its source layer (the paper's; not function-preserving); "
+    "identity: the first occurrence of each source layer stays the original and every added copy has the "
+    "tensors that write into the residual stream (attention / mixer output projections, expert, shared and "
+    "dense down projections) zeroed, so the grown model computes the source's function (LLaMA Pro block "
+    "expansion). Refused, with the reason, for families whose layer is not x + f(x).")]
 Experts = Annotated[str | None, typer.Option(
     help="New expert count: a factor (2x) or a count that is a multiple of the source's.")]
 Noise = Annotated[float, typer.Option(help="Std of Gaussian noise added to the copied experts' "
@@ -198,6 +204,7 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "dtype": plan.dtype,
         "quantization": plan.quant.describe() if plan.quant is not None else None,
         "warnings": plan.warnings,
+        **({"depth_init": plan.depth_init, "identity_init": plan.filled()} if plan.layer_map is not None else {}),
         **({"upcycle": plan.upcycle} if plan.upcycle else {}),
     }
 
@@ -220,6 +227,10 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
         err.print(f"  config {c}", markup=False)
+    for what, filled in (s.get("identity_init") or {}).items():
+        verb = "zeroed" if what == "zeroed" else "set to 1"
+        err.print(f"  depth init identity: {filled['count']} tensors of the added layers {verb}: "
+                  f"{', '.join(filled['tensors'])}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}")
     if up and s["function_preserving"]:
         err.print(f"  why: {up['why_exact']}", markup=False)
@@ -365,6 +376,8 @@ def inspect(source: Src, revision: Revision = None, json_out: Json = False, iter
         out.print(f"  width growth refused: {info['width_refused']}", markup=False)
     if info["depth_refused"]:
         out.print(f"  depth growth refused: {info['depth_refused']}", markup=False)
+    elif info["identity_depth_refused"]:
+        out.print(f"  --depth-init identity refused: {info['identity_depth_refused']}", markup=False)
     if info["text_config"]:
         out.print(f"  params (text decoder): {info['text_total_params']:,} total, "
                   f"{info['text_active_params']:,} active per token", markup=False)
@@ -388,12 +401,12 @@ def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method =
                layer_map: LayerMap = None, revision: Revision = None, dry_run: DryRun = False,
                max_shard_size: MaxShard = None, device: Device = "auto", force: Force = False,
                quiet: Quiet = False, json_out: Json = False, threads: Threads = 2,
-               strict: Strict = False, dtype: DType = "keep", iteration: Iteration = None,
-               optimizer: Optimizer = "keep") -> None:
+               strict: Strict = False, depth_init: DepthInit = "copy", dtype: DType = "keep",
+               iteration: Iteration = None, optimizer: Optimizer = "keep") -> None:
     """Grow depth: copy layers by interposition (default) or stacking; rewrite layer-indexed config."""
     _run_growth("grow-depth", source, output, revision, json_out, dry_run, max_shard_size, device,
-                force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, dtype=dtype,
-                iteration=iteration, optimizer=optimizer)
+                force, quiet, threads, strict, layers=layers, method=method, layer_map=layer_map,
+                depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer)
 
 
 @app.command("grow-width")
@@ -418,12 +431,13 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
          threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
-         dtype: DType = "keep", iteration: Iteration = None, optimizer: Optimizer = "keep") -> None:
+         depth_init: DepthInit = "copy", dtype: DType = "keep", iteration: Iteration = None,
+         optimizer: Optimizer = "keep") -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
-                dtype=dtype, iteration=iteration, optimizer=optimizer)
+                depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer)
 
 
 UpExperts = Annotated[str | None, typer.Option(
@@ -465,11 +479,19 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
 def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown checkpoint folder.")],
            forward: Annotated[bool, typer.Option(
                "--forward", help="Also run both models with transformers (float32) on fixed random "
-               "tokens and compare logits; fails beyond --atol when the growth claims exactness.")] = False,
-           atol: Annotated[float, typer.Option(help="Logit tolerance for --forward.")] = 1e-4,
+               "tokens, one decoder layer at a time (memory: the weights outside the layers plus about two "
+               "layers in float32): each output layer on its source layer's input, and the logits; fails "
+               "beyond --atol on a layer the growth says is a copy of its source, or on the logits when it "
+               "claims exactness. After --depth-init identity, also that every added layer copy "
+               "returns its input (within --atol).")] = False,
+           whole: Annotated[bool, typer.Option(
+               "--whole", help="With --forward: load both whole models in float32 and compare logits only "
+               "(small models; implies --forward).")] = False,
+           atol: Annotated[float, typer.Option(help="Tolerance for --forward (per-layer outputs and logits).")] = 1e-4,
            revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
     """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
-    from .verify import _read_record, forward_diff
+    from .layerwise import forward_check
+    from .verify import _read_record
     from .verify import verify as run_verify
 
     src = _open(source, revision)
@@ -477,13 +499,10 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
     total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
     with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
         report = run_verify(src, output, progress)
-    if forward:
-        diff = forward_diff(src.folder, output)
-        exact = bool(record.get("function_preserving"))
-        report.forward = {"max_abs_logit_diff": diff, "atol": atol, "function_preserving": exact}
-        if exact and not diff <= atol:
-            report.problems.append(f"logits differ by {diff:.3g} > {atol:g}, but the growth claims to "
-                                   "preserve the function")
+    if forward or whole:
+        report.forward, problems = forward_check(src.folder, output, record, atol, whole,
+                                                 identity=_identity_watch(src, record))
+        report.problems.extend(problems)
     if json_out:
         _emit(report.as_dict())
     elif not quiet:
@@ -494,10 +513,28 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
             err.print(f"  measured noise std on {len(vals)} tensors: min {min(vals):.4g}, "
                       f"max {max(vals):.4g}")
         if report.forward:
-            err.print(f"  max abs logit difference: {report.forward['max_abs_logit_diff']:.3g}")
+            for d in report.forward.get("layers", []):
+                err.print(f"  layer {d['layer']} (source layer {d['source_layer']}): max abs difference "
+                          f"{d['max_abs_diff']:.3g}")
+            if report.forward.get("max_abs_logit_diff") is not None:
+                err.print(f"  max abs logit difference: {report.forward['max_abs_logit_diff']:.3g}")
         err.print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} tensors checked")
     if not report.ok:
         raise VerificationFailed(f"{len(report.problems)} problem(s); first: {report.problems[0]}")
+
+
+def _identity_watch(source: Any, record: dict[str, Any]) -> Any:
+    """For `verify --forward` of an identity depth init: which output layers must be the identity."""
+    from .layouts import layout_for
+    from .plan import added_copies
+    from .verify import IdentityWatch
+
+    growth = record.get("growth") or {}
+    layer_map = growth.get("layer_map")
+    if growth.get("depth_init") != "identity" or not layer_map:
+        return None
+    layout = layout_for(source.config, names=source.tensors)
+    return IdentityWatch(added_copies(layer_map), layout.layer_prefix, len(layer_map))
 
 
 def _one_line(text: str) -> str:

@@ -355,7 +355,7 @@ class _Job:
     @property
     def resolved_device(self) -> str:
         """Where tensor math ran: `none` when every tensor was a byte copy."""
-        if all(t.is_copy for t in self.plan.tensors):
+        if not any(p.needs_device for t in self.plan.tensors for p in t.parts):
             return "none"
         return self.device
 
@@ -376,7 +376,7 @@ class _Job:
         src = self.tensors[part.source]
         if part.is_copy:
             return raw
-        if self.nonfinite.get(part.source) is None:  # these bytes pass through torch anyway
+        if part.fill is None and self.nonfinite.get(part.source) is None:  # these bytes pass through torch anyway
             self.nonfinite[part.source] = count_nonfinite(raw, src.dtype) if part.rows is None else None
         return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device)
 
@@ -402,7 +402,8 @@ class _Job:
             if part.is_copy:
                 self.copier.copy(self.fd(src.path), src.start + off, dst_fd, pos, n, str(src.path))
             else:
-                raw = bytearray(pread_exact(self.fd(src.path), n, src.start + off, str(src.path)))
+                raw = (bytearray(n) if part.fill is not None  # filled: the source's bytes are not needed
+                       else bytearray(pread_exact(self.fd(src.path), n, src.start + off, str(src.path))))
                 pwrite_all(dst_fd, self._part_bytes(t, i, raw), pos)
             pos += n
             self.progress(n)

@@ -38,7 +38,8 @@ __all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
 def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
              layer_map: str | list[int] | None = None, experts: str | None = None,
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-             top_k: str | int = "scale", allow_inexact: bool = False, dtype: str = "keep") -> Plan:
+             top_k: str | int = "scale", allow_inexact: bool = False, depth_init: str = "copy",
+             dtype: str = "keep") -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments.
 
     `dtype` (--dtype): keep, or bfloat16 / float16 / float32. The planners see quantised weights as
@@ -77,11 +78,12 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
     width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact)
     if operation == "grow-depth":
-        return lower(plan_depth(config, tensors, layout, lmap or []), source.tensors, quant, dtype)
+        return lower(plan_depth(config, tensors, layout, lmap or [], depth_init), source.tensors, quant, dtype)
     if operation == "grow-width":
         return lower(plan_width(config, tensors, layout, factor, **width), source.tensors, quant, dtype)
     if operation == "grow":
-        return lower(plan_grow(config, tensors, layout, lmap or [], factor, **width), source.tensors, quant, dtype)
+        return lower(plan_grow(config, tensors, layout, lmap or [], factor, depth_init, **width), source.tensors,
+                     quant, dtype)
     raise GrowthError(f"unknown operation {operation!r}")
 
 
@@ -107,7 +109,8 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
                     seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale",
-                    allow_inexact=bool(g.get("allow_inexact")), dtype=str(g.get("dtype") or "keep"))
+                    allow_inexact=bool(g.get("allow_inexact")), depth_init=g.get("depth_init") or "copy",
+                    dtype=str(g.get("dtype") or "keep"))
 
 
 def check_finite(plan: Plan, source: Source) -> None:

@@ -78,6 +78,11 @@ def describe(source: Source) -> dict[str, Any]:
         "width_inexact_reason": layout.inexact_reason or None,
         "width_refused": layout.width_refused or None,
         "depth_refused": layout.depth_refused or None,
+        # --depth-init identity: the tensors an added copy has zeroed, or why the family is refused
+        "residual_writers": list(layout.residual.writers),
+        "identity_depth_refused": layout.residual.refused or next(
+            (f"{k}={lookup(layout.text(config), k)!r}: {why}" for k, why in layout.residual.refused_keys
+             if lookup(layout.text(config), k)), None),
         "total_params": total,
         "active_params": active,
         # the text decoder's alone (equal to the above unless multimodal)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from typing import Any
 
 from .errors import ConfigError, UnsupportedModelError
@@ -172,6 +173,45 @@ class Wrapper:
     tower_prefixes: tuple[str, ...] = ()
 
 
+# --- identity depth init (`--depth-init identity`, issue 11): what a layer writes into the residual stream ---
+
+
+@dataclass(frozen=True)
+class Residual:
+    """What a family's decoder layer adds to the residual stream, so that an added layer copy can add nothing.
+
+    ``writers``: the tensors whose zeroing makes the layer the identity (every sublayer's output projection:
+    attention output, routed / shared / dense MLP down projections, Mamba and linear-attention out_proj),
+    as glob patterns on the name relative to the layer (``*`` stands for an expert index); a pattern also
+    covers the tensors under it as a module (``self_attn.o_proj`` covers ``.weight`` and ``.bias``).
+    Quantisation scales under a writer stay as they are (zero bytes already dequantise to zero).
+    ``ones``: tensors set to 1 so that the layer passes the stream on unscaled (gemma4's ``layer_scalar``).
+    ``refused``: why no zeroing makes this family's layer the identity (its output is not x + f(x));
+    ``refused_keys``: (config key, why) pairs refused while the key is truthy.
+    """
+
+    writers: tuple[str, ...] = ()
+    ones: tuple[str, ...] = ()
+    refused: str = ""
+    refused_keys: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, rel: str, patterns: tuple[str, ...]) -> bool:
+        if rel.endswith(_KEEP_SUFFIXES):
+            return False
+        return any(fnmatchcase(rel, p) or fnmatchcase(rel, p + ".*") for p in patterns)
+
+    def is_writer(self, rel: str) -> bool:
+        """Whether a layer tensor (name relative to the layer) is zeroed in an added copy."""
+        return self.matches(rel, self.writers)
+
+    def is_one(self, rel: str) -> bool:
+        return self.matches(rel, self.ones)
+
+
+# quantisation scales (fp8 `weight_scale_inv`, MXFP4 `_scales`, static `input_scale`): kept, never zeroed
+_KEEP_SUFFIXES = ("_scale_inv", "_scales", "weight_scale", "input_scale")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a family keeps its MoE parts and how it routes."""
@@ -244,8 +284,21 @@ class Layout:
     # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
     mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
+    # non-empty where a decoder layer's function depends on its index (why): a depth copy placed at another
+    # index computes another function, so `verify --forward` reports its difference without failing on it
+    index_dependent_layers: str = ""
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
+
+    @property
+    def residual(self) -> Residual:
+        """What this family's layers write into the residual stream (identity depth init; see `RESIDUAL`).
+
+        A wrapper's own entry (its checkpoints' names) wins over its text family's."""
+        for t in self.wrapper.model_types if self.wrapper else ():
+            if t in RESIDUAL:
+                return RESIDUAL[t]
+        return RESIDUAL.get(self.name) or Residual(refused="moegrow has no residual-writer data for this family")
 
     @property
     def mtp_layer_prefix(self) -> str:
@@ -911,6 +964,7 @@ LAYOUTS: tuple[Layout, ...] = (
         default_dense=3,  # a config without mlp_layer_types has min(3, L) dense layers
         depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
         width_rules=_group_rules(),
+        index_dependent_layers="residual adds are scaled by the layer's index (1/sqrt(2(l+1)))",
     ),
     Layout(
         name="glm_moe_dsa",
@@ -1415,6 +1469,118 @@ WRAPPERS += (
         tower_prefixes=("model.vision_model.", "model.resampler_model.")),
 )
 # -- end of issue 10, item 5 ---------------------------------------------------------------------------------------
+
+# --- identity depth init (issue 11): per family, the tensors an added layer copy has zeroed (see `Residual`).
+# Read off each family's decoder layer in transformers 5.23 (models/*/modeling_*.py). Every sublayer adds its
+# output to the stream; where a norm follows the sublayer before the add (gemma / olmo2 / afmoe / kolibri1
+# sandwich norms) it is an RMSNorm without bias, so norm(0) = 0. A wrapper's model_type may have its own entry
+# (its checkpoints' names); otherwise it takes its text family's.
+_ATTN = "self_attn.o_proj"
+_MLP_DOWN = "mlp.down_proj"  # a dense layer's MLP
+_EXPERT_DOWN = "mlp.experts.*.down_proj"  # per-expert on disk
+_FUSED_DOWN = ("mlp.experts.down_proj", "mlp.experts.down_proj_bias", "mlp.experts.down_proj_blocks")
+_SHARED_DOWN = "mlp.shared_experts.down_proj"
+_SHARED1_DOWN = "mlp.shared_expert.down_proj"  # qwen-style gated shared expert: the gate then scales zero
+_DEEPSEEK_WRITERS = Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, *_FUSED_DOWN, _SHARED_DOWN))
+_QWEN_LINEAR_WRITERS = (_ATTN, "linear_attn.out_proj", _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)
+
+RESIDUAL: dict[str, Residual] = {
+    "mixtral": Residual((_ATTN, "block_sparse_moe.experts.*.w2")),
+    "qwen2_moe": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)),
+    "qwen3_moe": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN)),
+    "olmoe": Residual((_ATTN, _EXPERT_DOWN)),
+    "deepseek_v3": _DEEPSEEK_WRITERS,
+    "flex_olmo": Residual((_ATTN, _EXPERT_DOWN)),  # olmo2 post-sublayer RMSNorms
+    "minimax": Residual(refused=(
+        "the residual is taken after the input norm (residual = input_layernorm(x)) and scaled by the alpha "
+        "factors, so a layer with zeroed outputs still normalises the stream")),
+    "minimax_m2": Residual((_ATTN, "block_sparse_moe.experts.*.w2")),
+    "mellum": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN)),
+    "hunyuan_v1_moe": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, "mlp.shared_mlp.down_proj")),
+    "deepseek_v2": _DEEPSEEK_WRITERS,
+    "glm4_moe": _DEEPSEEK_WRITERS,
+    "dots1": _DEEPSEEK_WRITERS,
+    "solar_open": _DEEPSEEK_WRITERS,
+    "exaone_moe": _DEEPSEEK_WRITERS,
+    "mimo_v2_flash": _DEEPSEEK_WRITERS,
+    "kimi_linear": Residual((_ATTN, "block_sparse_moe.down_proj", "block_sparse_moe.experts.*.w2",
+                             "block_sparse_moe.shared_experts.down_proj")),  # KDA and MLA layers: both o_proj
+    "glm4_moe_lite": _DEEPSEEK_WRITERS,
+    "deepseek_v32": _DEEPSEEK_WRITERS,
+    # granite: the sublayer output times residual_multiplier is added (zero stays zero)
+    "granitemoe": Residual((_ATTN, "block_sparse_moe.output_linear", "block_sparse_moe.experts.down_proj")),
+    "granitemoeshared": Residual((_ATTN, "block_sparse_moe.output_linear", "block_sparse_moe.experts.down_proj",
+                                  "shared_mlp.output_linear")),
+    "jetmoe": Residual(("self_attention.experts.output_linear", "self_attention.experts.bias", "mlp.output_linear",
+                        "mlp.bias")),  # attention experts and MoE MLP, each with an output bias
+    "gpt_oss": Residual((_ATTN, *_FUSED_DOWN)),  # o_proj and down_proj biases too
+    "mistral4": _DEEPSEEK_WRITERS,
+    "afmoe": _DEEPSEEK_WRITERS,
+    "lfm2_moe": Residual(("conv.out_proj", "self_attn.out_proj", "feed_forward.w2", "feed_forward.experts.*.w2",
+                          "feed_forward.experts.down_proj")),
+    "hy_v3": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, "mlp.shared_mlp.down_proj")),
+    "laguna": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)),
+    "aria_text": Residual((_ATTN, _MLP_DOWN, "mlp.experts.fc2", _SHARED_DOWN)),
+    "granitemoe_swa": Residual((_ATTN, "block_sparse_moe.output_linear", "block_sparse_moe.experts.down_proj",
+                                "shared_mlp.output_linear")),
+    "granitemoehybrid": Residual((_ATTN, "mamba.out_proj", "block_sparse_moe.output_linear",
+                                  "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear")),
+    "minimax_m3_vl_text": _DEEPSEEK_WRITERS,
+    "axk1": _DEEPSEEK_WRITERS,
+    "axk2": _DEEPSEEK_WRITERS,
+    "beam": Residual(refused=(
+        "the k-th residual add scales the stream by sqrt((k-1)/k) (depth-scaled residuals), so no layer is "
+        "x + f(x), and moving the originals to new depths rescales them")),
+    "glm_moe_dsa": _DEEPSEEK_WRITERS,
+    "bailing_hybrid": Residual(("attention.dense", _MLP_DOWN, _EXPERT_DOWN, _SHARED_DOWN)),
+    "qwen3_next": Residual(_QWEN_LINEAR_WRITERS),
+    "qwen3_5_moe_text": Residual(_QWEN_LINEAR_WRITERS),
+    # hyper-connections without stream mixing: out = input streams + injection of f (zero when f is)
+    "qwen4_exp_text": Residual((*_QWEN_LINEAR_WRITERS, "ple.value_proj")),
+    "nemotron_h": Residual(("mixer.o_proj", "mixer.out_proj", "mixer.down_proj", "mixer.experts.*.down_proj",
+                            "mixer.shared_experts.down_proj")),  # one mixer a layer: attention, Mamba, MLP or MoE
+    "llama4_text": Residual((_ATTN, "feed_forward.down_proj", "feed_forward.experts.down_proj",
+                             "feed_forward.shared_expert.down_proj")),
+    "flint": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)),
+    "kolibri1": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, _SHARED_DOWN)),  # post-sublayer RMSNorms
+    "cohere2_moe": _DEEPSEEK_WRITERS,  # attention and MLP in parallel, both added
+    "ernie4_5_moe": _DEEPSEEK_WRITERS,
+    "longcat_flash": Residual(("self_attn.*.o_proj", "mlps.*.down_proj", _EXPERT_DOWN, *_FUSED_DOWN),
+                              refused_keys=(("zero_expert_num", "zero-computation experts add their input, "
+                                             "times its routing weight, to the stream; no zeroed tensor removes "
+                                             "it"),)),
+    # the short convolutions after each sublayer add nothing to zero (no bias)
+    "inkling_text": Residual((_ATTN, _MLP_DOWN, *_FUSED_DOWN, _SHARED_DOWN)),
+    "deepseek_v4": Residual(refused=(
+        "manifold hyper-connections mix the residual streams through a learned doubly stochastic matrix, so a "
+        "layer with zeroed outputs still mixes them")),
+    "dbrx": Residual(("norm_attn_norm.attn.out_proj", "ffn.experts.mlp.w2")),
+    "phimoe": Residual((_ATTN, "block_sparse_moe.experts.*.w2")),
+    "zaya": Residual(refused=(
+        "the residual is scaled and shifted (post_*_residual_scale) and each router takes the previous "
+        "layer's router state, so a layer with zeroed outputs is not the identity")),
+    "doge": Residual(refused=(
+        "the residual is scaled by learned weights (input_residual, post_attention_residual), so a layer with "
+        "zeroed outputs is not the identity")),
+    "jamba": Residual((_ATTN, "mamba.out_proj", "feed_forward.down_proj", "feed_forward.experts.*.down_proj")),
+    # hyper-connections without the comb mix: out = post * f + input streams
+    "hy_v4": _DEEPSEEK_WRITERS,
+    "gemma4_text": Residual(
+        (_ATTN, _MLP_DOWN, "experts.down_proj"), ones=("layer_scalar",),
+        refused_keys=(("num_kv_shared_layers", "the last layers reuse the keys and values of the last earlier "
+                       "layer of their type, which would be an added copy that sees another input"),)),
+    "dots3_note_text": _DEEPSEEK_WRITERS,
+    # decoders that live only in their wrapper (`Wrapper.text_layout`)
+    "qwen3_vl_moe_text": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, *_FUSED_DOWN)),
+    "qwen3_omni_moe_text": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, *_FUSED_DOWN)),
+    "glm4v_moe_text": _DEEPSEEK_WRITERS,
+    "ernie4_5_vl_moe_text": _DEEPSEEK_WRITERS,  # text and vision experts alike
+    # wrappers whose checkpoints name the decoder's tensors their own way (layouts.WRAPPERS' layout_overrides)
+    "minimax_m3_vl": Residual((_ATTN, _MLP_DOWN, "block_sparse_moe.experts.*.w2",
+                               "block_sparse_moe.shared_experts.down_proj")),
+    "inkling_mm_model": Residual(("attn.wo_ud", "mlp.w2_md", "mlp.experts.w2_weight",
+                                  "mlp.shared_experts.shared_w2_weight")),  # the published (sglang) names
+}
 
 _BY_TYPE: dict[str, Layout] = {t: lay for lay in LAYOUTS for t in lay.model_types}
 _WRAPPER_BY_TYPE: dict[str, Wrapper] = {t: w for w in WRAPPERS for t in w.model_types}

@@ -44,10 +44,26 @@ def torch_dtype(dtype: str) -> Any:
 
 def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, index: int,
               device: str) -> memoryview:
-    """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted or noised."""
+    """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted, filled or noised."""
     if part.add:
         return shift(raw, dtype, part.add)
+    if part.fill is not None:
+        raw = filled(len(raw), dtype, part.fill)
+        if part.noise == 0.0 and part.scale == 1.0:
+            return memoryview(raw)
     return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale)
+
+
+def filled(nbytes: int, dtype: str, value: float) -> bytearray:
+    """`nbytes` bytes of `dtype` values all equal to `value` (identity depth init). Zero is zero bytes in
+    every dtype, quantised ones included (an fp8 or fp4 code 0 is +0.0); other values need a float dtype."""
+    if value == 0.0:
+        return bytearray(nbytes)
+    import torch
+
+    size = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    values = torch.full((nbytes // size,), value, dtype=torch_dtype(dtype))
+    return bytearray(values.view(torch.uint8).numpy().tobytes())
 
 
 def generate(init: str, std: float, dtype: str, nbytes: int, seed: int, tensor: str,

@@ -41,6 +41,8 @@ class Part:
     routed rows and the extra rows (zero or shared experts) of a router as separate parts.
     ``add``: an integer added to every value of an integer tensor (an expert-index table pointing
     at the copies: deepseek_v4's hash routing).
+    ``fill``: every value is this constant instead of the source's (identity depth init: 0 for an added
+    layer copy's residual writers, 1 for its stream scale); scale and noise then apply to it.
     ``init``: a generated part with no source bytes (`source` is ""): ``zeros``, or ``normal`` (std
     `noise`, drawn on the CPU from the seed and the output tensor's name: regenerated bit for bit by
     verify); it is the only part of its tensor (upcycling's new routers).
@@ -53,12 +55,20 @@ class Part:
     scale: float = 1.0
     rows: tuple[int, int, int] | None = None
     add: int = 0
+    fill: float | None = None
     init: str = ""
     decode: str = ""
 
     @property
     def is_copy(self) -> bool:
-        return self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and not self.init and not self.decode
+        return (self.noise == 0.0 and self.scale == 1.0 and self.add == 0 and self.fill is None and not self.init
+                and not self.decode)
+
+    @property
+    def needs_device(self) -> bool:
+        """Whether making this part is tensor math on a device (noise, scaling, decoding); copies, shifts of
+        index tables and plain fills are not."""
+        return self.noise != 0.0 or self.scale != 1.0 or bool(self.decode)
 
     def span(self, nbytes: int) -> tuple[int, int]:
         """(offset, length) of this part's bytes within its source tensor of `nbytes` bytes."""
@@ -133,6 +143,7 @@ class Plan:
     exact: bool = True           # claims the same function as the source (at zero noise)
     allow_inexact: bool = False  # --allow-inexact: a family whose width growth cannot be exact
     warnings: list[str] = field(default_factory=list)
+    depth_init: str = "copy"     # --depth-init: copy, or identity (added copies' residual writers zeroed)
     upcycle: dict[str, Any] | None = None  # operation upcycle: the dense model_type and the router init
     why_inexact: str = ""                  # why not function-preserving, where a planner knows better
     dtype: str = "keep"          # --dtype: keep, or the float dtype every weight is written in
@@ -153,21 +164,37 @@ class Plan:
             return f"no ({self.why_inexact})"
         if self.lossy:
             return f"no ({self.lossy})"
-        if self.layer_map is not None:
+        if self.layer_map is not None and self.depth_init != "identity":
             return "no (depth growth adds layers)"
         if not self.exact:
             return "no (top-k not scaled)" if self.top_k != "scale" else f"no ({self.layout.name} routing)"
         return "no (noise on the copies; exact at --noise 0 --router-noise 0)"
 
     def sources(self) -> set[str]:
-        """The source tensors the plan reads (a quantised weight's members for a decoded part)."""
-        names = {p.source for t in self.tensors for p in t.parts if not p.init}
+        """The source tensors the plan reads (a quantised weight's members for a decoded part; a filled
+        part reads nothing)."""
+        names = {p.source for t in self.tensors for p in t.parts if not p.init and p.fill is None}
         if self.quant is not None:
             names = {m.name for n in names for m in self.quant.members_of(n)}
         return names
 
+    def filled(self) -> dict[str, Any]:
+        """Identity depth init: how many output tensors are set to a constant, and their names relative to
+        the layer (expert indices as *), per constant: {"zeroed": {...}, "ones": {...}}."""
+        out: dict[str, Any] = {}
+        for key, value in (("zeroed", 0.0), ("ones", 1.0)):
+            # a requantised weight's members count once, by the weight's (dequantised) name
+            names = list(dict.fromkeys(t.encode.group if t.encode is not None else t.name for t in self.tensors
+                                       if any(p.fill == value for p in t.parts)))
+            rels = sorted({_EXPERT_INDEX.sub(r"\1*\2", n.removeprefix(self.layout.layer_prefix).partition(".")[2])
+                           for n in names})
+            if names:
+                out[key] = {"count": len(names), "tensors": rels}
+        return out
+
 
 _NUM = re.compile(r"(\d+)")
+_EXPERT_INDEX = re.compile(r"(\.|^)\d+(\.)")
 
 
 def natural_key(name: str) -> tuple[object, ...]:
@@ -233,10 +260,68 @@ def _check_first_layer(layout: Layout, layer_map: Sequence[int]) -> None:
                           f"a missing or unexpected tensor")
 
 
+DEPTH_INITS = ("copy", "identity")
+
+
+def added_copies(layer_map: Sequence[int]) -> list[int]:
+    """New layers that are added copies: every occurrence of a source layer after its first (the original)."""
+    seen: set[int] = set()
+    added = []
+    for j, m in enumerate(layer_map):
+        if m in seen:
+            added.append(j)
+        seen.add(m)
+    return added
+
+
+def check_identity(config: Mapping[str, Any], layout: Layout, layer_map: Sequence[int], n_old: int) -> None:
+    """Refuse `--depth-init identity` where zeroed copies cannot leave the source's function intact: a family
+    whose layer is not x + f(x), a map that reorders the originals, or a layer reusing an added copy's state."""
+    residual = layout.residual
+    text = layout.text(config)
+    if residual.refused:
+        raise GrowthError(f"{layout.name}: --depth-init identity is not supported: {residual.refused}")
+    for key, why in residual.refused_keys:
+        if lookup(text, key):
+            raise GrowthError(f"{layout.name}: --depth-init identity with {key}={lookup(text, key)!r} is not "
+                              f"supported: {why}")
+    firsts = [m for j, m in enumerate(layer_map) if j not in set(added_copies(layer_map))]
+    if firsts != list(range(n_old)):
+        raise GrowthError(f"--depth-init identity: the first occurrence of each source layer stays the original, "
+                          f"so the map must hold every layer 0..{n_old - 1} first in order; this one's first "
+                          f"occurrences are {','.join(map(str, firsts))}")
+    added = set(added_copies(layer_map))
+    for dk in layout.depth_keys:
+        values = lookup(text, dk.key)
+        if dk.kind != "per_layer_reuse" or not isinstance(values, list):
+            continue
+        for j, m in enumerate(layer_map):
+            if j in added or values[m] != dk.reuses:
+                continue
+            i = next((i for i in range(j - 1, -1, -1) if values[layer_map[i]] != dk.reuses), None)
+            if i is not None and i in added:
+                raise GrowthError(f"{layout.name}: --depth-init identity with {dk.key}: new layer {j} (layer {m}, "
+                                  f"{dk.reuses!r}) would reuse new layer {i}, an added copy of layer "
+                                  f"{layer_map[i]} that sees another input (stacking keeps the originals together)")
+
+
+def _init_part(name: str, rel: str, t: TensorMeta, layout: Layout) -> Part:
+    """An added copy's part under identity init: residual writers zeroed, stream scales set to 1."""
+    if layout.residual.is_writer(rel):
+        return Part(name, fill=0.0)
+    if layout.residual.is_one(rel):
+        if t.dtype not in FLOAT_DTYPES:
+            raise GrowthError(f"{name}: --depth-init identity sets it to 1, which dtype {t.dtype} cannot hold")
+        return Part(name, fill=1.0)
+    return Part(name)
+
+
 def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
-               layer_map: Sequence[int]) -> Plan:
+               layer_map: Sequence[int], init: str = "copy") -> Plan:
     if layout.depth_refused:
         raise GrowthError(f"{layout.name}: depth growth is not supported: {layout.depth_refused}")
+    if init not in DEPTH_INITS:
+        raise GrowthError(f"--depth-init must be 'copy' or 'identity', not {init!r}")
     anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
     check_moe_layers(config, layout, anatomy.moe_layers)
     _check_first_layer(layout, layer_map)
@@ -246,6 +331,9 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             raise GrowthError(f"{layout.name}: depth growth with {key}={lookup(text, key)!r} is not supported: {why}")
     new_config, changed = rewrite_depth(config, layout, layer_map, anatomy.moe_layers)
     n_old, n_new = anatomy.num_layers, len(layer_map)
+    identity = set(added_copies(layer_map)) if init == "identity" else set()
+    if init == "identity":
+        check_identity(config, layout, layer_map, n_old)
     targets: dict[int, list[int]] = {}
     for j, m in enumerate(layer_map):
         targets.setdefault(m, []).append(j)
@@ -259,11 +347,17 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             continue
         rel = name[len(layout.layer_prefix):].partition(".")[2]
         for j in targets.get(role.layer, []):
-            out.append(OutTensor(layer_name(layout, j, rel), t.dtype, t.shape, (Part(name),)))
+            part = _init_part(name, rel, t, layout) if j in identity else Part(name)
+            out.append(OutTensor(layer_name(layout, j, rel), t.dtype, t.shape, (part,)))
     changes = [f"{k}: {lookup(config, k)!r} -> {lookup(new_config, k)!r}" for k in changed]
-    # Depth growth adds layers to the residual stream: it never keeps the source's function.
+    # Copied layers add to the residual stream: only identity init (zeroed residual writers) keeps the function.
     plan = Plan("grow-depth", layout, dict(config), new_config, _ordered(out),
-                layer_map=list(layer_map), config_changes=changes, exact=False)
+                layer_map=list(layer_map), config_changes=changes, exact=init == "identity", depth_init=init)
+    if identity:
+        _check_zeroed(plan, sorted(identity))
+    if layout.index_dependent_layers and any(j != m for j, m in enumerate(layer_map)):
+        plan.warnings.append(f"{layout.name}: {layout.index_dependent_layers}: a layer copied to another index "
+                             "does not compute its original's function")
     if anatomy.extra_layers:
         plan.warnings.append(
             f"layers {list(anatomy.extra_layers)} lie after the {n_old} decoder layers (MTP); "
@@ -274,6 +368,19 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             f"{n_mtp} MTP tensors under {layout.mtp_prefix} are copied unchanged (they are not decoder layers: "
             f"not interposed, not renumbered); transformers ignores them on load")
     return plan
+
+
+def _check_zeroed(plan: Plan, added: list[int]) -> None:
+    """Every added copy must have a zeroed residual writer: none found means the layout's data misses this
+    checkpoint's names (a copy left as it is would change the function)."""
+    prefix = plan.layout.layer_prefix
+    zeroed = {int(t.name[len(prefix):].partition(".")[0]) for t in plan.tensors
+              if t.name.startswith(prefix) and any(p.fill == 0.0 for p in t.parts)}
+    missing = [j for j in added if j not in zeroed]
+    if missing:
+        raise GrowthError(f"{plan.layout.name}: --depth-init identity found no residual writer to zero in new layer "
+                          f"{missing[0]} (a copy of layer {plan.layer_map[missing[0]] if plan.layer_map else '?'}; "
+                          f"looked for {', '.join(plan.layout.residual.writers)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,19 +518,22 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
 
 
 def plan_grow(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
-              layer_map: Sequence[int], factor: int, **width: Any) -> Plan:
+              layer_map: Sequence[int], factor: int, init: str = "copy", **width: Any) -> Plan:
     """Depth then width in one plan: the same bytes as grow-depth followed by grow-width."""
-    depth = plan_depth(config, tensors, layout, layer_map)
+    depth = plan_depth(config, tensors, layout, layer_map, init)
     virtual = {t.name: Meta(t.dtype, t.shape) for t in depth.tensors}
     origin = {t.name: t.parts[0].source for t in depth.tensors}
+    fill = {t.name: t.parts[0].fill for t in depth.tensors}  # identity init: the width copies of a zeroed tensor
     plan = plan_width(depth.config, virtual, layout, factor, **width)
     plan.tensors = [
         OutTensor(t.name, t.dtype, t.shape,
-                  tuple(replace(p, source=origin[p.source]) for p in t.parts), t.axis)
+                  tuple(replace(p, source=origin[p.source], fill=fill[p.source]) for p in t.parts), t.axis)
         for t in plan.tensors
     ]
     plan.operation = "grow"
-    plan.exact = False  # the width part is exact relative to the deepened model, not the source
+    plan.depth_init = init
+    # the width part is exact relative to the deepened model, which is the source's function with identity init
+    plan.exact = depth.exact and plan.exact
     plan.source_config = dict(config)
     plan.layer_map = depth.layer_map
     plan.config_changes = depth.config_changes + plan.config_changes

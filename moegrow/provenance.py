@@ -17,12 +17,14 @@ RECORD_NAME = "moegrow.json"
 
 
 def part_record(p: Part, axis: int = 0, encode: Encode | None = None) -> list[Any]:
-    """[source, noise] + [scale] where scaled + [{rows, add, axis, init, decode, encode}] where a part has any."""
+    """[source, noise] + [scale] where scaled + [{rows, add, axis, fill, init, decode, encode}] where a part has any."""
     extra: dict[str, Any] = {}
     if p.rows is not None:
         extra["rows"] = list(p.rows)
     if p.add:
         extra["add"] = p.add
+    if p.fill is not None:
+        extra["fill"] = p.fill
     if axis:
         extra["axis"] = axis
     if p.init:
@@ -44,7 +46,8 @@ def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
     axis 0 unless extras say `axis`.
 
     The scale appears only where a part is scaled (see layouts.TensorRule) or has extras: `rows`
-    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table), `init`
+    [start, stop, of] (a run of the source's rows), `add` (an integer added to an index table), `fill`
+    (every value this constant instead of the source's: identity depth init's zeroed residual writers), `init`
     (a generated part, source "": zeros, or normal with the part's noise as std),
     `decode` (the source is a quantised weight, by its dequantised name, in this format), `encode`
     (`cast`: written in the tensor's float dtype; `FORMAT.MEMBER`: one member of a requantised weight)."""
@@ -66,6 +69,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "router_noise": plan.router_noise,
             "seed": plan.seed,
             "allow_inexact": plan.allow_inexact,
+            "depth_init": plan.depth_init,
             "dtype": plan.dtype,
             **({k: v for k, v in plan.upcycle.items() if k != "why_exact"} if plan.upcycle else {}),
         },
@@ -73,5 +77,6 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
         "function_preserving": plan.function_preserving,
         "config_changes": plan.config_changes,
         "warnings": plan.warnings,
+        **({"identity_init": plan.filled()} if plan.depth_init == "identity" else {}),
         "tensors": tensor_mapping(plan.tensors),
     }

@@ -127,12 +127,16 @@ def print_description(info: dict[str, Any], out: Any) -> None:
 def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | None = None,
                   method: str = "interpose", layer_map: str | None = None, experts: str | None = None,
                   noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str = "scale",
-                  allow_inexact: bool = False, optimizer: str = "keep", dtype: str = "keep") -> MegatronPlan:
+                  allow_inexact: bool = False, optimizer: str = "keep", dtype: str = "keep",
+                  depth_init: str = "copy") -> MegatronPlan:
     """The CLI's growth flags, read as for Hugging Face checkpoints, into a Megatron plan."""
     from .configs import parse_top_k
 
     if dtype != "keep":
         raise GrowthError(f"--dtype {dtype}: training checkpoints are grown in their own dtypes (--dtype keep)")
+    if depth_init != "copy":
+        raise GrowthError(f"--depth-init {depth_init}: training checkpoints are grown with --depth-init copy only "
+                          "(their residual writers are not laid out as per-family data)")
 
     lmap = None
     if operation in ("grow-depth", "grow"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,9 @@ def _record_problem(record: Any) -> str | None:
         return f"unknown operation {record.get('operation')!r}"
     tensors = record.get("tensors")
     def is_extra(x: Any) -> bool:  # see provenance.part_record
-        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "init", "decode", "encode"} and all(
+        return isinstance(x, dict) and set(x) <= {"rows", "add", "axis", "fill", "init", "decode", "encode"} and all(
             (isinstance(v, list) and len(v) == 3 and all(map(is_int, v))) if k == "rows"
-            else v in ("zeros", "normal") if k == "init"
+            else is_num(v) if k == "fill" else v in ("zeros", "normal") if k == "init"
             else isinstance(v, str) if k in ("decode", "encode") else is_int(v)
             for k, v in x.items())
 
@@ -97,6 +97,7 @@ def _record_problem(record: Any) -> str | None:
         "seed": is_int,
         "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
         "allow_inexact": lambda v: isinstance(v, bool),
+        "depth_init": lambda v: v in ("copy", "identity"),
         "experts": lambda v: is_int(v) and v >= 1,
         "router_init": lambda v: v in ("zeros", "normal"),  # upcycle
         "router_std": lambda v: is_num(v) and v >= 0,
@@ -154,7 +155,7 @@ class _Reader:
 
 def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, device: str,
                   reader: _Reader, report: Report) -> None:
-    from .noise import add_noise, generate, shift
+    from .noise import add_noise, filled, generate, shift
 
     if not t.flat:
         _check_joined(t, out, plan, source, reader, report)
@@ -174,6 +175,13 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         got = reader.read(out.path, pos, n)
         pos += n
         want = reader.read(src.path, src.start + off, n)
+        if part.fill is not None:  # identity depth init: the source's bytes are replaced by a constant
+            want = bytes(filled(n, src.dtype, part.fill))
+            if part.noise == 0.0 and part.scale == 1.0:
+                if got != want:
+                    report.problems.append(f"{t.name}: part {i} is not all {part.fill:g} (--depth-init identity "
+                                           f"sets it so that the added layer is the identity)")
+                continue
         if part.add:
             if got != bytes(shift(bytearray(want), src.dtype, part.add)):
                 report.problems.append(f"{t.name}: part {i} is not {part.source} plus {part.add}")
@@ -259,8 +267,52 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
     return report
 
 
-def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) -> float:
-    """Max abs logit difference of the two checkpoints on fixed random tokens, in float32."""
+def _decoder_layers(model: Any, n: int, prefix: str) -> Any:
+    """The model's list of `n` decoder layers: the module saved under `prefix` (model.layers.), else the
+    one list of n modules named like layers (a wrapper's text decoder: `language_model` in its path)."""
+    import torch
+
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n}
+    if prefix.rstrip(".") in lists:
+        return lists[prefix.rstrip(".")]
+    named = sorted((name for name in lists if name.rsplit(".", 1)[-1] in ("layers", "blocks")),
+                   key=lambda name: ("language" not in name and "text" not in name, len(name)))
+    if not named:
+        raise MoegrowError(f"verify --forward: found no list of {n} decoder layers in the model")
+    return lists[named[0]]
+
+
+@dataclass
+class IdentityWatch:
+    """`verify --forward` of an identity depth init: the added copies (new layer indices) among the output's
+    `num_layers` decoder layers saved under `prefix`; `found` gets max |output - input| of each."""
+
+    positions: Sequence[int]
+    prefix: str
+    num_layers: int
+    found: dict[int, float] = field(default_factory=dict)
+
+
+def _watch_identity(model: Any, layers: Any, watch: IdentityWatch) -> None:
+    """Hooks recording, for each watched layer, max |output - input| of its hidden states."""
+    found = watch.found
+
+    def hook(j: int) -> Callable[..., None]:
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args else kwargs.get("hidden_states")
+            y = output[0] if isinstance(output, tuple) else output
+            found[j] = max(found.get(j, 0.0), float((y.float() - x.float()).abs().max()))
+        return record
+
+    for j in watch.positions:
+        layers[j].register_forward_hook(hook(j), with_kwargs=True)
+
+
+def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32,
+                 identity: IdentityWatch | None = None) -> float:
+    """Max abs logit difference of the two checkpoints on fixed random tokens, in float32.
+
+    With `identity`, the output's added layer copies are watched too (see `IdentityWatch`)."""
     try:
         import torch
         import transformers
@@ -281,6 +333,8 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32) ->
         if wrapper is not None and wrapper.text_module:
             model = getattr(model, wrapper.text_module)
         model.eval()
+        if identity is not None and path == output:
+            _watch_identity(model, _decoder_layers(model, identity.num_layers, identity.prefix), identity)
         vocab = model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():

@@ -100,8 +100,14 @@ def _read(read: Reader, name: str, dtype: str, shape: tuple[int, ...], part: Par
 
 
 def source_values(plan: Plan, part: Part, tensors: Mapping[str, TensorMeta], read: Reader) -> Any:
-    """A part's source as float32 (float64 for a float64 tensor), decoded where quantised, not yet scaled."""
+    """A part's source as float32 (float64 for a float64 tensor), decoded where quantised, not yet scaled;
+    a filled part (identity depth init) is its constant, its source unread."""
     import torch
+
+    if part.fill is not None:
+        shape = plan.quant.groups[part.source].shape if part.decode else tuple(tensors[part.source].shape)
+        wide = not part.decode and tensors[part.source].dtype == "F64"
+        return torch.full(_sliced(shape, part), part.fill, dtype=torch.float64 if wide else torch.float32)
 
     if part.decode:
         g = plan.quant.groups[part.source]
