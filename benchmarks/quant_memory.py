@@ -53,6 +53,23 @@ def _random(shape: tuple[int, ...], gen) -> object:
     return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
 
+def _release_names(shapes: dict) -> dict:
+    """transformers' fused expert tensors as the release stores them: one linear per expert."""
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2F, H]
+            base = name.removesuffix("gate_up_proj")
+            for e in range(shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = out[f"{base}{e}.up_proj.weight"] = (shape[1] // 2, shape[2])
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, F]
+            base = name.removesuffix("down_proj")
+            for e in range(shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = (shape[1], shape[2])
+        else:
+            out[name] = shape
+    return out
+
+
 def build_mxfp4(folder: Path, experts: int) -> None:
     import torch
     import transformers
@@ -89,7 +106,7 @@ def build_fp8(folder: Path, experts: int) -> None:
         qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, vocab_size=1024, n_group=8, topk_group=4)
     tensors = {}
     gen = torch.Generator().manual_seed(1)
-    for name, shape in _shapes(transformers.DeepseekV3ForCausalLM, config).items():
+    for name, shape in _release_names(_shapes(transformers.DeepseekV3ForCausalLM, config)).items():
         t = _random(shape, gen)
         linear = (name.startswith("model.layers.") and name.endswith(".weight") and t.ndim == 2
                   and "norm" not in name and not name.endswith("mlp.gate.weight"))
