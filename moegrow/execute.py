@@ -24,7 +24,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -478,8 +478,12 @@ def _work_items(work: list[tuple[OutTensor, int, int]]) -> list[list[tuple[OutTe
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
                  device: str, threads: int, progress: Callable[[int], None] | None,
-                 warnings: list[str] | None = None) -> tuple[list[str], str]:
+                 warnings: list[str] | None = None, select: Collection[int] | None = None,
+                 write_index: bool = True) -> tuple[list[str], str]:
     """Write the plan's tensors as safetensors shards (+ index when sharded) into `folder`.
+
+    `select`: the indices of the shards to write (one rank's share, see moegrow.ranks), all by
+    default; `write_index`: whether to write the index.
 
     Source tensors that pass through torch (noised copies) are checked for NaN and Inf on the
     way; one warning per such tensor is appended to `warnings`. Returns the shard names and the
@@ -494,7 +498,9 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
-        for shard, name in zip(shards, names):
+        for k, (shard, name) in enumerate(zip(shards, names)):
+            if select is not None and k not in select:
+                continue
             head, offsets = header_bytes((t.name, t.dtype, t.shape, t.nbytes) for t in shard)
             fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
             out_fds.append(fd)
@@ -509,13 +515,32 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             for item in items:
                 job.write_items(item)
         else:
+            # `threads` workers pull from one queue (a future per tensor would cost about 1.4 KiB
+            # each: 500 MiB at DeepSeek-V3's 365,000 output tensors)
+            queue = iter(items)
+            lock = threading.Lock()
+            stop = threading.Event()
+
+            def worker() -> None:
+                while not stop.is_set():
+                    with lock:
+                        item = next(queue, None)
+                    if item is None:
+                        return
+                    try:
+                        job.write_items(item)
+                    except BaseException:
+                        stop.set()
+                        raise
+
             pool = ThreadPoolExecutor(threads)
             try:
-                for f in [pool.submit(job.write_items, item) for item in items]:
+                for f in [pool.submit(worker) for _ in range(threads)]:
                     f.result()
             finally:
                 # On an error or an interrupt, drop the queued tensors and let the running ones
                 # finish before their files are closed and removed.
+                stop.set()
                 with _signals_deferred():
                     pool.shutdown(wait=True, cancel_futures=True)
         for fd in out_fds:
@@ -527,7 +552,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     if warnings is not None:
         warnings.extend(nonfinite_message(tensors[name], n) + "; grown as it is (--strict refuses it)"
                         for name, n in sorted(job.nonfinite.items()) if n)
-    if len(shards) > 1:
+    if len(shards) > 1 and write_index:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in plan.tensors)},
             "weight_map": {t.name: n for shard, n in zip(shards, names) for t in shard},
@@ -568,7 +593,24 @@ def format_size(n: int) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """`obj` as indented JSON; a top-level value that is a Mapping but not a dict (the provenance
+    record's tensor mapping, 365,000 entries for a grown DeepSeek-V3) is streamed last, one entry per
+    line, never held as one string."""
+    lazy = {k: v for k, v in obj.items() if isinstance(v, Mapping) and not isinstance(v, dict)} \
+        if isinstance(obj, dict) else {}
+    head = json.dumps({k: v for k, v in obj.items() if k not in lazy} if lazy else obj, indent=2, sort_keys=True)
+    with open(path, "w", encoding="utf-8") as f:
+        if not lazy:
+            f.write(head + "\n")
+            return
+        f.write(head[:-2] + ",\n" if head != "{}" else "{\n")
+        for n, (key, mapping) in enumerate(lazy.items()):
+            f.write(f"  {json.dumps(key)}: {{")
+            sep = "\n"
+            for name, value in mapping.items():
+                f.write(f"{sep}    {json.dumps(name)}: {json.dumps(value, separators=(',', ':'))}")
+                sep = ",\n"
+            f.write("\n  }" + (",\n" if n < len(lazy) - 1 else "\n}\n"))
 
 
 def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path, output: Path, *,
