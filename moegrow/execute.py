@@ -387,7 +387,7 @@ class _Job:
 
     def write_tensor(self, t: OutTensor, dst_fd: int, pos: int) -> None:
         if t.encode is not None:
-            return self._write_encoded(t, dst_fd, pos)
+            return self._write_encoded([(t, dst_fd, pos)])
         if not t.flat:
             return self._write_joined(t, dst_fd, pos)
         for i, part in enumerate(t.parts):
@@ -408,22 +408,42 @@ class _Job:
             pos += n
             self.progress(n)
 
-    def _write_encoded(self, t: OutTensor, dst_fd: int, pos: int) -> None:
-        """A dequantised, converted or requantised tensor (moegrow.quant): part by part, byte copies where
-        a part is one (an original's values or scales kept as they are)."""
-        from .quant.transform import encoded_part, verbatim
+    def write_items(self, items: list[tuple[OutTensor, int, int]]) -> None:
+        """One work item (`_work_items`): a tensor, or the members of a requantised weight, together."""
+        if len(items) == 1:
+            return self.write_tensor(*items[0])
+        return self._write_encoded(items)
 
-        for i, part in enumerate(t.parts):
-            if verbatim(t, part, self.tensors):
+    def _write_encoded(self, items: list[tuple[OutTensor, int, int]]) -> None:
+        """Dequantised, converted or requantised tensors (moegrow.quant), each given with its file and
+        position: part by part and chunk by chunk, byte copies where a part is one (an original's values
+        or scales kept as they are). The members of one requantised weight come together, so that each
+        chunk of a copy is decoded, noised and encoded once for all of them."""
+        from .quant.transform import computed, verbatim
+
+        first = items[0][0]
+        pos = [p for _, _, p in items]
+        for i in range(len(first.parts)):
+            computing = []
+            for k, (t, fd, _) in enumerate(items):
+                part = t.parts[i]
+                if not verbatim(t, part, self.tensors):
+                    computing.append(k)
+                    continue
                 src = self.tensors[part.source]
                 off, n = part.span(src.nbytes)
-                self.copier.copy(self.fd(src.path), src.start + off, dst_fd, pos, n, str(src.path))
-            else:
-                data = encoded_part(self.plan, t, i, self.tensors, self.read, self.device)
-                pwrite_all(dst_fd, data, pos)
-                n = len(data)
-            pos += n
-            self.progress(n)
+                self.copier.copy(self.fd(src.path), src.start + off, fd, pos[k], n, str(src.path))
+                pos[k] += n
+                self.progress(n)
+            if not computing:
+                continue
+            for _, out, _ in computed(self.plan, items[computing[0]][0], i, self.tensors, self.read, self.device):
+                for k in computing:
+                    t, fd, _ = items[k]
+                    data = out[t.encode.member if t.encode and t.encode.format else ""]
+                    pwrite_all(fd, data, pos[k])
+                    pos[k] += len(data)
+                    self.progress(len(data))
 
     def _write_joined(self, t: OutTensor, dst_fd: int, pos: int) -> None:
         """Parts concatenated along an inner axis (an expert-index table's top-k axis): through torch."""
@@ -437,6 +457,23 @@ class _Job:
         data = join(pieces, t.dtype, t.axis)
         pwrite_all(dst_fd, data, pos)
         self.progress(len(data))
+
+
+def _work_items(work: list[tuple[OutTensor, int, int]]) -> list[list[tuple[OutTensor, int, int]]]:
+    """The tensors to write (each with its file and position) as work items: one per tensor, but the
+    members of a requantised weight (one `Encode.group`) in one item."""
+    items: list[list[tuple[OutTensor, int, int]]] = []
+    groups: dict[str, list[tuple[OutTensor, int, int]]] = {}
+    for w in work:
+        encode = w[0].encode
+        if encode is None or not encode.format:
+            items.append([w])
+        elif encode.group in groups:
+            groups[encode.group].append(w)
+        else:
+            groups[encode.group] = [w]
+            items.append(groups[encode.group])
+    return items
 
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
@@ -472,14 +509,15 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             work.extend((t, fd, len(head) + off) for t, off in zip(shard, offsets))
         # Byte copies first (they need no torch, which imports meanwhile), then transformed
         # tensors; large ones first in each, so that one big tensor does not finish the job alone.
-        work.sort(key=lambda w: (not w[0].is_copy, -w[0].nbytes))
+        items = _work_items(work)
+        items.sort(key=lambda w: (not all(t.is_copy for t, _, _ in w), -sum(t.nbytes for t, _, _ in w)))
         if threads <= 1:
-            for t, fd, pos in work:
-                job.write_tensor(t, fd, pos)
+            for item in items:
+                job.write_items(item)
         else:
             # `threads` workers pull from one queue (a future per tensor would cost about 1.4 KiB
             # each: 500 MiB at DeepSeek-V3's 365,000 output tensors)
-            queue = iter(work)
+            queue = iter(items)
             lock = threading.Lock()
             stop = threading.Event()
 
@@ -490,7 +528,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
                     if item is None:
                         return
                     try:
-                        job.write_tensor(*item)
+                        job.write_items(item)
                     except BaseException:
                         stop.set()
                         raise

@@ -104,6 +104,11 @@ class Codec(ABC):
         """float32 `x` (the weight's shape, or a slice of it along axis 0) encoded in this format
         with freshly computed scales: role -> tensor in the member's dtype (and the matching shape)."""
 
+    def extras(self, tensors: Mapping[str, TensorMeta]) -> list[str]:
+        """Tensors of the format that stand for no weight (activation scales, zero points): kept as they
+        are under ``--dtype keep``, dropped when the checkpoint is dequantised."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """For `inspect`: at least ``format``; ``block_size`` where there is one."""
         return {"format": self.format}

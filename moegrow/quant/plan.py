@@ -93,9 +93,12 @@ def planning_index(tensors: Mapping[str, TensorMeta], quant: Quantisation | None
     if quant is None and dtype == "keep":
         return dict(tensors)
     keep_f32 = lower_precision(tensors, quant)
+    dropped = set(quant.codec.extras(tensors)) if quant else set()  # `_with_extras` brings them back
     index: dict[str, TensorMeta] = {}
     for name, t in tensors.items():
         g = quant.by_member.get(name) if quant else None
+        if name in dropped:
+            continue
         if g is None:
             index[name] = Meta(target_of(t, dtype, keep_f32), tuple(t.shape))
         elif name == g.members[0].name:
@@ -119,7 +122,7 @@ def lower(plan: Plan, tensors: Mapping[str, TensorMeta], quant: Quantisation | N
             out.append(replace(t, encode=Encode(group=t.name)))
         else:
             out.append(t)
-    plan.tensors = out
+    plan.tensors = _with_extras(out, tensors, quant) if quant is not None and dtype == "keep" else out
     if dtype != "keep":
         _rewrite_config(plan, dtype)
         rounded = _rounded(out, tensors, quant)
@@ -128,6 +131,33 @@ def lower(plan: Plan, tensors: Mapping[str, TensorMeta], quant: Quantisation | N
             plan.warnings.append(f"--dtype {dtype}: {', '.join(rounded)} weights are rounded to {dtype}; the "
                                  "output computes the source's function only up to that rounding")
     return plan
+
+
+def _with_extras(out: list[OutTensor], tensors: Mapping[str, TensorMeta], quant: Quantisation) -> list[OutTensor]:
+    """--dtype keep: each format extra (`Codec.extras`: an activation scale...) follows its weight, a byte
+    copy of its original's beside every copy of a weight stored as one tensor (the planners never see
+    them: an activation scale takes no noise)."""
+    extras = quant.codec.extras(tensors)
+    if not extras:
+        return out
+    by_module: dict[str, list[str]] = {}
+    for name in extras:
+        by_module.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    codec, result = quant.codec, []
+    for t in out:
+        result.append(t)
+        values = t.encode is None or t.encode.member == codec.roles[0]
+        source = t.parts[0].source if len(t.parts) == 1 and values else ""
+        g = quant.groups.get(source) or quant.by_member.get(source)
+        if g is None or (t.encode is None and source != g.members[0].name):
+            continue
+        module, out_module = g.name.rsplit(".", 1)[0], codec.member_name(t.name, "values").rsplit(".", 1)[0]
+        if t.encode is None:
+            out_module = t.name.rsplit(".", 1)[0]
+        for name in by_module.get(module, []):
+            new = out_module + name[len(module):]
+            result.append(OutTensor(new, tensors[name].dtype, tuple(tensors[name].shape), (Part(name),)))
+    return result
 
 
 def _rounded(out: list[OutTensor], tensors: Mapping[str, TensorMeta], quant: Quantisation | None) -> list[str]:
@@ -213,6 +243,12 @@ def output_bytes(tensors: Mapping[str, TensorMeta], quant: Quantisation | None) 
             for dt, shape in metas:
                 n = DTYPE_SIZES[dt]
                 for d in shape:
+                    n *= d
+                total += n
+        if quant is not None and dtype == "keep":
+            for name in quant.codec.extras(tensors):
+                n = DTYPE_SIZES[tensors[name].dtype]
+                for d in tensors[name].shape:
                     n *= d
                 total += n
         sizes[dtype] = total

@@ -1,14 +1,19 @@
 """Computing the parts of an encoded output tensor (`plan.Encode`): decode, scale, noise, encode.
 
-Shared by execution and `verify` (which recomputes them bit for bit). Each part is computed alone:
-its source (a float tensor, or a quantised weight's members) read, decoded to float32 (float64 for
-float64), scaled, noised with the noise seeded by the encoded weight's dequantised output name,
-and written as the output's float dtype or as one member of the source's quantised format.
+Shared by execution and `verify` (which recomputes them bit for bit). Each part is computed alone,
+in chunks of whole rows along its leading axis (`chunks`: a slice of experts of a fused tensor, so
+that memory stays bounded by `CHUNK_ELEMENTS` floats and not by the tensor): its source (a float
+tensor, or a quantised weight's members) read, decoded to float32 (float64 for float64), scaled,
+noised with the noise seeded by the encoded weight's dequantised output name, and written as the
+output's float dtype or as the members of the source's quantised format. The noise of an element
+does not depend on the chunking: it is drawn in `moegrow.noise`'s blocks over the whole part
+(`NoiseStream`), whatever rows a chunk holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..io import DTYPE_SIZES
@@ -16,6 +21,10 @@ from ..plan import OutTensor, Part, Plan, TensorMeta
 from .tensors import from_bytes, to_bytes, torch_dtype
 
 Reader = Callable[[str, int, int], bytes]  # (source tensor, offset in it, byte count) -> bytes
+
+# floats of a part computed at once (64 MiB of float32): one expert of gpt-oss-120b's gate_up_proj
+# (2880 x 5760) is 16.6 M, so a chunk is one expert there; a part is never cut inside a row
+CHUNK_ELEMENTS = 1 << 24
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -41,6 +50,11 @@ def part_shape(plan: Plan, t: OutTensor, part: Part, tensors: Mapping[str, Tenso
     """The shape of `part`'s slice of the output tensor."""
     if t.encode is not None and t.encode.format and part.decode:
         return _sliced(plan.quant.groups[part.source].member(t.encode.member).shape, part)
+    return value_shape(plan, part, tensors)
+
+
+def value_shape(plan: Plan, part: Part, tensors: Mapping[str, TensorMeta]) -> tuple[int, ...]:
+    """The shape of `part`'s values as floats (a quantised weight's: dequantised)."""
     if part.decode:
         return _sliced(plan.quant.groups[part.source].shape, part)
     return _sliced(tensors[part.source].shape, part)
@@ -48,6 +62,36 @@ def part_shape(plan: Plan, t: OutTensor, part: Part, tensors: Mapping[str, Tenso
 
 def part_nbytes(plan: Plan, t: OutTensor, part: Part, tensors: Mapping[str, TensorMeta]) -> int:
     return _numel(part_shape(plan, t, part, tensors)) * DTYPE_SIZES[t.dtype]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows of a part computed together: `part` is the part narrowed to them, `offset` the index of
+    their first element in the part's values (where their noise starts)."""
+
+    part: Part
+    offset: int
+
+
+def chunks(plan: Plan, part: Part, tensors: Mapping[str, TensorMeta]) -> list[Chunk]:
+    """A part as runs of whole rows along axis 0, each of at most `CHUNK_ELEMENTS` values (one row at
+    least). A quantised weight is cut only when it has 3 dims or more (a fused expert tensor: the
+    codecs quantise each expert alone); a 2-d one (a block of fp8 rows shares one scale) stays whole."""
+    shape = value_shape(plan, part, tensors)
+    whole_part = part.relative or part.reinit is not None  # statistics over the whole part (noise_modes)
+    if not shape or whole_part or (part.decode and len(shape) < 3):
+        return [Chunk(part, 0)]
+    per_row = _numel(shape[1:])
+    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    if step >= shape[0]:
+        return [Chunk(part, 0)]
+    if part.rows is not None:
+        start, of = part.rows[0], part.rows[2]
+    else:
+        full = plan.quant.groups[part.source].shape if part.decode else tensors[part.source].shape
+        start, of = 0, full[0]
+    return [Chunk(replace(part, rows=(start + a, start + min(a + step, shape[0]), of)), a * per_row)
+            for a in range(0, shape[0], step)]
 
 
 def _read(read: Reader, name: str, dtype: str, shape: tuple[int, ...], part: Part) -> Any:
@@ -75,33 +119,80 @@ def source_values(plan: Plan, part: Part, tensors: Mapping[str, TensorMeta], rea
     return x.to(torch.float64 if src.dtype == "F64" else torch.float32)
 
 
-def noised(x: Any, part: Part, seed: int, group: str, index: int, device: str) -> Any:
-    """`x` times the part's scale plus its noise (seeded by `group` and the part index, in blocks)."""
-    from ..noise import BLOCK, noise_block
+class NoiseStream:
+    """The standard-normal draws of one part, any run of its elements at a time: `moegrow.noise`'s
+    blocks of `BLOCK` elements over the part's `total` values, each drawn once while its runs are
+    taken in order (the block a run ends in is kept for the next)."""
 
-    if part.relative or part.reinit is not None:  # --noise-mode relative, --reinit: in dequantised space
-        from ..noise_modes import apply
+    def __init__(self, seed: int, group: str, index: int, total: int, device: str) -> None:
+        self.seed, self.group, self.index, self.total, self.device = seed, group, index, total, device
+        self._block: tuple[int, Any] | None = None
 
-        return apply(x, part, seed, group, index, device).reshape(x.shape)
+    def take(self, offset: int, n: int) -> Any:
+        """Draws `offset` .. `offset + n` of the part (float32, on the device)."""
+        import torch
+
+        from ..noise import BLOCK, noise_block
+
+        pieces, pos = [], offset
+        while pos < offset + n:
+            b = pos // BLOCK
+            lo = b * BLOCK
+            if self._block is None or self._block[0] != b:
+                size = min(BLOCK, self.total - lo)
+                self._block = (b, noise_block(self.seed, self.group, self.index, b, size, self.device))
+            block = self._block[1]
+            end = min(lo + block.numel(), offset + n)
+            pieces.append(block[pos - lo:end - lo])
+            pos = end
+        if not pieces:
+            return torch.empty(0, dtype=torch.float32, device=self.device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def noised(x: Any, part: Part, noise: NoiseStream | None, offset: int, device: str) -> Any:
+    """`x` (values `offset`.. of the part) times the part's scale plus its noise."""
+    if part.relative or part.reinit is not None:  # --noise-mode relative, --reinit: in dequantised space,
+        from ..noise_modes import apply  # on the whole part (`chunks` keeps such a part whole)
+
+        assert noise is not None and offset == 0
+        return apply(x, part, noise.seed, noise.group, noise.index, device).reshape(x.shape)
     x = x.to(device)
     if part.scale != 1.0:
         x = x * part.scale
     if part.noise:
+        assert noise is not None
         flat = x.reshape(-1).clone()
-        for b, lo in enumerate(range(0, flat.numel(), BLOCK)):
-            n = min(BLOCK, flat.numel() - lo)
-            flat[lo:lo + n] += part.noise * noise_block(seed, group, index, b, n, device).to(flat.dtype)
+        flat += part.noise * noise.take(offset, flat.numel()).to(flat.dtype)
         x = flat.reshape(x.shape)
     return x
 
 
-def encoded_part(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorMeta], read: Reader,
-                 device: str = "cpu") -> bytes:
-    """The bytes of part `i` of encoded tensor `t` (not a `verbatim` one)."""
+def computed(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorMeta], read: Reader,
+             device: str = "cpu", sources: bool = False) -> Iterator[tuple[Chunk, dict[str, bytes], Any]]:
+    """Part `i` of encoded tensor `t` (not a `verbatim` one), chunk by chunk: each chunk's bytes by role,
+    every member's of a requantised weight (computed once for all of them), else {"": bytes}; and, with
+    `sources`, the chunk's source values (`source_values`, for verify's noise measurement), else None."""
     assert t.encode is not None
     part = t.parts[i]
-    x = noised(source_values(plan, part, tensors, read), part, plan.seed, t.encode.group, i, device)
-    if t.encode.format:
-        g = plan.quant.groups[part.source]
-        return to_bytes(plan.quant.codec.quantize(g, x)[t.encode.member].cpu())
-    return to_bytes(x.to(torch_dtype(t.dtype)).cpu())
+    noise = None
+    if part.noise or part.reinit is not None:
+        noise = NoiseStream(plan.seed, t.encode.group, i, _numel(value_shape(plan, part, tensors)), device)
+    for chunk in chunks(plan, part, tensors):
+        src = source_values(plan, chunk.part, tensors, read)
+        x = noised(src, chunk.part, noise, chunk.offset, device)
+        if t.encode.format:
+            g = plan.quant.groups[part.source]
+            out = {role: to_bytes(q.cpu()) for role, q in plan.quant.codec.quantize(g, x).items()}
+        else:
+            out = {"": to_bytes(x.to(torch_dtype(t.dtype)).cpu())}
+        del x
+        yield chunk, out, src if sources else None
+
+
+def encoded_part(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorMeta], read: Reader,
+                 device: str = "cpu") -> bytes:
+    """The bytes of part `i` of encoded tensor `t` (not a `verbatim` one), whole."""
+    assert t.encode is not None
+    role = t.encode.member if t.encode.format else ""
+    return b"".join(out[role] for _, out, _ in computed(plan, t, i, tensors, read, device))
