@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import MoegrowError, UnsupportedModelError
 from .layouts import layout_for
+from .quant.dequantised import dequantised_view, drop_quantization_config
 from .verify import IdentityWatch
 
 
@@ -153,7 +154,13 @@ class StreamedModel:
         from transformers.utils.generic import ContextManagers
 
         self.folder = folder
+        self._files = ExitStack()
+        raw = json.loads((folder / "config.json").read_text())
+        # a quantised checkpoint's weights, dequantised by moegrow's codecs as the loader reads them
+        self.slices, self.quant = dequantised_view(raw, self._open_slices())
         config = transformers.AutoConfig.from_pretrained(folder)
+        if self.quant is not None:  # plain float modules: no quantizer
+            drop_quantization_config(config)
         cls, config = model_class(config)
         with ContextManagers(cls.get_init_context(torch.float32, False, False, None)):
             model = cls(config)
@@ -162,9 +169,6 @@ class StreamedModel:
         self.load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(folder), dtype=torch.float32,
                                                dtype_plan=model._get_dtype_plan(torch.float32),
                                                weight_mapping=mapping, device_map={"": "cpu"})
-        self._files = ExitStack()
-        self.slices = self._open_slices()
-        raw = json.loads((folder / "config.json").read_text())
         try:
             prefix = layout_for(raw, str(folder / "config.json"), self.slices).layer_prefix
         except UnsupportedModelError:  # a dense source of `upcycle`: its decoder layers where transformers saves them
