@@ -520,7 +520,9 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
             if report.forward.get("max_abs_logit_diff") is not None:
                 err.print(f"  max abs logit difference: {report.forward['max_abs_logit_diff']:.3g}")
             if not report.forward.get("function_preserving") and not report.forward.get("layers_are_copies"):
-                why = f" ({record['lossy']})" if record.get("lossy") else ""
+                g = record.get("growth") or {}
+                why = record.get("lossy") or ("noise on the copies" if g.get("noise") or g.get("router_noise") else "")
+                why = f" ({why})" if why else ""
                 err.print(f"  differences reported, not checked: the growth does not claim its source's function{why}")
         err.print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} tensors checked")
     if not report.ok:

@@ -54,8 +54,8 @@ class LayerwiseResult:
 
 def layers_are_copies(record: dict[str, Any], layout: Any) -> bool:
     """Whether the growth a provenance record describes claims that every output layer computes its source
-    layer's function on the same input (not where --dtype rounded the weights): depth copies (unless the family's layers depend on their index) and
-    width growth that is exact at zero noise."""
+    layer's function on the same input: depth copies (unless the family's layers depend on their index) and
+    width growth that is exact at zero noise; neither where --dtype rounded the weights."""
     g = record.get("growth") or {}
     if record.get("lossy"):  # --dtype rounded the weights: each layer is its source's only up to that rounding
         return False
