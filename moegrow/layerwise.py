@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import MoegrowError, UnsupportedModelError
 from .layouts import layout_for
+from .quant.dequantised import dequantised_view, drop_quantization_config
 from .verify import IdentityWatch
 
 
@@ -54,8 +55,10 @@ class LayerwiseResult:
 def layers_are_copies(record: dict[str, Any], layout: Any) -> bool:
     """Whether the growth a provenance record describes claims that every output layer computes its source
     layer's function on the same input: depth copies (unless the family's layers depend on their index) and
-    width growth that is exact at zero noise."""
+    width growth that is exact at zero noise; neither where --dtype rounded the weights."""
     g = record.get("growth") or {}
+    if record.get("lossy"):  # --dtype rounded the weights: each layer is its source's only up to that rounding
+        return False
     moved = g.get("layer_map") is not None and any(j != m for j, m in enumerate(g["layer_map"]))
     if moved and layout.index_dependent_layers:
         return False
@@ -153,7 +156,13 @@ class StreamedModel:
         from transformers.utils.generic import ContextManagers
 
         self.folder = folder
+        self._files = ExitStack()
+        raw = json.loads((folder / "config.json").read_text())
+        # a quantised checkpoint's weights, dequantised by moegrow's codecs as the loader reads them
+        self.slices, self.quant = dequantised_view(raw, self._open_slices())
         config = transformers.AutoConfig.from_pretrained(folder)
+        if self.quant is not None:  # plain float modules: no quantizer
+            drop_quantization_config(config)
         cls, config = model_class(config)
         with ContextManagers(cls.get_init_context(torch.float32, False, False, None)):
             model = cls(config)
@@ -162,9 +171,6 @@ class StreamedModel:
         self.load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(folder), dtype=torch.float32,
                                                dtype_plan=model._get_dtype_plan(torch.float32),
                                                weight_mapping=mapping, device_map={"": "cpu"})
-        self._files = ExitStack()
-        self.slices = self._open_slices()
-        raw = json.loads((folder / "config.json").read_text())
         try:
             prefix = layout_for(raw, str(folder / "config.json"), self.slices).layer_prefix
         except UnsupportedModelError:  # a dense source of `upcycle`: its decoder layers where transformers saves them

@@ -115,6 +115,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
         },
         "noise_device": device,
         "function_preserving": plan.function_preserving,
+        **({"lossy": plan.lossy} if plan.lossy else {}),  # --dtype rounds weights: no layer is an exact copy
         "config_changes": plan.config_changes,
         "warnings": plan.warnings,
         **({"identity_init": plan.filled()} if plan.depth_init == "identity" else {}),

@@ -25,6 +25,7 @@ from .layouts import wrapper_of
 from .neurons import NOISE_MODES, RECORD_KEYS, record_extra_ok
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, mapping_differs
+from .quant.dequantised import is_quantised
 from .quant.verify import check_encoded
 from .source import Source, read_config
 
@@ -323,6 +324,20 @@ def _watch_identity(model: Any, layers: Any, watch: IdentityWatch) -> None:
         layers[j].register_forward_hook(hook(j), with_kwargs=True)
 
 
+def _dequantised_whole(path: Path) -> Any:
+    """A quantised checkpoint as a whole float32 model: built without a quantizer and loaded through
+    transformers' conversion with every weight dequantised by moegrow's codecs (see moegrow.quant.dequantised)."""
+    from .layerwise import StreamedModel
+
+    streamed = StreamedModel(path)
+    try:
+        for i in range(len(streamed.layers)):
+            streamed.load_layer(i)
+    finally:
+        streamed.close()
+    return streamed.model
+
+
 def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32,
                  identity: IdentityWatch | None = None) -> float:
     """Max abs logit difference of the two checkpoints on fixed random tokens, in float32.
@@ -343,7 +358,7 @@ def forward_diff(source: Path, output: Path, seed: int = 0, tokens: int = 32,
         # their multimodal-LM class's text module (`Wrapper.text_module`)
         autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText)
         auto = next((a for a in autos if type(config) in a._model_mapping), transformers.AutoModelForMultimodalLM)
-        model = auto.from_pretrained(path, dtype=torch.float32)
+        model = _dequantised_whole(path) if is_quantised(path) else auto.from_pretrained(path, dtype=torch.float32)
         wrapper = wrapper_of(config.model_type)
         if wrapper is not None and wrapper.text_module:
             model = getattr(model, wrapper.text_module)
