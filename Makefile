@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench bench-verify clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint:
 bench:
 	$(BIN)/python benchmarks/bench.py --size 1
 	$(BIN)/python benchmarks/bench.py --size 4
+
+# verify --forward's peak RSS on a Qwen3-30B-A3B-width checkpoint (16 GiB of disk while it runs)
+bench-verify:
+	$(BIN)/python benchmarks/bench_verify.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

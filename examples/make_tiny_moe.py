@@ -1,6 +1,8 @@
 """Build a tiny random Mixture-of-Experts checkpoint to try moegrow on (no download needed).
 
-Usage: .venv/bin/python examples/make_tiny_moe.py [mixtral|qwen2_moe|qwen3_moe|olmoe|deepseek_v3] OUT [--fp8 B]
+Usage: .venv/bin/python examples/make_tiny_moe.py [mixtral|qwen2_moe|qwen3_moe|olmoe|deepseek_v3|llama] OUT [--fp8 B]
+
+llama is dense: a source for `moegrow upcycle`.
 
 `--fp8 B` writes it as DeepSeek-V3's releases are stored: every decoder linear but the router in
 float8_e4m3fn with one float32 `weight_scale_inv` per BxB block (scale = block amax / 448, edge
@@ -28,6 +30,7 @@ CONFIGS = {
                         n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
                         kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=32,
                         v_head_dim=32, head_dim=32),
+    "llama": dict(),  # dense, to upcycle into mixtral
 }
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
@@ -63,25 +66,33 @@ def to_fp8(folder: Path, block: int) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", nargs="?", default="mixtral", choices=sorted(CONFIGS))
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--fp8", type=int, metavar="B", help="store as fp8 with BxB block scales")
-    args = parser.parse_args()
+SIZES = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build(family: str, out: str | Path, **sizes) -> Path:
+    """Save a tiny random `family` checkpoint (bf16) to `out`; `sizes` overrides the config's sizes."""
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    config = transformers.AutoConfig.for_model(
-        args.family, vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **CONFIGS[args.family])
+    config = transformers.AutoConfig.for_model(family, **{**SIZES, **CONFIGS[family], **sizes})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     with torch.no_grad():  # routers with real spread, so that routing matters
         for name, p in model.named_parameters():
             if "gate.weight" in name or "router" in name:
                 p.normal_(0, 0.5)
-    model.save_pretrained(args.out)
+    model.save_pretrained(out)
+    return Path(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", nargs="?", default="mixtral", choices=sorted(CONFIGS))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--fp8", type=int, metavar="B", help="store as fp8 with BxB block scales")
+    args = parser.parse_args()
+    build(args.family, args.out)
     if args.fp8:
         to_fp8(args.out, args.fp8)
     fp8 = f" (fp8, {args.fp8}x{args.fp8} block scales)" if args.fp8 else ""

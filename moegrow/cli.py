@@ -479,12 +479,19 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
 def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown checkpoint folder.")],
            forward: Annotated[bool, typer.Option(
                "--forward", help="Also run both models with transformers (float32) on fixed random "
-               "tokens and compare logits; fails beyond --atol when the growth claims exactness. After --depth-init "
-               "identity, also checks that every added layer copy returns its input (within --atol).")] = False,
-           atol: Annotated[float, typer.Option(help="Logit tolerance for --forward.")] = 1e-4,
+               "tokens, one decoder layer at a time (memory: the weights outside the layers plus about two "
+               "layers in float32): each output layer on its source layer's input, and the logits; fails "
+               "beyond --atol on a layer the growth says is a copy of its source, or on the logits when it "
+               "claims exactness. After --depth-init identity, also that every added layer copy "
+               "returns its input (within --atol).")] = False,
+           whole: Annotated[bool, typer.Option(
+               "--whole", help="With --forward: load both whole models in float32 and compare logits only "
+               "(small models; implies --forward).")] = False,
+           atol: Annotated[float, typer.Option(help="Tolerance for --forward (per-layer outputs and logits).")] = 1e-4,
            revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
     """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
-    from .verify import _read_record, forward_diff
+    from .layerwise import forward_check
+    from .verify import _read_record
     from .verify import verify as run_verify
 
     src = _open(source, revision)
@@ -492,21 +499,10 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
     total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
     with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
         report = run_verify(src, output, progress)
-    if forward:
-        watch = _identity_watch(src, record)
-        diff = forward_diff(src.folder, output, identity=watch)
-        exact = bool(record.get("function_preserving"))
-        report.forward = {"max_abs_logit_diff": diff, "atol": atol, "function_preserving": exact}
-        if watch is not None:
-            report.forward["identity_layers"] = {str(j): d for j, d in sorted(watch.found.items())}
-            for j in watch.positions:
-                d = watch.found.get(j)
-                if d is None or not d <= atol:
-                    what = "did not run" if d is None else f"changes its input by {d:.3g} > {atol:g}"
-                    report.problems.append(f"new layer {j}: an added copy under --depth-init identity, but it {what}")
-        if exact and not diff <= atol:
-            report.problems.append(f"logits differ by {diff:.3g} > {atol:g}, but the growth claims to "
-                                   "preserve the function")
+    if forward or whole:
+        report.forward, problems = forward_check(src.folder, output, record, atol, whole,
+                                                 identity=_identity_watch(src, record))
+        report.problems.extend(problems)
     if json_out:
         _emit(report.as_dict())
     elif not quiet:
@@ -517,7 +513,11 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
             err.print(f"  measured noise std on {len(vals)} tensors: min {min(vals):.4g}, "
                       f"max {max(vals):.4g}")
         if report.forward:
-            err.print(f"  max abs logit difference: {report.forward['max_abs_logit_diff']:.3g}")
+            for d in report.forward.get("layers", []):
+                err.print(f"  layer {d['layer']} (source layer {d['source_layer']}): max abs difference "
+                          f"{d['max_abs_diff']:.3g}")
+            if report.forward.get("max_abs_logit_diff") is not None:
+                err.print(f"  max abs logit difference: {report.forward['max_abs_logit_diff']:.3g}")
         err.print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} tensors checked")
     if not report.ok:
         raise VerificationFailed(f"{len(report.problems)} problem(s); first: {report.problems[0]}")

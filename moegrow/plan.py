@@ -355,6 +355,9 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
                 layer_map=list(layer_map), config_changes=changes, exact=init == "identity", depth_init=init)
     if identity:
         _check_zeroed(plan, sorted(identity))
+    if layout.index_dependent_layers and any(j != m for j, m in enumerate(layer_map)):
+        plan.warnings.append(f"{layout.name}: {layout.index_dependent_layers}: a layer copied to another index "
+                             "does not compute its original's function")
     if anatomy.extra_layers:
         plan.warnings.append(
             f"layers {list(anatomy.extra_layers)} lie after the {n_old} decoder layers (MTP); "

@@ -15,7 +15,7 @@ Modules:
   wrappers.py   `WRAPPERS` (multimodal checkpoints) and the residual writers of wrapper-only decoders
   registry.py   `layout_for`, `as_saved`, `wrapper_of`, `supported_*_types`; the full `RESIDUAL` table
 
-Design note: `Layout`'s parts (not done, on purpose). `Layout` has 39 flat fields, read as `layout.<field>` about
+Design note: `Layout`'s parts (not done, on purpose). `Layout` has 40 flat fields, read as `layout.<field>` about
 100 times across cli, configs, grow, anatomy, counts, inspection, plan, card and upcycle (files other branches
 are editing), and named as strings in `Wrapper.layout_overrides` and in `dataclasses.replace(layout, ...)` calls
 (`as_saved`, `_layout_for`, wrappers.py). They fall into cohesive parts, each a frozen dataclass of its own:
@@ -27,7 +27,8 @@ are editing), and named as strings in `Wrapper.layout_overrides` and in `datacla
               (how each tensor lays out the expert axis)
   MoeLayers   moe_rule, dense_prefix_key, default_dense, moe_block_types, moe_range, moe_period_key
               (which layers are MoE)
-  DepthRules  depth_keys, depth_refused, depth_refused_keys, not_in_first_layer (and `Residual`, now a table)
+  DepthRules  depth_keys, depth_refused, depth_refused_keys, not_in_first_layer, index_dependent_layers
+              (and `Residual`, now a table)
   WidthRules  width_rules, tensor_rules, exact_width, inexact_reason, width_refused
   Doc         routing, notes
 New knowledge goes in as a part, not as more flat fields: quantisation (the scale suffixes `_KEEP_SUFFIXES`,

@@ -106,6 +106,7 @@ LAYOUTS: tuple[Layout, ...] = (
         default_dense=3,  # a config without mlp_layer_types has min(3, L) dense layers
         depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
         width_rules=_group_rules(),
+        index_dependent_layers="residual adds are scaled by the layer's index (1/sqrt(2(l+1)))",
     ),
     Layout(
         name="bailing_hybrid",

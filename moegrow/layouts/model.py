@@ -285,6 +285,9 @@ class Layout:
     # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
     mtp_prefix: str = ""
     notes: tuple[str, ...] = field(default=())
+    # non-empty where a decoder layer's function depends on its index (why): a depth copy placed at another
+    # index computes another function, so `verify --forward` reports its difference without failing on it
+    index_dependent_layers: str = ""
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
 
