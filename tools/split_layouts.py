@@ -1,12 +1,15 @@
 """Regenerate the moegrow/layouts/ package from a single-file moegrow/layouts.py (a merge aid; delete after).
 
-Branches cut before the package split edit moegrow/layouts.py; merging them after the split is a modify/delete
-conflict. Resolve it by letting git merge the single file first, then regenerating the package from it:
+Branches cut before the package split edit moegrow/layouts.py. Simplest: merge those into main first, then
+this branch; git reports a modify/delete conflict and leaves main's (merged) layouts.py in the tree:
 
-    git show <merged commit or branch>:moegrow/layouts.py > /tmp/layouts.py   # or the conflicted working file
-    python tools/split_layouts.py /tmp/layouts.py      # rewrites the derived modules, runs `ruff check --fix`
-    python tools/split_layouts.py /tmp/layouts.py --check   # the same data as the single file? (repr of every
-                                                             # Layout, Wrapper, Residual; model_type lookups)
+    python tools/split_layouts.py moegrow/layouts.py           # rewrites the derived modules, `ruff check --fix`
+    python tools/split_layouts.py moegrow/layouts.py --check   # same data? (repr of every Layout, Wrapper and
+    git rm moegrow/layouts.py                                  # Residual, model_type lookups, each residual)
+
+A branch merged after this one: run the script on `git merge-file` of its layouts.py, its merge base's and the
+single file this package was generated from (while the package is still as this script writes it), or move
+its hunks by hand: a family's to the module `LINEAGES` names, `Layout` fields to model.py, helpers to shared.py.
 
 Derived modules: model.py (everything up to the end of `class Layout`, new fields included), shared.py (the
 constants and helpers between `Layout` and `LAYOUTS`, and the residual constants), one module per lineage
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import re
 import shutil
 import subprocess
@@ -263,7 +265,6 @@ def check(source: Path) -> None:
         raise SystemExit(1)
     print(f"split_layouts: same data ({len(a['layouts'])} layouts, {len(a['wrappers'])} wrappers, "
           f"{len(a['residual'])} residual entries)")
-    json.dumps(a)
 
 
 if __name__ == "__main__":
