@@ -39,7 +39,7 @@ class NewTensor:
 @dataclass(frozen=True)
 class Sibling:
     dense: str                  # the dense model_type
-    moe: str                    # the MoE model_type (a layouts.py family)
+    moe: str                    # the MoE model_type (a moegrow.layouts family)
     architecture: str           # config.json `architectures` of the MoE model
     # per-expert tensor (after `{experts_prefix}{e}.`), or a fused one (a `fused_experts` name, relative to
     # the layer, expert axis first), from the dense MLP tensors concatenated along axis 0 (gate then up)

@@ -1,0 +1,128 @@
+"""Qwen's MoE families, and Qwen-style layouts.
+
+decoder_sparse_step / mlp_only_layers pick the MoE layers; a sigmoid-gated shared expert under
+mlp.shared_expert.
+"""
+
+from __future__ import annotations
+
+from .model import DepthKey, Layout, Residual, TensorRule
+from .shared import (
+    _ATTN,
+    _COUNT,
+    _EXPERT_DOWN,
+    _HALVED_WHEN_RAW,
+    _LAYER_TYPES,
+    _MLP_DOWN,
+    _MTP_OUTSIDE,
+    _RAW_SIGMOID,
+    _SHARED1_DOWN,
+    _SOFTMAX_TOPK,
+)
+
+_QWEN_DEPTH = (
+    DepthKey("num_hidden_layers", "count"),
+    DepthKey("layer_types", "per_layer"),
+    DepthKey("max_window_layers", "prefix_count"),
+    DepthKey("decoder_sparse_step", "sparse_step"),
+    DepthKey("mlp_only_layers", "index_list"),
+)
+_QWEN_LINEAR_WRITERS = (_ATTN, "linear_attn.out_proj", _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert",
+        moe_rule="sparse_step",
+        depth_keys=_QWEN_DEPTH,
+    ),
+    Layout(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        routing=_SOFTMAX_TOPK,
+        moe_rule="sparse_step",
+        depth_keys=_QWEN_DEPTH,
+    ),
+    Layout(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert",
+        moe_rule="sparse_step",
+        depth_keys=_QWEN_DEPTH,
+        mtp_prefix="mtp.",
+        notes=(_MTP_OUTSIDE,),
+    ),
+    Layout(
+        name="qwen3_5_moe_text",
+        model_types=("qwen3_5_moe_text",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing="softmax over all experts, top-k, renormalised; plus a sigmoid-gated shared expert",
+        depth_keys=(_COUNT, _LAYER_TYPES),
+        mtp_prefix="mtp.",
+        notes=(_MTP_OUTSIDE,),
+    ),
+    Layout(
+        name="qwen4_exp_text",
+        model_types=("qwen4_exp_text",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert (with hyper-connections)",
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("ple_layer_ids", "ranked_index_list_1based")),
+        mtp_prefix="mtp.",
+        notes=(_MTP_OUTSIDE,
+               "a PLE layer's n-gram table sizes and hashing derive from its rank in ple_layer_ids: depth "
+               "maps that copy a PLE layer to another rank (any 2x map) are refused",),
+    ),
+    Layout(
+        name="flint",
+        model_types=("flint",),
+        experts_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        experts_prefix="mlp.experts.",
+        router_weights=("mlp.gate.weight",),
+        shared_prefix="mlp.shared_expert.",
+        routing=("sigmoid scores; top-k of the scores; normalised when norm_topk_prob (the default); "
+                 "plus an ungated shared expert"),
+        moe_rule="sparse_step",
+        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("decoder_sparse_step", "sparse_step"),
+                    DepthKey("mlp_only_layers", "index_list")),
+        tensor_rules=(TensorRule("down_proj.weight", _RAW_SIGMOID, when=(("norm_topk_prob", False),),
+                                 defaults=(("norm_topk_prob", True),)),),
+        notes=("a config without mlp_only_layers makes layers 0 and 1 dense (the config class's default)",
+               _HALVED_WHEN_RAW),
+    ),
+)
+
+# what each family's decoder layer writes into the residual stream (see `Residual`)
+RESIDUAL: dict[str, Residual] = {
+    "qwen2_moe": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)),
+    "qwen3_moe": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN)),
+    "qwen3_next": Residual(_QWEN_LINEAR_WRITERS),
+    "qwen3_5_moe_text": Residual(_QWEN_LINEAR_WRITERS),
+    # hyper-connections without stream mixing: out = input streams + injection of f (zero when f is)
+    "qwen4_exp_text": Residual((*_QWEN_LINEAR_WRITERS, "ple.value_proj")),
+    "flint": Residual((_ATTN, _MLP_DOWN, _EXPERT_DOWN, _SHARED1_DOWN)),
+}
