@@ -151,6 +151,8 @@ class Plan:
     lossy: str = ""              # why the --dtype conversion rounds weights, if it does
     # a quantised source: output tensor shapes with each quantised weight as one tensor (parameter counts)
     dequantised_shapes: dict[str, tuple[int, ...]] | None = None
+    selection: dict[int, list[int]] | None = None  # --select: per MoE layer, the experts copied (moegrow.selection)
+    select: str = ""                               # --select: load or first
 
     @property
     def function_preserving(self) -> bool:

@@ -71,6 +71,8 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "allow_inexact": plan.allow_inexact,
             "depth_init": plan.depth_init,
             "dtype": plan.dtype,
+            **({"select": plan.select, "selection": {str(k): v for k, v in plan.selection.items()}}
+               if plan.selection is not None else {}),
             **({k: v for k, v in plan.upcycle.items() if k != "why_exact"} if plan.upcycle else {}),
         },
         "noise_device": device,
