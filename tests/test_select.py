@@ -1,0 +1,147 @@
+"""grow-width to any expert count: --select load picks what a count done here with transformers picks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from .conftest import build_model, logits, run, save, weights
+
+TEXT = ("the router sends each token to a few experts and the experts that see the most tokens are the "
+        "ones worth copying when the model grows wider so count them on real text before choosing")
+FAMILIES = {"mixtral": "model.layers.{l}.block_sparse_moe.", "qwen3_moe": "model.layers.{l}.mlp."}  # as saved
+EXPERT = {"mixtral": "w1.weight", "qwen3_moe": "gate_proj.weight"}
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer trained here on TEXT (no network), ids within the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("select")
+    out = {}
+    for family in FAMILIES:
+        folder = save(build_model(family, seed=3), root / family)
+        _tokenizer().save_pretrained(folder)
+        out[family] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calibration.txt"
+    path.write_text(TEXT + "\n")
+    return path
+
+
+def _count(folder: Path, text: str, n: int) -> dict[str, list[int]]:
+    """Per layer, the n experts transformers' own forward routes to most often (ties to the lower index)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    assert ids.shape[1] <= model.config.max_position_embeddings  # one sequence
+    with torch.no_grad():
+        routers = model(input_ids=ids, output_router_logits=True).router_logits
+    k = model.config.num_experts_per_tok
+    out = {}
+    for layer, r in enumerate(routers):
+        counts = torch.bincount(torch.topk(r.float().softmax(-1), k, dim=-1).indices.flatten(), minlength=r.shape[-1])
+        out[str(layer)] = sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))[:n]
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_load_picks_the_most_routed_experts(family, sources, calibration, tmp_path):
+    src = sources[family]
+    want = _count(src, calibration.read_text(), 2)
+    assert any(v != [0, 1] for v in want.values())  # a load selection that differs from --select first
+    code, out, err = run("grow-width", src, tmp_path / "dry", "--experts", "6", "--select", "load",
+                         "--calibration", calibration, "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["selection"] == want
+    assert plan["experts"] == [4, 6] and plan["top_k"] == [2, 2] and not plan["function_preserving"]
+    dest = tmp_path / "out"
+    code, _, err = run("grow-width", src, dest, "--experts", "6", "--select", "load", "--calibration",
+                       calibration, "--noise", "0.01", "--quiet")
+    assert code == 0, err
+    record = json.loads((dest / "moegrow.json").read_text())
+    assert record["growth"]["selection"] == want and record["growth"]["select"] == "load"
+    logits(dest)  # loads with no missing, unexpected or mismatched keys
+    a, b = weights(src), weights(dest)
+    for layer, chosen in want.items():
+        moe = FAMILIES[family].format(l=layer)
+        g = f"{moe}gate.weight"
+        assert b[g].shape[0] == 6
+        assert torch.equal(b[g][:4], a[g]) and torch.equal(b[g][4:], a[g][chosen])
+        for i, e in enumerate(chosen):  # the copy of expert e, noised
+            new, old = b[f"{moe}experts.{4 + i}.{EXPERT[family]}"], a[f"{moe}experts.{e}.{EXPERT[family]}"]
+            assert 0 < (new - old).abs().max() < 0.1
+    card = (dest / "README.md").read_text()
+    assert f"--calibration {calibration}" in card and "--select load" in card
+    code, _, err = run("verify", src, dest)
+    assert code == 0, err
+
+
+def test_first_copies_the_lowest_experts_and_verify_catches_a_tampered_selection(sources, tmp_path):
+    src = sources["mixtral"]
+    dest = tmp_path / "out"
+    code, _, err = run("grow-width", src, dest, "--experts", "7", "--select", "first", "--quiet")
+    assert code == 0, err
+    record = json.loads((dest / "moegrow.json").read_text())
+    assert record["growth"]["selection"] == {str(i): [0, 1, 2] for i in range(3)}
+    assert record["function_preserving"] is False
+    a, b = weights(src), weights(dest)
+    for layer in range(3):
+        moe = FAMILIES["mixtral"].format(l=layer)
+        for i in range(3):
+            assert torch.equal(b[f"{moe}experts.{4 + i}.w2.weight"], a[f"{moe}experts.{i}.w2.weight"])
+        assert torch.equal(b[f"{moe}gate.weight"], torch.cat([a[f"{moe}gate.weight"], a[f"{moe}gate.weight"][:3]]))
+    logits(dest)
+    assert run("verify", src, dest)[0] == 0
+    record["growth"]["selection"]["1"] = [0, 1, 3]
+    (dest / "moegrow.json").write_text(json.dumps(record))
+    code, _, err = run("verify", src, dest)
+    assert code == 1 and "differs" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experts", "6"], "--select load --calibration FILE or --select first"),
+    (["--experts", "6", "--select", "first", "--top-k", "scale"], "cannot be scaled by a fraction"),
+    (["--experts", "6", "--select", "load"], "needs --calibration"),
+    (["--experts", "9", "--select", "first"], "grow by a factor first"),
+    (["--experts", "8", "--select", "first"], "--select and --calibration apply"),
+    (["--experts", "6", "--select", "best"], "--select must be load or first"),
+])
+def test_refusals(args, message, sources, tmp_path):
+    code, _, err = run("grow-width", sources["mixtral"], tmp_path / "out", *args)
+    assert code == 2 and message in " ".join(err.split()), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_needs_a_tokenizer_and_text(sources, calibration, tmp_path):
+    src = sources["mixtral"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "6", "--select", "load",
+                       "--calibration", empty)
+    assert code == 2 and "calibration file is empty" in err
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "6", "--select", "load",
+                       "--calibration", tmp_path / "missing.txt")
+    assert code == 2 and "cannot read the calibration file" in err
+    bare = save(build_model("mixtral"), tmp_path / "bare")
+    (bare / "tokenizer_config.json").unlink()
+    code, _, err = run("grow-width", bare, tmp_path / "out", "--experts", "6", "--select", "load",
+                       "--calibration", calibration)
+    assert code == 2 and "tokenizer" in err and len(err.strip().splitlines()) == 1, err
