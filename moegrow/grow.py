@@ -98,7 +98,8 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
         return lower(plan_depth(config, tensors, layout, lmap or [], depth_init), source.tensors, quant, dtype)
     if n_select is not None:
         chosen = selection if selection is not None else selection_for(
-            select, calibration, source.folder, config, layout, tensors, n_select)
+            select, calibration, source.folder, config, layout, tensors, n_select,
+            quant.describe()["format"] if quant is not None else "")
         return lower(plan_selected(config, tensors, layout, n_select, chosen, select or "recorded", **width),
                      source.tensors, quant, dtype)
     if operation == "grow-width":

@@ -273,8 +273,10 @@ def calibrate(folder: Path, calibration: str | Path, moe_layers: Sequence[int], 
 
 
 def selection_for(select: str | None, calibration: str | None, folder: Path, config: Mapping[str, Any],
-                  layout: Layout, tensors: Mapping[str, TensorMeta], n_new: int) -> dict[int, list[int]]:
-    """The selection `--select` asks for (see the module docstring)."""
+                  layout: Layout, tensors: Mapping[str, TensorMeta], n_new: int,
+                  quantised: str = "") -> dict[int, list[int]]:
+    """The selection `--select` asks for (see the module docstring). `quantised`: the source's quantisation
+    format, if any: the calibration forward loads float checkpoints only (no quantizer in the layer loop)."""
     if select not in SELECTS:
         raise GrowthError(f"--experts {n_new} is not a multiple of the source's {layout.num_experts(config)} "
                           "experts: give --select load --calibration FILE or --select first"
@@ -287,5 +289,8 @@ def selection_for(select: str | None, calibration: str | None, folder: Path, con
         return first_selection(anatomy.moe_layers, n)
     if not calibration:
         raise GrowthError("--select load needs --calibration FILE (a plain text file)")
+    if quantised:
+        raise GrowthError(f"{folder}: --select load runs the source layer by layer in float32, which moegrow does "
+                          f"for float checkpoints only, and this one is quantised ({quantised}); use --select first")
     return calibrate(folder, calibration, anatomy.moe_layers, anatomy.num_experts, n)
 

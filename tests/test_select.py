@@ -130,6 +130,11 @@ def test_refusals(args, message, sources, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_grow_on_both_axes_refuses_a_selection(sources, tmp_path):
+    code, _, err = run("grow", sources["mixtral"], tmp_path / "out", "--layers", "2x", "--experts", "6")
+    assert code == 2 and "only grow-width selects experts" in " ".join(err.split()), err
+
+
 def test_calibration_needs_a_tokenizer_and_text(sources, calibration, tmp_path):
     src = sources["mixtral"]
     empty = tmp_path / "empty.txt"
@@ -145,3 +150,38 @@ def test_calibration_needs_a_tokenizer_and_text(sources, calibration, tmp_path):
     code, _, err = run("grow-width", bare, tmp_path / "out", "--experts", "6", "--select", "load",
                        "--calibration", calibration)
     assert code == 2 and "tokenizer" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fused_experts_and_a_quantised_source(calibration, tmp_path):
+    """gpt_oss: fused experts [E, ...] and router biases take the selected rows; a float source is calibrated,
+    an MXFP4 one takes --select first (its copies are byte copies of the blocks and scales) and refuses load."""
+    from .mx_checkpoints import gpt_oss_float, gpt_oss_mxfp4, load_mxfp4
+
+    src = save(gpt_oss_float(3), tmp_path / "float")
+    _tokenizer().save_pretrained(src)
+    want = _count(src, calibration.read_text(), 2)
+    assert any(v != [0, 1] for v in want.values())
+    dest = tmp_path / "out"
+    code, _, err = run("grow-width", src, dest, "--experts", "6", "--select", "load", "--calibration", calibration,
+                       "--quiet")
+    assert code == 0, err
+    a, b = weights(src), weights(dest)
+    for layer, chosen in want.items():
+        for rel in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj_bias", "mlp.router.weight", "mlp.router.bias"):
+            name = f"model.layers.{layer}.{rel}"
+            assert torch.equal(b[name], torch.cat([a[name], a[name][chosen]])), name
+    logits(dest)
+    assert run("verify", src, dest)[0] == 0
+    q = gpt_oss_mxfp4(tmp_path / "mxfp4", 3)
+    _tokenizer().save_pretrained(q)
+    code, _, err = run("grow-width", q, tmp_path / "q-load", "--experts", "6", "--select", "load",
+                       "--calibration", calibration)
+    assert code == 2 and "quantised (mxfp4)" in err
+    code, _, err = run("grow-width", q, tmp_path / "q", "--experts", "5", "--select", "first", "--quiet")
+    assert code == 0, err
+    a, b = weights(q), weights(tmp_path / "q")
+    for name, t in a.items():
+        if name.endswith(("_blocks", "_scales")):
+            assert torch.equal(b[name], torch.cat([t, t[:1]])), name
+    load_mxfp4(tmp_path / "q")
+    assert run("verify", q, tmp_path / "q")[0] == 0
