@@ -185,3 +185,39 @@ def test_fused_experts_and_a_quantised_source(calibration, tmp_path):
             assert torch.equal(b[name], torch.cat([t, t[:1]])), name
     load_mxfp4(tmp_path / "q")
     assert run("verify", q, tmp_path / "q")[0] == 0
+
+
+def test_deepseek_v3_load_and_grouped_routing(calibration, tmp_path):
+    """deepseek_v3 (sigmoid scores, correction bias, a dense first layer): the selection equals a count of the
+    indices transformers' own routers return in a whole-model forward; with n_group > 1 a selection is refused
+    (the groups cannot follow N/E)."""
+    src = save(build_model("deepseek_v3", 3, n_group=1, topk_group=1), tmp_path / "src")
+    _tokenizer().save_pretrained(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    counts: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None:
+            gate.register_forward_hook(lambda m, a, out, i=i: counts.__setitem__(
+                str(i), torch.bincount(out[2].flatten(), minlength=8)))
+    ids = transformers.AutoTokenizer.from_pretrained(src)(calibration.read_text())["input_ids"]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    want = {k: sorted(range(8), key=lambda e: (-int(c[e]), e))[:4] for k, c in counts.items()}
+    assert sorted(want) == ["1", "2"]
+    code, out, err = run("grow-width", src, tmp_path / "dry", "--experts", "12", "--select", "load",
+                         "--calibration", calibration, "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out)["selection"] == want
+    dest = tmp_path / "out"
+    code, _, err = run("grow-width", src, dest, "--experts", "12", "--select", "load", "--calibration",
+                       calibration, "--router-noise", "0.01", "--quiet")
+    assert code == 0, err
+    b, a = weights(dest), weights(src)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert torch.equal(b[bias], torch.cat([a[bias], a[bias][want["1"]]]))
+    logits(dest)
+    assert run("verify", src, dest)[0] == 0
+    grouped = save(build_model("deepseek_v3", 3), tmp_path / "grouped")
+    code, _, err = run("grow-width", grouped, tmp_path / "g", "--experts", "12", "--select", "first")
+    assert code == 2 and "n_group=4" in err, err
