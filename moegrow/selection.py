@@ -24,6 +24,7 @@ from .plan import OutTensor, Part, Plan, TensorMeta, _check_noise, _ordered
 
 SELECTS = ("load", "first")
 CHUNK = 2048  # calibration tokens per sequence (at most the model's max_position_embeddings)
+PASS = 8      # sequences per forward pass: each pass reads the checkpoint once, one layer at a time
 WHY_INEXACT = "N is not a multiple of the source's experts: top-k cannot be scaled by N/E"
 
 
@@ -219,8 +220,10 @@ def _indices(output: Any) -> Any:
 def count_load(folder: Path, ids: Sequence[int], moe_layers: Sequence[int], e_old: int) -> dict[int, list[int]]:
     """Per MoE layer, how often the source's routers pick each expert over `ids`, run in float32.
 
-    The tokens are cut into sequences of CHUNK (or max_position_embeddings) tokens: the full ones in one
-    batch, the rest in a second; each pass loads one decoder layer at a time (layerwise.StreamedModel).
+    The tokens are cut into sequences of CHUNK (or max_position_embeddings) tokens, run PASS full ones per
+    forward pass and the rest in a last one; each pass loads one decoder layer at a time
+    (layerwise.StreamedModel), so memory is one layer plus the pass's activations, and a file of T tokens
+    reads the checkpoint about T / (PASS * CHUNK) times.
     Families whose transformers router (the module recorded as `router_logits`) returns the top-k
     indices are supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss and the like.
     """
@@ -249,7 +252,8 @@ def count_load(folder: Path, ids: Sequence[int], moe_layers: Sequence[int], e_ol
         text = model.model.config.get_text_config()
         length = min(CHUNK, getattr(text, "max_position_embeddings", None) or CHUNK)
         full = len(ids) // length * length
-        batches = [torch.tensor(ids[:full]).view(-1, length)] if full else []
+        rows = torch.tensor(ids[:full], dtype=torch.long).view(-1, length)
+        batches = list(rows.split(PASS)) if full else []
         if full < len(ids):
             batches.append(torch.tensor(ids[full:]).view(1, -1))
         try:

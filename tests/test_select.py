@@ -221,3 +221,30 @@ def test_deepseek_v3_load_and_grouped_routing(calibration, tmp_path):
     grouped = save(build_model("deepseek_v3", 3), tmp_path / "grouped")
     code, _, err = run("grow-width", grouped, tmp_path / "g", "--experts", "12", "--select", "first")
     assert code == 2 and "n_group=4" in err, err
+
+
+def test_long_calibration_runs_in_sequences(sources, tmp_path, monkeypatch):
+    """A file longer than max_position_embeddings: sequences of that many tokens (one per pass here), the
+    counts summed; equal to transformers' counts over the same sequences."""
+    import moegrow.selection
+
+    monkeypatch.setattr(moegrow.selection, "PASS", 1)
+    src = sources["qwen3_moe"]
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join([TEXT] * 5))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = tokenizer(long.read_text())["input_ids"]
+    assert len(ids) > 2 * 64
+    total: dict[int, torch.Tensor] = {}
+    for start in range(0, len(ids), 64):
+        with torch.no_grad():
+            routers = model(input_ids=torch.tensor([ids[start:start + 64]]), output_router_logits=True).router_logits
+        for layer, r in enumerate(routers):
+            c = torch.bincount(torch.topk(r.softmax(-1), 2, dim=-1).indices.flatten(), minlength=4)
+            total[layer] = total.get(layer, 0) + c
+    want = {str(k): sorted(range(4), key=lambda e: (-int(c[e]), e))[:3] for k, c in total.items()}
+    code, out, err = run("grow-width", src, tmp_path / "dry", "--experts", "7", "--select", "load",
+                         "--calibration", long, "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out)["selection"] == want
