@@ -270,6 +270,8 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     from .training import detect
 
     if detect(source):
+        if kw.get("select") or kw.get("calibration"):  # Megatron-LM folders: no tokenizer, no layer loop
+            raise typer.BadParameter("applies to safetensors checkpoints only", param_hint="--select")
         return _run_training(operation, source, output, iteration, optimizer, json_out, dry_run, force, quiet, kw)
     if iteration is not None:
         raise typer.BadParameter("applies to Megatron-LM run folders only", param_hint="--iteration")
