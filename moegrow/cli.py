@@ -94,7 +94,9 @@ Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit (H
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 MaxShard = Annotated[str | None, typer.Option(
-    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB).")]
+    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB). Under torchrun or srun "
+    "(WORLD_SIZE > 1) the shard is the unit each process writes: use at least as many shards as processes "
+    "(see docs/usage.md).")]
 Device = Annotated[str, typer.Option(help="Where noise is drawn and added: auto, cpu or cuda. "
                                           "Byte copies never touch a device.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the "
@@ -149,8 +151,8 @@ DType = Annotated[str, typer.Option(
 Iteration = Annotated[int | None, typer.Option(
     help="Megatron-LM run folder: the iteration to read (default: latest_checkpointed_iteration.txt's).")]
 Optimizer = Annotated[str, typer.Option(
-    help="Training checkpoints (Megatron torch_dist): keep grows the Adam moments with their parameters "
-    "(copies, no noise; the step carried); drop writes no optimizer state.")]
+    help="Training checkpoints (Megatron torch_dist, OLMo-core): keep grows the Adam moments with their "
+    "parameters (copies, no noise; the step carried); drop writes no optimizer state.")]
 AllowInexact = Annotated[bool, typer.Option(
     "--allow-inexact", help="Grow the width of a family whose routing no duplication can preserve "
     "(phimoe), which is refused without it; the result is not function-preserving (a warning says so).")]
@@ -260,6 +262,22 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
 def _run_growth(operation: str, source: str, output: Path | None, revision: str | None, json_out: bool,
                 dry_run: bool, max_shard_size: str | None, device: str, force: bool, quiet: bool,
                 threads: int, strict: bool = False, **kw: Any) -> None:
+    """A growth; under torchrun / srun (WORLD_SIZE > 1) one rank of several (moegrow/ranks.py)."""
+    from .ranks import joined
+
+    with joined(enabled=not dry_run) as ranks:
+        try:
+            _run_growth_as(ranks, operation, source, output, revision, json_out, dry_run, max_shard_size,
+                           device, force, quiet, threads, strict, **kw)
+        except BaseException as e:
+            if ranks is None:
+                raise
+            ranks.fail(e)
+
+
+def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None, revision: str | None,
+                   json_out: bool, dry_run: bool, max_shard_size: str | None, device: str, force: bool,
+                   quiet: bool, threads: int, strict: bool = False, **kw: Any) -> None:
     from .execute import check_output
     from .grow import check_finite, plan_for, write
     from .upcycle import plan_upcycle_for
@@ -272,6 +290,10 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     if detect(source):
         if kw.get("select") or kw.get("calibration"):  # Megatron-LM folders: no tokenizer, no layer loop
             raise typer.BadParameter("applies to safetensors checkpoints only", param_hint="--select")
+        if ranks is not None:
+            from .ranks import RankError
+
+            raise RankError(f"{source}: training checkpoints are written by one process (unset WORLD_SIZE)")
         return _run_training(operation, source, output, iteration, optimizer, json_out, dry_run, force, quiet, kw)
     if iteration is not None:
         raise typer.BadParameter("applies to Megatron-LM run folders only", param_hint="--iteration")
@@ -285,15 +307,28 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
     if strict:
         check_finite(plan, src)
     if dry_run:
+        from .ranks import rank
+
+        if rank() != 0:  # under torchrun every rank plans the same: one prints
+            return
         if json_out:
             _emit({**summary, "dry_run": True})
         else:
             _print_summary(summary, "plan")
         return
     assert output is not None
-    with _progress(summary["bytes_out"], operation, _interactive(quiet)) as progress:
+    total = summary["bytes_out"]
+    if ranks is not None:  # rank 0 shows its own share's progress and the summary; the others are quiet
+        from .ranks import share
+
+        total = share(plan, shard, ranks.rank, ranks.size)
+        quiet, json_out = quiet or ranks.rank != 0, json_out and ranks.rank == 0
+    with _progress(total, operation, _interactive(quiet)) as progress:
         written = write(plan, src, output, max_shard_size=shard, device=device, threads=threads,
-                        force=force, progress=progress, options={**kw, "max_shard_size": max_shard_size})
+                        force=force, progress=progress, options={**kw, "max_shard_size": max_shard_size},
+                        ranks=ranks)
+    if ranks is not None and ranks.rank != 0:
+        return
     for w in written.warnings:  # NaN / Inf in the source: shown even with --quiet
         err.print(f"warning: {w}", style="yellow", markup=False, emoji=False)
     summary.update(output=str(output), files=written.files, seconds=round(written.seconds, 3),
@@ -341,7 +376,7 @@ def _print_training(s: dict[str, Any], title: str) -> None:
     if s["layer_map"] is not None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
-        err.print(f"  common.pt {c}", markup=False)
+        err.print(f"  {'' if c.startswith('config.json') else 'common.pt '}{c}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}", markup=False)
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
@@ -515,14 +550,23 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
            revision: Revision = None, json_out: Json = False, quiet: Quiet = False) -> None:
     """Check that OUTPUT is a valid growth of SOURCE. Exit 0 pass, 1 problem found, 2 bad input."""
     from .layerwise import forward_check
+    from .training import detect
     from .verify import _read_record
     from .verify import verify as run_verify
 
-    src = _open(source, revision)
-    record = _read_record(output)
-    total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
-    with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
-        report = run_verify(src, output, progress)
+    if detect(source):  # a training-stack checkpoint (moegrow/training_verify.py)
+        from .training_verify import output_bytes, verify_training
+
+        if forward or whole:
+            raise typer.BadParameter("runs transformers models; not for training checkpoints", param_hint="--forward")
+        with _progress(output_bytes(output), "verify", _interactive(quiet or json_out)) as progress:
+            report = verify_training(source, output, progress)
+    else:
+        src = _open(source, revision)
+        record = _read_record(output)
+        total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
+        with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
+            report = run_verify(src, output, progress)
     if forward or whole:
         report.forward, problems = forward_check(src.folder, output, record, atol, whole,
                                                  identity=_identity_watch(src, record))

@@ -24,7 +24,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -441,8 +441,12 @@ class _Job:
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
                  device: str, threads: int, progress: Callable[[int], None] | None,
-                 warnings: list[str] | None = None) -> tuple[list[str], str]:
+                 warnings: list[str] | None = None, select: Collection[int] | None = None,
+                 write_index: bool = True) -> tuple[list[str], str]:
     """Write the plan's tensors as safetensors shards (+ index when sharded) into `folder`.
+
+    `select`: the indices of the shards to write (one rank's share, see moegrow.ranks), all by
+    default; `write_index`: whether to write the index.
 
     Source tensors that pass through torch (noised copies) are checked for NaN and Inf on the
     way; one warning per such tensor is appended to `warnings`. Returns the shard names and the
@@ -457,7 +461,9 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
-        for shard, name in zip(shards, names):
+        for k, (shard, name) in enumerate(zip(shards, names)):
+            if select is not None and k not in select:
+                continue
             head, offsets = header_bytes((t.name, t.dtype, t.shape, t.nbytes) for t in shard)
             fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
             out_fds.append(fd)
@@ -489,7 +495,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     if warnings is not None:
         warnings.extend(nonfinite_message(tensors[name], n) + "; grown as it is (--strict refuses it)"
                         for name, n in sorted(job.nonfinite.items()) if n)
-    if len(shards) > 1:
+    if len(shards) > 1 and write_index:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in plan.tensors)},
             "weight_map": {t.name: n for shard, n in zip(shards, names) for t in shard},

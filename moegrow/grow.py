@@ -150,7 +150,7 @@ def check_finite(plan: Plan, source: Source) -> None:
 def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD,
           device: str = "auto", threads: int = 2, force: bool = False,
           progress: Callable[[int], None] | None = None, strict: bool = False,
-          options: Mapping[str, Any] | None = None) -> Written:
+          options: Mapping[str, Any] | None = None, ranks: Any = None) -> Written:
     """Execute a plan into OUTPUT (atomically) with its provenance record and model card.
 
     `options`: the growth flags as the user gave them, for the card's reproduction command (the
@@ -159,6 +159,8 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     without it, only the tensors that pass through torch (noised copies) are checked, and
     `Written.warnings` names those holding NaN or Inf. A source shard (or config.json) that
     changed since `open_source` fails the run before OUTPUT appears (`Source.check_unchanged`).
+    `ranks` (a `moegrow.ranks.Ranks`, from `ranks.joined()`): write together with the other
+    processes of a torchrun / srun job, each its share of the shards (every rank calls `write`).
     """
     if strict:
         check_output(Path(output), source.folder, force)  # fail fast, before a full read
@@ -180,6 +182,12 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     def card(used: str) -> str:  # `used`: where noise was drawn (none: byte copies only)
         return render_card(plan, source, {**flags, "device": None if used == "none" else used})
 
+    if ranks is not None:
+        from .ranks import execute_ranks
+
+        return execute_ranks(ranks, plan, source.tensors, source.folder, Path(output), provenance=record,
+                             max_shard_size=max_shard_size, device=device, threads=threads, force=force,
+                             progress=progress, card=card, check_source=source.check_unchanged)
     return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
                    max_shard_size=max_shard_size, device=device, threads=threads, force=force,
                    progress=progress, card=card, check_source=source.check_unchanged)

@@ -41,6 +41,7 @@ from .megatron import (
     updated_common,
     width_inexact_reason,
 )
+from .olmo import OlmoCheckpoint, is_olmo
 from .plan import layer_map_for, parse_experts, parse_layer_map, parse_layers
 
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
@@ -50,11 +51,13 @@ _CARRIED_NOT = {METADATA_NAME, COMMON_NAME, "moegrow.json"}
 def detect(spec: str) -> bool:
     """Whether SOURCE is a training-stack checkpoint (a local folder moegrow must not read as safetensors)."""
     path = Path(spec)
-    return path.is_dir() and is_megatron(path)
+    return path.is_dir() and (is_megatron(path) or is_olmo(path))
 
 
-def describe(ckpt: MegatronCheckpoint) -> dict[str, Any]:
+def describe(ckpt: MegatronCheckpoint | OlmoCheckpoint) -> dict[str, Any]:
     """`inspect` of a Megatron checkpoint: architecture, keys, optimizer state, parallel layout."""
+    if isinstance(ckpt, OlmoCheckpoint):
+        return _describe_olmo(ckpt)
     reader = ckpt.reader
     args = ckpt.args
     ranks = {int(m[1]) for s in reader.metadata.storage_data.values() if (m := _RANK_FILE.match(s.relative_path))}
@@ -96,6 +99,37 @@ def describe(ckpt: MegatronCheckpoint) -> dict[str, Any]:
     }
 
 
+def _describe_olmo(ckpt: OlmoCheckpoint) -> dict[str, Any]:
+    from .olmo import DCP_DIR
+    from .olmo import FORMAT as OLMO_FORMAT
+    from .olmo import width_inexact_reason as olmo_reason
+
+    reader = ckpt.reader
+    model = {k: t for k, t in reader.tensors.items() if not k.startswith("optim.")}
+    ranks = {int(m[1]) for s in reader.metadata.storage_data.values() if (m := _RANK_FILE.match(s.relative_path))}
+    reason = olmo_reason(ckpt)
+    numel = 0
+    for t in model.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        numel += n
+    router = ckpt.moe.get("router") or {}
+    return {
+        "source": ckpt.spec, "format": OLMO_FORMAT, "checkpoint": str(ckpt.root / DCP_DIR), "iteration": None,
+        "iterations": None, "args_in_common_pt": False, "config_json": True, "moe_type": ckpt.moe.get("name"),
+        "num_layers": ckpt.num_layers, "num_experts": ckpt.num_experts, "top_k": ckpt.top_k,
+        "routing": {"score_function": router.get("gating_function", "softmax"),
+                    "normalize_expert_weights": router.get("normalize_expert_weights"),
+                    "bias_gamma": router.get("bias_gamma")},
+        "width_exact": reason is None, "width_inexact_reason": reason, "model_keys": sorted(model),
+        "non_tensor_keys": len(reader.objects), "optimizer": ckpt.optimizer(),
+        "parallel": {"saved_by_ranks": len(ranks) or None}, "total_params": numel,
+        "dtypes": dict(sorted(Counter(t.dtype for t in model.values()).items())),
+        "total_bytes": sum(t.nbytes for t in reader.tensors.values()),
+    }
+
+
 def print_description(info: dict[str, Any], out: Any) -> None:
     it = f", iteration {info['iteration']} of {info['iterations']}" if info["iterations"] else ""
     out.print(f"{info['source']}  {info['format']} ({info['checkpoint']}{it})", markup=False, highlight=False)
@@ -103,6 +137,8 @@ def print_description(info: dict[str, Any], out: Any) -> None:
               f"{info['top_k'] if info['top_k'] is not None else 'unknown (no Megatron-LM args in common.pt)'}",
               markup=False)
     r = info["routing"]
+    if info.get("moe_type"):
+        out.print(f"  MoE: {info['moe_type']}; gating: {r['score_function']}", markup=False)
     if info["args_in_common_pt"]:
         out.print(f"  routing: {r['score_function']}" + (" pre-softmax" if r["pre_softmax"] else "")
                   + (f", {r['num_groups']} groups (top-{r['group_topk']})" if r["num_groups"] else "")
@@ -155,6 +191,11 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
     for flag, std in (("--noise", noise), ("--router-noise", router_noise)):
         if not std >= 0 or std == float("inf"):
             raise GrowthError(f"{flag}: the noise std must be a finite number >= 0, not {std}")
+    if isinstance(ckpt, OlmoCheckpoint):
+        from .olmo import plan_olmo
+
+        return plan_olmo(ckpt, operation, layer_map=lmap, factor=factor, noise=noise, router_noise=router_noise,
+                         seed=seed, top_k=parse_top_k(top_k), optimizer=optimizer, allow_inexact=allow_inexact)
     return plan_megatron(ckpt, operation, layer_map=lmap, factor=factor, noise=noise, router_noise=router_noise,
                          seed=seed, top_k=parse_top_k(top_k), optimizer=optimizer, allow_inexact=allow_inexact)
 
@@ -162,7 +203,7 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
 def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
     return {
         "operation": plan.operation,
-        "format": FORMAT,
+        "format": getattr(ckpt, "format", FORMAT),
         "layers": [ckpt.num_layers, len(plan.layer_map) if plan.layer_map else ckpt.num_layers],
         "experts": [ckpt.num_experts, ckpt.num_experts * plan.factor],
         "top_k": [plan.k_old, plan.k_new],
@@ -171,7 +212,8 @@ def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
         "chunks": len(plan.pieces),
         "non_tensor_entries": len(plan.objects),
         "bytes_out": plan.bytes_out,
-        "config_changes": [f"args.{k}: {a!r} -> {b!r}" for k, (a, b) in plan.args_changes.items()],
+        "config_changes": [f"{'config.json: ' if isinstance(ckpt, OlmoCheckpoint) else 'args.'}{k}: {a!r} -> {b!r}"
+                           for k, (a, b) in plan.args_changes.items()],
         "optimizer": plan.optimizer,
         "function_preserving": plan.function_preserving,
         "preservation": plan.preservation(),
@@ -185,6 +227,7 @@ def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
 def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
     """The provenance record: enough to rebuild the plan, and every output chunk's source."""
     from .megatron import noise_name
+    from .olmo import fingerprint as olmo_fingerprint
 
     tensors: dict[str, Any] = {}
     for p in plan.pieces:
@@ -194,8 +237,8 @@ def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
     return {
         "moegrow_version": __version__,
         "operation": plan.operation,
-        "format": FORMAT,
-        "source": fingerprint(ckpt),
+        "format": getattr(ckpt, "format", FORMAT),
+        "source": olmo_fingerprint(ckpt) if isinstance(ckpt, OlmoCheckpoint) else fingerprint(ckpt),
         "growth": {"layer_map": plan.layer_map, "factor": plan.factor,
                    "experts": ckpt.num_experts * plan.factor, "top_k": plan.top_k, "noise": plan.noise,
                    "router_noise": plan.router_noise, "seed": plan.seed, "optimizer": plan.optimizer,
@@ -209,14 +252,14 @@ def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
     }
 
 
-def write_training(ckpt: MegatronCheckpoint, plan: MegatronPlan, output: Path, force: bool = False) -> float:
+def write_training(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan, output: Path,
+                   force: bool = False) -> float:
     """Write the grown checkpoint in the source's format and folder shape; return the seconds taken.
 
     A run folder gives a run folder (`latest_checkpointed_iteration.txt` and the grown iteration's
-    folder); a checkpoint folder gives a checkpoint folder. On any failure nothing is left behind.
+    folder); a checkpoint folder gives a checkpoint folder; an OLMo-core step folder gives a step folder.
+    On any failure nothing is left behind.
     """
-    from .torch_pickle import save_record
-
     start = time.perf_counter()
     target = _absolute(output)
     clean_stale_partials(target)
@@ -227,17 +270,10 @@ def write_training(ckpt: MegatronCheckpoint, plan: MegatronPlan, output: Path, f
     except OSError as e:
         raise OutputError(f"{target.parent}: cannot create the output there: {e.strerror or e}") from None
     try:
-        folder = tmp / ckpt.folder.name if ckpt.is_run else tmp
-        folder.mkdir(exist_ok=True)
-        reader = ckpt.reader
-        objects = {new: (lambda src=src: reader.object_bytes(src)) for new, src in plan.objects.items()}
-        write_dcp(folder, out_chunks(plan, reader), objects)
-        save_record(updated_common(ckpt, plan), folder / COMMON_NAME)
-        for p in sorted(ckpt.folder.iterdir()):  # metadata.json and whatever else the trainer put there
-            if p.is_file() and p.name not in _CARRIED_NOT and not p.name.endswith(".distcp"):
-                shutil.copyfile(p, folder / p.name)
-        if ckpt.is_run:
-            (tmp / LATEST_NAME).write_text(str(ckpt.iteration) if ckpt.iteration is not None else "release")
+        if isinstance(ckpt, OlmoCheckpoint):
+            _write_olmo(ckpt, plan, tmp)
+        else:
+            _write_megatron(ckpt, plan, tmp)
         write_json(tmp / "moegrow.json", record(ckpt, plan))
         with _signals_deferred():
             _replace(tmp, target)
@@ -250,5 +286,45 @@ def write_training(ckpt: MegatronCheckpoint, plan: MegatronPlan, output: Path, f
     return time.perf_counter() - start
 
 
-def open_training(spec: str, iteration: int | None) -> MegatronCheckpoint:
+def _write_olmo(ckpt: OlmoCheckpoint, plan: MegatronPlan, tmp: Path) -> None:
+    """model_and_optim/ grown, config.json updated, everything else in the step folder copied."""
+    import json
+
+    from .olmo import CONFIG_NAME, DCP_DIR, object_bytes, updated_config
+
+    objects = {new: (lambda src=src: object_bytes(ckpt, plan, src)) for new, src in plan.objects.items()}
+    write_dcp(tmp / DCP_DIR, out_chunks(plan, ckpt.reader), objects)
+    (tmp / CONFIG_NAME).write_text(json.dumps(updated_config(ckpt, plan)))
+    for p in sorted(ckpt.root.iterdir()):
+        if p.name in (DCP_DIR, CONFIG_NAME, "moegrow.json"):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name)
+        elif p.is_file():
+            shutil.copyfile(p, tmp / p.name)
+
+
+def _write_megatron(ckpt: MegatronCheckpoint, plan: MegatronPlan, tmp: Path) -> None:
+    from .torch_pickle import save_record
+
+    folder = tmp / ckpt.folder.name if ckpt.is_run else tmp
+    folder.mkdir(exist_ok=True)
+    reader = ckpt.reader
+    objects = {new: (lambda src=src: reader.object_bytes(src)) for new, src in plan.objects.items()}
+    write_dcp(folder, out_chunks(plan, reader), objects)
+    save_record(updated_common(ckpt, plan), folder / COMMON_NAME)
+    for p in sorted(ckpt.folder.iterdir()):  # metadata.json and whatever else the trainer put there
+        if p.is_file() and p.name not in _CARRIED_NOT and not p.name.endswith(".distcp"):
+            shutil.copyfile(p, folder / p.name)
+    if ckpt.is_run:
+        (tmp / LATEST_NAME).write_text(str(ckpt.iteration) if ckpt.iteration is not None else "release")
+
+
+def open_training(spec: str, iteration: int | None) -> MegatronCheckpoint | OlmoCheckpoint:
+    if is_olmo(Path(spec)):
+        if iteration is not None:
+            raise GrowthError("--iteration applies to Megatron-LM run folders; name the OLMo-core step folder")
+        from .olmo import open_olmo
+
+        return open_olmo(spec)
     return open_megatron(spec, iteration)

@@ -143,3 +143,84 @@ def test_damaged_source_is_refused(tmp_path: Path) -> None:
     (src / "__0_0.distcp").write_bytes(data[: len(data) // 2])
     code, _, err = run("grow-depth", src, tmp_path / "out", "--layers", "2x")
     assert code == 2 and "truncated" in err and not (tmp_path / "out").exists()
+
+
+def test_verify_passes_on_grown_checkpoints(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("grow", FIX / "ep2", out, "--layers", "2x", "--experts", "2x", "--noise", "0.01", "--seed", "3")[0] == 0
+    code, out_text, err = run("verify", FIX / "ep2", out, "--json")
+    assert code == 0, err
+    report = json.loads(out_text)
+    assert report["ok"] and report["tensors_checked"] == len(DcpReader(out).tensors)
+    assert 0.006 < report["noise_std"][FC1] < 0.014 and ROUTER not in report["noise_std"]
+    run_out = tmp_path / "run"
+    assert run("grow-depth", FIX / "run", run_out, "--layer-map", "0,1,1", "--iteration", "10")[0] == 0
+    code, _, err = run("verify", FIX / "run", run_out)
+    assert code == 0 and "ok:" in err
+
+
+@pytest.mark.parametrize("what", ["copy", "noise", "moment", "args", "object", "seed"])
+def test_verify_fails_on_tampering(tmp_path: Path, what: str) -> None:
+    out = tmp_path / "out"
+    assert run("grow-width", FIX / "run", out, "--experts", "2x", "--noise", "0.01", "--seed", "1")[0] == 0
+    dst = out / "iter_0000020"
+
+    def bump(t: torch.Tensor) -> torch.Tensor:
+        t.view(-1)[0] += 0.5
+        return t
+
+    if what in ("copy", "noise", "moment"):
+        key = {"copy": QKV, "noise": FC2, "moment": EXP_AVG_SQ + FC1}[what]
+        r = DcpReader(dst)
+        chunks = r.tensors[key].chunks
+        chunk = chunks[-1] if what == "noise" else chunks[0]  # the last chunk of FC2 is a noised copy
+        info = r._where[(key, chunk.offsets)]
+        import io
+
+        path = dst / info.relative_path
+        data = bytearray(path.read_bytes())
+        t = torch.load(io.BytesIO(bytes(data[info.offset: info.offset + info.length])), weights_only=True)
+        buf = io.BytesIO()
+        torch.save(bump(t.clone()), buf)
+        assert len(buf.getvalue()) == info.length
+        data[info.offset: info.offset + info.length] = buf.getvalue()
+        path.write_bytes(bytes(data))
+        expect = f"{key} at {list(chunk.offsets)}: " + ("is not" if what == "noise" else "differs from its source")
+    elif what == "args":
+        from moegrow.torch_pickle import save_record
+
+        common = load_record(dst / "common.pt")
+        common["args"].num_experts = 4
+        save_record(common, dst / "common.pt")
+        expect = "args.num_experts is 4, the growth gives 8"
+    elif what == "object":
+        r = DcpReader(dst)
+        key = "rng_state/shard_0.0_1.1"
+        info = r._where[(key, None)]
+        path = dst / info.relative_path
+        data = bytearray(path.read_bytes())
+        data[info.offset + info.length - 1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        expect = f"{key}: not the bytes"
+    else:
+        rec = json.loads((out / "moegrow.json").read_text())
+        rec["growth"]["seed"] = 2
+        (out / "moegrow.json").write_text(json.dumps(rec))
+        expect = "recorded noise (seed 2"
+    code, _, err = run("verify", FIX / "run", out)
+    assert code == 1 and expect in err and "Traceback" not in err, err
+
+
+def test_verify_refuses_a_record_that_is_not_a_training_growth(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("grow-width", FIX / "bare", out, "--experts", "2x", "--top-k", "4")[0] == 0
+    (out / "moegrow.json").write_text("{}")
+    code, _, err = run("verify", FIX / "bare", out)
+    assert code == 2 and "moegrow.json" in err and "Traceback" not in err
+
+
+def test_verify_forward_is_refused_for_training_checkpoints(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("grow-width", FIX / "bare", out, "--experts", "2x", "--top-k", "4")[0] == 0
+    code, _, err = run("verify", FIX / "bare", out, "--forward")
+    assert code == 2 and "--forward" in err and "Traceback" not in err
