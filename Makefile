@@ -36,7 +36,8 @@ lint:
 	$(BIN)/ruff check moegrow tests benchmarks
 
 bench:
-	$(BIN)/python benchmarks/bench.py --size 1
+	$(BIN)/python benchmarks/bench.py --size 1 --deepseek
+	$(BIN)/python benchmarks/bench.py --size 1 --disk fast --work /dev/shm/moegrow-bench
 	$(BIN)/python benchmarks/bench.py --size 4
 	$(BIN)/python benchmarks/bench_ranks.py --size 1 --procs 2
 

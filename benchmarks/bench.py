@@ -90,15 +90,54 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of a command in its own process."""
+def timed(cmd: list[str], cpu: dict[str, float] | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a command in its own process; its user and system CPU
+    seconds go to `cpu` when given."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
+    if cpu is not None:
+        cpu.update(user=round(usage.ru_utime, 2), system=round(usage.ru_stime, 2))
     return wall, usage.ru_maxrss / 1024
+
+
+def warm(folder: Path) -> None:
+    """Read every file once, so that the page cache holds it (the fast-disk reading)."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(64 * 1024 * 1024):
+                    pass
+
+
+def deepseek(work: Path) -> list[dict]:
+    """The DeepSeek-V3-count cases: `grow --layers 2x --experts 2x` on a small-shape checkpoint with the
+    real 91,991 names (peak RSS, CPU seconds), and `--dry-run` on the full-size index (sparse files)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import deepseek as ds
+
+    results = []
+    moegrow = [sys.executable, "-m", "moegrow", "grow"]
+    for full in (False, True):
+        src = work / ("dsv3-full" if full else "dsv3-small")
+        if not src.exists():
+            subprocess.run([sys.executable, ds.__file__, str(src), "full" if full else "small"], check=True)
+        out = work / "dsv3-out"
+        shutil.rmtree(out, ignore_errors=True)
+        cpu: dict[str, float] = {}
+        extra = ["--dry-run"] if full else ["--quiet"]
+        wall, rss = timed([*moegrow, str(src), str(out), "--layers", "2x", "--experts", "2x", *extra], cpu)
+        label = "DeepSeek-V3 full-size --dry-run" if full else "DeepSeek-V3-count grow 2x2x"
+        results.append({"case": label, "seconds": round(wall, 3), "peak_rss_mib": round(rss, 1),
+                        "user_cpu_seconds": cpu["user"], "system_cpu_seconds": cpu["system"],
+                        "bytes_out": folder_bytes(out) if out.exists() else 0})
+        print(f"{label:32s} {wall:7.2f} s  user CPU {cpu['user']:6.2f} s  system CPU {cpu['system']:6.2f} s  "
+              f"peak RSS {rss:6.1f} MiB", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return results
 
 
 def floor(src: Path, dest: Path) -> float:
@@ -128,6 +167,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     ap.add_argument("--build-only", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--disk", choices=("slow", "fast"), default="slow",
+                    help="slow: as the files fall (cold source, cp + sync to the work folder's disk); fast: the "
+                         "source and the floor's input read once first so the page cache holds them (use a "
+                         "--work folder on tmpfs, e.g. /dev/shm, for a disk that is memory)")
+    ap.add_argument("--deepseek", action="store_true",
+                    help="also the DeepSeek-V3-count cases (91,991 tensors: grow 2x2x, full-size --dry-run)")
     args = ap.parse_args()
     if args.build_only:
         build_checkpoint(args.build_only, args.size)
@@ -147,18 +192,27 @@ def main() -> None:
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run(["sync"], check=True)
-        wall, rss = timed([*moegrow, extra[0], str(src), str(out), *extra[1:], "--quiet"])
+        if args.disk == "fast":
+            warm(src)
+        cpu: dict[str, float] = {}
+        wall, rss = timed([*moegrow, extra[0], str(src), str(out), *extra[1:], "--quiet"], cpu)
         out_bytes = folder_bytes(out)
+        if args.disk == "fast":
+            warm(out)  # the floor's source warm too: cp then reads from memory, as moegrow did
         cp = floor(out, work / "floor")
         shutil.rmtree(out)
         results.append({"case": label, "seconds": round(wall, 3), "peak_rss_mib": round(rss, 1),
+                        "user_cpu_seconds": cpu["user"], "system_cpu_seconds": cpu["system"],
                         "bytes_out": out_bytes, "floor_seconds": round(cp, 3), "ratio": round(wall / cp, 3)})
         print(f"{label:28s} {wall:7.2f} s  floor {cp:6.2f} s  ratio {wall / cp:5.2f}  "
-              f"peak RSS {rss:6.1f} MiB  out {out_bytes / 1024**3:.2f} GiB", flush=True)
-    report = {"size": args.size, "source_bytes": src_bytes, "machine": {
+              f"peak RSS {rss:6.1f} MiB  user {cpu['user']:5.2f} s  sys {cpu['system']:5.2f} s  "
+              f"out {out_bytes / 1024**3:.2f} GiB", flush=True)
+    if args.deepseek:
+        results += deepseek(work)
+    report = {"size": args.size, "disk": args.disk, "source_bytes": src_bytes, "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "results": results}
-    dest = args.out or Path("bench-results") / f"bench-{args.size}.json"
+    dest = args.out or Path("bench-results") / f"bench-{args.size}{'-fast' if args.disk == 'fast' else ''}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(report, indent=2) + "\n")
     print(f"source {src_bytes / 1024**3:.2f} GiB; results in {dest}")

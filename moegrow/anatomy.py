@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .layouts import Layout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Role:
     kind: str
     layer: int | None = None

@@ -15,8 +15,18 @@ from .plan import Plan, param_counts
 Counts = tuple[int, int]  # (total, active per token)
 
 
+_last: list[Any] = [None, None]  # (key, counts) of the last call: the summary and the card ask for the same
+
+
 def growth_param_counts(plan: Plan, source: Any) -> tuple[Counts, Counts]:
     """((total, active) of the source, (total, active) of the output) for `plan` grown from `source`."""
+    key = (id(plan), id(source), id(plan.tensors), len(plan.tensors), id(plan.config), id(plan.source_config))
+    if _last[0] != key:
+        _last[:] = [key, _counts(plan, source)]
+    return _last[1]
+
+
+def _counts(plan: Plan, source: Any) -> tuple[Counts, Counts]:
     from .quant.plan import planning_index
 
     layout = plan.layout

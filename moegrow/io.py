@@ -7,6 +7,7 @@ with the kernel (`os.copy_file_range`) where it can.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -27,7 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor's bytes lie: `path`, absolute byte offsets [start, end)."""
 
@@ -238,14 +239,19 @@ def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
     Returns the 8-byte length plus the JSON (padded with spaces to 8-byte alignment, as
     safetensors does) and each tensor's offset within the data section.
     """
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    # Written as text entry by entry (the same bytes as json.dumps of the whole dict): a dict per
+    # tensor would hold 180 MiB for a shard of 365,000 tensors.
+    text = io.StringIO()
+    text.write('{"__metadata__":' + json.dumps(dict(metadata or {"format": "pt"}), separators=(",", ":")))
     offsets: list[int] = []
     pos = 0
     for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        text.write(f',{json.dumps(name)}:{{"dtype":{json.dumps(dtype)},"shape":[{",".join(map(str, shape))}],'
+                   f'"data_offsets":[{pos},{pos + nbytes}]}}')
         offsets.append(pos)
         pos += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    text.write("}")
+    raw = text.getvalue().encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
 

@@ -7,6 +7,7 @@ Timestamps are left out on purpose: the same growth twice gives byte-identical f
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import __version__
@@ -54,6 +55,37 @@ def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
     return {t.name: [part_record(p, t.axis, t.encode) for p in t.parts] for t in tensors}
 
 
+class TensorMapping(Mapping[str, list[list[Any]]]):
+    """`tensor_mapping(tensors)` computed entry by entry when read: a record of DeepSeek-V3's
+    365,000 output tensors is written (execute.write_json streams it) without ever being held."""
+
+    def __init__(self, tensors: list[OutTensor]) -> None:
+        self._tensors = tensors
+        self._index: dict[str, int] | None = None
+
+    def __getitem__(self, name: str) -> list[list[Any]]:
+        if self._index is None:
+            self._index = {t.name: i for i, t in enumerate(self._tensors)}
+        t = self._tensors[self._index[name]]
+        return [part_record(p, t.axis, t.encode) for p in t.parts]
+
+    def __iter__(self) -> Iterator[str]:
+        return (t.name for t in self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def items(self) -> Iterator[tuple[str, list[list[Any]]]]:  # type: ignore[override]
+        return ((t.name, [part_record(p, t.axis, t.encode) for p in t.parts]) for t in self._tensors)
+
+
+def mapping_differs(tensors: list[OutTensor], recorded: Mapping[str, Any]) -> bool:
+    """Whether a record's tensor mapping differs from `tensor_mapping(tensors)` (entry by entry)."""
+    if len(tensors) != len(recorded):
+        return True
+    return any(recorded.get(name) != value for name, value in TensorMapping(tensors).items())
+
+
 def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
     return {
         "moegrow_version": __version__,
@@ -80,5 +112,5 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
         "config_changes": plan.config_changes,
         "warnings": plan.warnings,
         **({"identity_init": plan.filled()} if plan.depth_init == "identity" else {}),
-        "tensors": tensor_mapping(plan.tensors),
+        "tensors": TensorMapping(plan.tensors),
     }

@@ -23,7 +23,7 @@ from .grow import rebuild_plan
 from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
 from .layouts import wrapper_of
 from .plan import OutTensor, Plan
-from .provenance import RECORD_NAME, tensor_mapping
+from .provenance import RECORD_NAME, mapping_differs
 from .quant.verify import check_encoded
 from .source import Source, read_config
 
@@ -226,7 +226,7 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SourceError(f"{output / RECORD_NAME}: growth flags are not valid ({type(e).__name__}: "
                           f"{e})") from None
-    if tensor_mapping(plan.tensors) != record["tensors"]:
+    if not isinstance(record["tensors"], dict) or mapping_differs(plan.tensors, record["tensors"]):
         report.problems.append(f"{output / RECORD_NAME}: tensor mapping differs from the plan that "
                                "its flags describe")
     for key in sorted(set(plan.config) | set(out_config)):

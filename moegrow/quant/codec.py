@@ -62,7 +62,10 @@ class QuantGroup:
     members: tuple[Member, ...]
 
     def member(self, role: str) -> Member:
-        return next(m for m in self.members if m.role == role)
+        for m in self.members:
+            if m.role == role:
+                return m
+        raise StopIteration(role)
 
 
 class Codec(ABC):

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import GrowthError
 from ..io import DTYPE_SIZES, FLOAT_DTYPES
-from ..plan import Encode, Meta, OutTensor, Part, Plan, TensorMeta
+from ..plan import Encode, Meta, OutTensor, Part, Plan, TensorMeta, with_fields
 from . import CODECS
 from .codec import Codec, Member, QuantGroup
 from .tensors import TARGETS
@@ -155,17 +155,22 @@ def _lower_weight(t: OutTensor, quant: Quantisation) -> list[OutTensor]:
     """--dtype keep: one output tensor per member; noised parts requantised, the others byte copies."""
     _check_axis(t, quant)
     codec = quant.codec
+    # per part: its group's members by role, whether it is a byte copy, and its decoded form
+    # (computed once for every role: a DeepSeek-V3 growth lowers 180,000 weights)
+    spec = [({m.role: m for m in quant.groups[p.source].members}, p.is_copy, p) for p in t.parts]
+    decoded = [None if copy else with_fields(p, decode=codec.format) for _, copy, p in spec]
+    all_copies = all(copy for _, copy, _ in spec)
     out = []
     for role in codec.roles:
         parts: list[Part] = []
         rows = 0
-        for p in t.parts:
-            m = quant.groups[p.source].member(role)
+        for (members, is_copy, p), dec in zip(spec, decoded):
+            m = members[role]
             rows += m.shape[0] if p.rows is None else p.rows[1] - p.rows[0]
-            parts.append(replace(p, source=m.name) if p.is_copy else replace(p, decode=codec.format))
-        m0 = quant.groups[t.parts[0].source].member(role)
+            parts.append(with_fields(p, source=m.name) if is_copy else dec)
+        m0 = spec[0][0][role]
         shape = (rows, *m0.shape[1:]) if len(t.parts) > 1 or t.parts[0].rows else m0.shape
-        encode = None if all(p.is_copy for p in parts) else Encode(codec.format, role, t.name)
+        encode = None if all_copies else Encode(codec.format, role, t.name)
         out.append(OutTensor(codec.member_name(t.name, role), m0.dtype, shape, tuple(parts), t.axis, encode))
     return out
 
