@@ -27,8 +27,9 @@ TAG = "moegrow"
 # source metadata that still describes the grown model; datasets, metrics and eval results do not
 _CARRIED = ("license", "license_name", "license_link", "language", "pipeline_tag")
 # growth flags in the order the command writes them, with the defaults it leaves out
-_FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "noise", "noise_mode", "reinit", "router_noise",
-          "seed", "top_k", "allow_inexact", "router_init", "router_std", "to", "revision", "max_shard_size", "device")
+_FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "select", "calibration", "noise", "noise_mode",
+          "reinit", "router_noise", "seed", "top_k", "allow_inexact", "router_init", "router_std", "to", "revision",
+          "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
                              "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02,
                              "depth_init": "copy", "noise_mode": "absolute", "reinit": 0.0}
@@ -77,7 +78,9 @@ def plan_options(plan: Plan) -> dict[str, Any]:
         return {"experts": plan.experts, "top_k": plan.top_k, "noise": plan.noise, "seed": plan.seed,
                 "router_init": plan.upcycle["router_init"], "router_std": plan.upcycle["router_std"] or None,
                 "to": plan.config.get("model_type"), "noise_mode": plan.noise_mode, "reinit": plan.reinit}
-    return {"layer_map": plan.layer_map, "experts": f"{plan.factor}x" if plan.factor else None,
+    return {"layer_map": plan.layer_map,
+            "experts": f"{plan.factor}x" if plan.factor else plan.experts if plan.selection is not None else None,
+            **({"select": plan.select} if plan.select in ("load", "first") else {}),
             "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
             "top_k": plan.top_k, "allow_inexact": plan.allow_inexact, "depth_init": plan.depth_init,
             "noise_mode": plan.noise_mode, "reinit": plan.reinit}
@@ -128,6 +131,17 @@ def _growth(plan: Plan, source: Source) -> list[str]:
                   f"router rows, seed {plan.seed}"]
         if plan.allow_inexact:
             lines.append("- `--allow-inexact`: this family's routing cannot be preserved by duplication")
+    if plan.selection is not None:  # --select: N - E chosen experts copied
+        e_old = layout.num_experts(old)
+        how = ("the experts the source routes to most often on the calibration file (--calibration)"
+               if plan.select == "load" else f"experts 0..{plan.experts - e_old - 1}" if plan.select == "first"
+               else "a recorded selection")
+        lines += [f"- experts: {e_old} -> {plan.experts}, --select `{plan.select}`: new expert E+i of a layer is "
+                  f"a copy of its i-th selected expert, {how}; top-k: `{plan.top_k}`",
+                  "- selected experts per MoE layer (also in `moegrow.json`, so `moegrow verify` needs no "
+                  "calibration file): " + "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in plan.selection.items()),
+                  f"- noise: std {plan.noise:g} on the copies' expert weights, {plan.router_noise:g} on their "
+                  f"router rows, seed {plan.seed}"]
     if plan.upcycle:
         up = plan.upcycle
         router = "zeros" if up["router_init"] == "zeros" else f"normal, std {up['router_std']:g}"

@@ -119,7 +119,17 @@ DepthInit = Annotated[str, typer.Option(
     "dense down projections) zeroed, so the grown model computes the source's function (LLaMA Pro block "
     "expansion). Refused, with the reason, for families whose layer is not x + f(x).")]
 Experts = Annotated[str | None, typer.Option(
-    help="New expert count: a factor (2x) or a count that is a multiple of the source's.")]
+    help="New expert count: a factor (2x) or a count that is a multiple of the source's; grow-width also "
+    "takes any count N up to 2E with --select.")]
+Select = Annotated[str | None, typer.Option(
+    help="--experts N not a multiple of the source's E: which N - E experts of each MoE layer are copied "
+    "(copies become experts E..N-1). load: those the source routes to most often on --calibration "
+    "(top-k selections counted over its tokens, run in float32 one layer at a time; ties to the lower index); "
+    "first: experts 0..N-E-1. Top-k stays; never function-preserving.")]
+Calibration = Annotated[str | None, typer.Option(
+    help="--select load: a plain text file, tokenised with the checkpoint's own tokenizer and run through "
+    "the source to count each layer's expert selections. The chosen experts are recorded in moegrow.json, "
+    "so verify does not need the file.")]
 Noise = Annotated[float, typer.Option(help="Std of Gaussian noise added to the copied experts' "
                                            "weights (originals stay byte-identical). Paper: 0.01.")]
 RouterNoise = Annotated[float, typer.Option(help="Std of Gaussian noise on the copies' router rows.")]
@@ -138,6 +148,10 @@ TopK = Annotated[str, typer.Option(
     help="scale: top-k times the growth factor, so that at zero noise the grown model computes "
     "the source's function; keep: same top-k (same FLOPs per token, not function-preserving); "
     "or an integer.")]
+WidthTopK = Annotated[str | None, typer.Option(
+    help="scale (the default): top-k times the growth factor, so that at zero noise the grown model computes "
+    "the source's function; keep (the default with --select, which cannot scale top-k by N/E): same top-k "
+    "(same FLOPs per token, not function-preserving); or an integer.")]
 DType = Annotated[str, typer.Option(
     "--dtype", help="keep: every tensor in its source dtype; a quantised source (fp8 with block scales...) "
     "stays quantised, and noised copies are requantised in its format with fresh scales (originals and "
@@ -220,6 +234,8 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "warnings": plan.warnings,
         **({"depth_init": plan.depth_init, "identity_init": plan.filled()} if plan.layer_map is not None else {}),
         **({"upcycle": plan.upcycle} if plan.upcycle else {}),
+        **({"select": plan.select, "selection": {str(k): v for k, v in plan.selection.items()}}
+           if plan.selection is not None else {}),
     }
 
 
@@ -239,6 +255,9 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
         err.print(f"  source {src}, --dtype {s['dtype']}", markup=False)
     if s["layer_map"] is not None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
+    if s.get("selection") is not None:
+        err.print(f"  experts copied (--select {s['select']}), per MoE layer: "
+                  + "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in s["selection"].items()), markup=False)
     for c in s["config_changes"]:
         err.print(f"  config {c}", markup=False)
     for what, filled in (s.get("identity_init") or {}).items():
@@ -281,6 +300,8 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
     from .training import detect
 
     if detect(source):
+        if kw.get("select") or kw.get("calibration"):  # Megatron-LM folders: no tokenizer, no layer loop
+            raise typer.BadParameter("applies to safetensors checkpoints only", param_hint="--select")
         if ranks is not None:
             from .ranks import RankError
 
@@ -463,18 +484,21 @@ def grow_depth(source: Src, output: Out, layers: Layers = None, method: Method =
 
 @app.command("grow-width")
 def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise = 0.0,
-               router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: TopK = "scale",
+               router_noise: RouterNoise = 0.0, seed: Seed = 0, top_k: WidthTopK = None,
                noise_mode: NoiseMode = "absolute", reinit: Reinit = 0.0,
                revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
                json_out: Json = False, threads: Threads = 2, strict: Strict = False,
                allow_inexact: AllowInexact = False, dtype: DType = "keep", iteration: Iteration = None,
-               optimizer: Optimizer = "keep") -> None:
-    """Grow width: duplicate every expert (copies after originals) and its router rows."""
+               optimizer: Optimizer = "keep", select: Select = None, calibration: Calibration = None) -> None:
+    """Grow width: duplicate every expert (copies after originals) and its router rows; or, with
+    --select, copy N - E chosen experts per layer (any count N)."""
+    sel = {"select": select, "calibration": calibration} if select or calibration else {}
+    top_k = top_k if top_k is not None else None if select else "scale"  # --select: keep unless given
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
                 seed=seed, top_k=top_k, allow_inexact=allow_inexact, dtype=dtype, iteration=iteration,
-                optimizer=optimizer, noise_mode=noise_mode, reinit=reinit)
+                optimizer=optimizer, noise_mode=noise_mode, reinit=reinit, **sel)
 
 
 @app.command("grow")

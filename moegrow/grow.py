@@ -30,6 +30,7 @@ from .plan import (
     plan_width,
 )
 from .provenance import build_record
+from .selection import parse_count, plan_selected, selection_for
 from .source import Source, open_source
 
 __all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
@@ -38,9 +39,14 @@ __all__ = ["check_finite", "open_source", "plan_for", "rebuild_plan", "write"]
 def plan_for(source: Source, operation: str, *, layers: str | None = None, method: str = "interpose",
              layer_map: str | list[int] | None = None, experts: str | None = None,
              noise: float = 0.0, router_noise: float = 0.0, seed: int = 0,
-             top_k: str | int = "scale", allow_inexact: bool = False, depth_init: str = "copy",
-             dtype: str = "keep", noise_mode: str = "absolute", reinit: float = 0.0) -> Plan:
+             top_k: str | int | None = "scale", allow_inexact: bool = False, depth_init: str = "copy",
+             dtype: str = "keep", noise_mode: str = "absolute", reinit: float = 0.0, select: str | None = None,
+             calibration: str | None = None, selection: Mapping[Any, Any] | None = None) -> Plan:
     """Build the plan of `grow-depth`, `grow-width` or `grow` from command-line style arguments.
+
+    `experts` N not a multiple of the source's E (grow-width only): `select` (--select load / first, with
+    `calibration` for load) or a recorded `selection` ({layer: experts}) picks the N - E experts copied;
+    `top_k` None: scale, or keep for such an N (moegrow.selection).
 
     `dtype` (--dtype): keep, or bfloat16 / float16 / float32. The planners see quantised weights as
     float tensors (their dequantised view); `quant.plan.lower` turns that plan into tensors to write.
@@ -70,16 +76,37 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
             raise GrowthError("give --layers (e.g. 2x) or --layer-map")
         depth = len(lmap) / n_old
     factor = 1
+    n_select = None
     if operation in ("grow-width", "grow"):
         if not experts:
             raise GrowthError("give --experts (e.g. 2x)")
-        factor = parse_experts(experts, layout.num_experts(config))
-        check_plan_size(len(tensors) * depth * factor, f"--experts {experts}")
+        n_select = parse_count(experts, layout.num_experts(config))
+        if n_select is None:
+            factor = parse_experts(experts, layout.num_experts(config))
+            check_plan_size(len(tensors) * depth * factor, f"--experts {experts}")
+    if n_select is None and (select or calibration):
+        raise GrowthError("--select and --calibration apply to grow-width with --experts N, N not a multiple of "
+                          "the source's experts")
+    if n_select is not None and operation != "grow-width":
+        raise GrowthError(f"--experts {experts} is not a multiple of the source's experts: only grow-width "
+                          "selects experts (run grow-depth, then grow-width)")
+    if top_k is None:
+        top_k = "keep" if n_select is not None else "scale"
     k = parse_top_k(top_k) if isinstance(top_k, str) else top_k
     width = dict(noise=noise, router_noise=router_noise, seed=seed, top_k=k, allow_inexact=allow_inexact,
                  noise_mode=noise_mode, reinit=reinit)
     if operation == "grow-depth":
         return lower(plan_depth(config, tensors, layout, lmap or [], depth_init), source.tensors, quant, dtype)
+    if n_select is not None:
+        if noise_mode != "absolute" or reinit:
+            raise GrowthError("--noise-mode relative and --reinit do not yet apply to a selected expert count "
+                              "(--experts N, N not a multiple of the source's)")
+        width = {k: v for k, v in width.items() if k not in ("noise_mode", "reinit")}
+        chosen = selection if selection is not None else selection_for(
+            select, calibration, source.folder, config, layout, tensors, n_select,
+            quant.describe()["format"] if quant is not None else "")
+        return lower(plan_selected(config, tensors, layout, n_select, chosen, select or "recorded", **width),
+                     source.tensors, quant, dtype)
     if operation == "grow-width":
         return lower(plan_width(config, tensors, layout, factor, **width), source.tensors, quant, dtype)
     if operation == "grow":
@@ -107,12 +134,14 @@ def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
 
         return rebuild_upcycle(source, record)
     experts = f"{g['factor']}x" if g.get("factor") else None
+    if g.get("selection") is not None:  # --select: the recorded choice, no calibration again
+        experts = str(g.get("experts"))
     return plan_for(source, str(op), layer_map=g.get("layer_map"), experts=experts,
                     noise=float(g.get("noise") or 0.0), router_noise=float(g.get("router_noise") or 0.0),
                     seed=int(g.get("seed") or 0), top_k=g.get("top_k") or "scale",
                     allow_inexact=bool(g.get("allow_inexact")), depth_init=g.get("depth_init") or "copy",
                     dtype=str(g.get("dtype") or "keep"), noise_mode=str(g.get("noise_mode") or "absolute"),
-                    reinit=float(g.get("reinit") or 0.0))
+                    reinit=float(g.get("reinit") or 0.0), selection=g.get("selection"), select=g.get("select"))
 
 
 def check_finite(plan: Plan, source: Source) -> None:

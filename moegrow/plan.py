@@ -160,6 +160,8 @@ class Plan:
     dequantised_shapes: dict[str, tuple[int, ...]] | None = None
     noise_mode: str = "absolute"  # --noise-mode: relative scales the noise std by each source tensor's std
     reinit: float = 0.0           # --reinit: the fraction of every copy's neurons re-initialised
+    selection: dict[int, list[int]] | None = None  # --select: per MoE layer, the experts copied (moegrow.selection)
+    select: str = ""                               # --select: load or first
 
     @property
     def function_preserving(self) -> bool:

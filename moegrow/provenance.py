@@ -111,6 +111,8 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "dtype": plan.dtype,
             "noise_mode": plan.noise_mode,
             "reinit": plan.reinit,
+            **({"select": plan.select, "selection": {str(k): v for k, v in plan.selection.items()}}
+               if plan.selection is not None else {}),
             **({k: v for k, v in plan.upcycle.items() if k != "why_exact"} if plan.upcycle else {}),
         },
         "noise_device": device,
