@@ -123,6 +123,9 @@ def test_first_copies_the_lowest_experts_and_verify_catches_a_tampered_selection
     (["--experts", "9", "--select", "first"], "grow by a factor first"),
     (["--experts", "8", "--select", "first"], "--select and --calibration apply"),
     (["--experts", "6", "--select", "best"], "--select must be load or first"),
+    (["--experts", "6", "--select", "first", "--reinit", "0.5"], "do not yet apply to a selected expert count"),
+    (["--experts", "6", "--select", "first", "--noise", "0.01", "--noise-mode", "relative"],
+     "do not yet apply to a selected expert count"),
 ])
 def test_refusals(args, message, sources, tmp_path):
     code, _, err = run("grow-width", sources["mixtral"], tmp_path / "out", *args)
