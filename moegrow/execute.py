@@ -613,6 +613,25 @@ def write_json(path: Path, obj: Any) -> None:
             f.write("\n  }" + (",\n" if n < len(lazy) - 1 else "\n}\n"))
 
 
+def write_metadata(folder: Path, plan: Plan, source_folder: Path, provenance: Mapping[str, Any],
+                   card: Callable[[str], str] | None, device: str) -> None:
+    """Everything but the shards, written last and fsynced: config, the source's side files, the model
+    card (README.md, in place of the source's) and the provenance record."""
+    write_json(folder / "config.json", plan.config)
+    written = [folder / "config.json", *(folder / f for f in copy_side_files(source_folder, folder))]
+    if card is not None:
+        (folder / "README.md").write_text(card(device), encoding="utf-8")
+        written.append(folder / "README.md")
+    write_json(folder / "moegrow.json", provenance)
+    written.append(folder / "moegrow.json")
+    for path in dict.fromkeys(written):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path, output: Path, *,
             provenance: Mapping[str, Any], max_shard_size: int = DEFAULT_MAX_SHARD,
             device: str = "cpu", threads: int = 2, force: bool = False,
@@ -638,12 +657,7 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
     warnings: list[str] = []
     try:
         names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings)
-        provenance = {**provenance, "noise_device": device}
-        write_json(tmp / "config.json", plan.config)
-        copy_side_files(source_folder, tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card(device), encoding="utf-8")
-        write_json(tmp / "moegrow.json", provenance)
+        write_metadata(tmp, plan, source_folder, {**provenance, "noise_device": device}, card, device)
         if check_source is not None:
             check_source()
         with _signals_deferred():

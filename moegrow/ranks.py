@@ -249,11 +249,7 @@ def execute_ranks(ranks: Ranks, plan: Plan, tensors: Mapping[str, SourceTensor],
             try:
                 used = next((d for _, d in results if d != "none"), "none")
                 (tmp / TOKEN_NAME).unlink()
-                ex.write_json(tmp / "config.json", plan.config)
-                ex.copy_side_files(source_folder, tmp)
-                if card is not None:
-                    (tmp / "README.md").write_text(card(used), encoding="utf-8")
-                ex.write_json(tmp / "moegrow.json", {**provenance, "noise_device": used})
+                ex.write_metadata(tmp, plan, source_folder, {**provenance, "noise_device": used}, card, used)
                 if check_source is not None:
                     check_source()
                 with ex._signals_deferred():
