@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,23 @@ def open_megatron(spec: str, iteration: int | None = None) -> MegatronCheckpoint
                               int(k) if k is not None else None, router_info)
 
 
+def layer_targets(layer_map: Sequence[int] | None, l_old: int) -> tuple[dict[int, list[int]], int]:
+    """({source layer: its new positions}, new layer count) of a layer map (None: layers unchanged)."""
+    targets: dict[int, list[int]] = {}
+    for j, m in enumerate(layer_map if layer_map is not None else range(l_old)):
+        targets.setdefault(m, []).append(j)
+    return targets, len(layer_map) if layer_map is not None else l_old
+
+
+def new_top_k(k_old: int | None, factor: int, top_k: str | int, missing: str) -> int | None:
+    """The grown model's top-k under --top-k scale / keep / N; `missing` names the record that lacks it."""
+    if top_k == "scale":
+        if k_old is None:
+            raise GrowthError(f"{missing} to scale; pass --top-k N (the grown model's top-k) or --top-k keep")
+        return k_old * factor
+    return k_old if top_k == "keep" else int(top_k)
+
+
 def width_inexact_reason(ckpt: MegatronCheckpoint, k_old: int | None) -> str | None:
     """Why Megatron's router cannot keep the function when every expert is duplicated (None: it can).
 
@@ -267,21 +284,12 @@ def plan_megatron(ckpt: MegatronCheckpoint, operation: str, *, layer_map: list[i
         raise GrowthError(f"{ckpt.folder}: the optimizer state is Megatron's {opt['kind']} format, which cannot "
                           "be grown per parameter; pass --optimizer drop (and load with --no-load-optim)")
     e_old, l_old = ckpt.num_experts, ckpt.num_layers
-    targets: dict[int, list[int]] = {}
-    for j, m in enumerate(layer_map if layer_map is not None else range(l_old)):
-        targets.setdefault(m, []).append(j)
-    l_new = len(layer_map) if layer_map is not None else l_old
+    targets, l_new = layer_targets(layer_map, l_old)
     k_old = ckpt.top_k
     k_new: int | None = k_old
     reason = None
     if factor > 1:
-        if top_k == "scale":
-            if k_old is None:
-                raise GrowthError(f"{ckpt.folder / COMMON_NAME}: no Megatron-LM args.moe_router_topk to scale; pass "
-                                  "--top-k N (the grown model's top-k) or --top-k keep")
-            k_new = k_old * factor
-        elif top_k != "keep":
-            k_new = int(top_k)
+        k_new = new_top_k(k_old, factor, top_k, f"{ckpt.folder / COMMON_NAME}: no Megatron-LM args.moe_router_topk")
         reason = width_inexact_reason(ckpt, k_old)
         if reason and not allow_inexact:
             raise GrowthError(f"{ckpt.folder}: width growth cannot preserve this router's function ({reason}); "

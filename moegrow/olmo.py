@@ -22,7 +22,7 @@ from typing import Any
 
 from .dcp_io import METADATA_NAME, DcpReader
 from .errors import GrowthError, SourceError
-from .megatron import MegatronPlan, Piece
+from .megatron import MegatronPlan, Piece, layer_targets, new_top_k
 
 FORMAT = "olmo-core-dcp"
 DCP_DIR = "model_and_optim"
@@ -127,19 +127,11 @@ def plan_olmo(ckpt: OlmoCheckpoint, operation: str, *, layer_map: list[int] | No
     if optimizer not in ("keep", "drop"):
         raise GrowthError(f"--optimizer must be keep or drop, not {optimizer!r}")
     e_old, l_old = ckpt.num_experts, ckpt.num_layers
-    targets: dict[int, list[int]] = {}
-    for j, m in enumerate(layer_map if layer_map is not None else range(l_old)):
-        targets.setdefault(m, []).append(j)
-    l_new = len(layer_map) if layer_map is not None else l_old
+    targets, l_new = layer_targets(layer_map, l_old)
     k_old, k_new, reason = ckpt.top_k, ckpt.top_k, None
     if factor > 1:
-        if top_k == "scale":
-            if k_old is None:
-                raise GrowthError(f"{ckpt.root / CONFIG_NAME}: no model.block.feed_forward_moe.router.top_k to "
-                                  "scale; pass --top-k N or --top-k keep")
-            k_new = k_old * factor
-        elif top_k != "keep":
-            k_new = int(top_k)
+        k_new = new_top_k(k_old, factor, top_k,
+                          f"{ckpt.root / CONFIG_NAME}: no model.block.feed_forward_moe.router.top_k")
         reason = width_inexact_reason(ckpt)
         if reason and not allow_inexact:
             raise GrowthError(f"{ckpt.root}: width growth cannot preserve this router's function ({reason}); "
