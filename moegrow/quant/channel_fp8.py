@@ -120,12 +120,15 @@ class ChannelFp8(Codec):
         return {"values": values.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), "scales": stored}
 
     def _scale(self, amax: torch.Tensor, dtype: str) -> torch.Tensor:
+        """amax / 448 per channel (or tensor), on the CPU so that the bytes do not depend on the device
+        (see `BlockFp8._scale`)."""
         import torch
 
+        device, amax = amax.device, amax.cpu()
         target = torch_dtype(dtype)
         zero = torch.finfo(target).eps if self.zero_scale == "eps" else 1.0
         s = (amax / FP8_MAX).to(target)
-        return torch.where(amax > 0, s, torch.full_like(s, zero))
+        return torch.where(amax > 0, s, torch.full_like(s, zero)).to(device)
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.format, "block_size": None, "scale_fmt": "per-channel or per-tensor"}

@@ -111,13 +111,17 @@ class BlockFp8(Codec):
         return {"values": q.to(torch_dtype(values.dtype)), "scales": s}
 
     def _scale(self, amax: torch.Tensor, top: float, dtype: str) -> torch.Tensor:
-        """Each block's scale, amax / `top` (1 for an all-zero block), in the scale dtype."""
+        """Each block's scale, amax / `top` (1 for an all-zero block), in the scale dtype. Computed on the
+        CPU (one value per block): CUDA divides by a scalar as a multiply by its reciprocal, which rounds
+        some scales one ulp away from the CPU's (measured on an H100), and the bytes must not depend on
+        the device."""
         import torch
 
+        device, amax = amax.device, amax.cpu()
         s = torch.where(amax > 0, amax / top, torch.ones_like(amax))
         if self.scale_fmt == "ue8m0" or dtype == "F8_E8M0":
             s = torch.exp2(torch.ceil(torch.log2(s)))
-        return s.to(torch_dtype(dtype))
+        return s.to(torch_dtype(dtype)).to(device)
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.format, "block_size": list(self.block) if self.block else None,
