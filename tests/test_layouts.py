@@ -62,7 +62,8 @@ def test_every_residual_key_is_a_known_family_or_wrapper():
 
 
 def test_every_family_that_can_grow_in_depth_has_residual_data():
-    missing = [lay.name for lay in (*LAYOUTS, *TEXT_LAYOUTS) if lay.name not in RESIDUAL and not lay.depth_refused]
+    missing = [lay.name for lay in (*LAYOUTS, *TEXT_LAYOUTS)
+               if lay.name not in RESIDUAL and not lay.depth.depth_refused]
     assert missing == []
 
 
@@ -87,7 +88,7 @@ def test_every_wrapper_text_type_resolves(model_type):
     assert isinstance(text, dict) and isinstance(text.get("model_type"), str)
     layout = layout_for(config)
     assert layout.wrapper is wrapper and text["model_type"] in layout.model_types
-    assert layout.layer_prefix == wrapper.layer_prefix
+    assert layout.names.layer_prefix == wrapper.layer_prefix
     assert layout.text(config)["model_type"] == text["model_type"]
 
 

@@ -384,7 +384,7 @@ class Layout:
     @property
     def mtp_layer_prefix(self) -> str:
         """Where the MTP layers under `mtp_prefix` sit (`mtp.layers.`); empty without one."""
-        return f"{self.mtp_prefix}layers." if self.mtp_prefix else ""
+        return f"{self.names.mtp_prefix}layers." if self.names.mtp_prefix else ""
 
     # -- config access -------------------------------------------------------------------------
 
@@ -439,26 +439,26 @@ class Layout:
 
     def rows_per_expert(self, config: Mapping[str, Any], rel: str) -> int:
         """Rows per expert along a fused tensor's expert axis (1 unless `rows_per_expert_key`)."""
-        if not self.rows_per_expert_key or rel not in self.fused_experts:
+        if not self.axes.rows_per_expert_key or rel not in self.names.fused_experts:
             return 1
         config = self.text(config)
-        value = lookup(config, self.rows_per_expert_key)
+        value = lookup(config, self.axes.rows_per_expert_key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ConfigError(f"config.json: {self.rows_per_expert_key} must be a positive integer, not {value!r}")
+            raise ConfigError(f"config.json: {self.axes.rows_per_expert_key} must be a positive integer, not {value!r}")
         return value
 
     def axis_of(self, rel: str) -> int:
         """The expert axis of a router, router-bias or fused tensor (see `expert_axis`)."""
-        return dict(self.expert_axis).get(rel, 0)
+        return dict(self.axes.expert_axis).get(rel, 0)
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
-        return self._int(config, self.experts_keys, "expert count")
+        return self._int(config, self.counts.experts_keys, "expert count")
 
     def segment_counts(self, config: Mapping[str, Any]) -> list[int]:
         """Slots per segment of the expert axis: [routed experts, *extra slots] (see `expert_segments`)."""
         config = self.text(config)
         counts = [self.num_experts(config)]
-        for key in self.expert_segments:
+        for key in self.axes.expert_segments:
             value = lookup(config, key)
             if value is None:
                 value = 0
@@ -469,22 +469,22 @@ class Layout:
 
     def segment_of(self, rel: str) -> int | None:
         """The one segment a tensor holds (see `segment_tensors`), or None."""
-        return dict(self.segment_tensors).get(rel)
+        return dict(self.axes.segment_tensors).get(rel)
 
     def top_k(self, config: Mapping[str, Any]) -> int:
-        return self._int(config, self.top_k_keys, "top-k")
+        return self._int(config, self.counts.top_k_keys, "top-k")
 
     def layers_list_key(self, config: Mapping[str, Any]) -> str | None:
         """The per-layer list (or string) that gives the layer count, if the family has one."""
         config = self.text(config)
-        return next((k for k in self.layers_list_keys if isinstance(config.get(k), (list, str))), None)
+        return next((k for k in self.counts.layers_list_keys if isinstance(config.get(k), (list, str))), None)
 
     def num_layers(self, config: Mapping[str, Any]) -> int:
         config = self.text(config)
         key = self.layers_list_key(config)
         if key is not None:
             return len(config[key])
-        return self._int(config, self.layers_keys, "layer count")
+        return self._int(config, self.counts.layers_keys, "layer count")
 
 
 # -- the flat names, read-only, while readers move to the parts (`layout.names.layer_prefix`) -------------------

@@ -46,16 +46,16 @@ def as_saved(layout: Layout, names: Iterable[str] | None) -> Layout:
     if names is None:
         return layout
     names = list(names)
-    bare = layout.layer_prefix.removeprefix("model.")
+    bare = layout.names.layer_prefix.removeprefix("model.")
     alternatives = (*(layout.wrapper.alt_prefixes if layout.wrapper else ()), bare)
-    for prefix in (layout.layer_prefix, *alternatives):
+    for prefix in (layout.names.layer_prefix, *alternatives):
         if any(n.startswith(prefix) for n in names):
             break
     else:
         return layout
-    if prefix == layout.layer_prefix:
+    if prefix == layout.names.layer_prefix:
         return layout
-    mtp = layout.mtp_prefix.removeprefix("model.") if prefix == bare else layout.mtp_prefix
+    mtp = layout.names.mtp_prefix.removeprefix("model.") if prefix == bare else layout.names.mtp_prefix
     return layout.with_(layer_prefix=prefix, mtp_prefix=mtp)
 
 
