@@ -486,13 +486,3 @@ class Layout:
             return len(config[key])
         return self._int(config, self.counts.layers_keys, "layer count")
 
-
-# -- the flat names, read-only, while readers move to the parts (`layout.names.layer_prefix`) -------------------
-
-
-def _flat(part: str, name: str) -> property:
-    return property(lambda self: getattr(getattr(self, part), name), doc=f"`{part}.{name}`, read-only")
-
-
-for _name, _part in PART_OF.items():
-    setattr(Layout, _name, _flat(_part, _name))
