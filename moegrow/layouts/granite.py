@@ -5,8 +5,8 @@ Fused input_linear / output_linear experts (expert axis first) and a router.laye
 
 from __future__ import annotations
 
-from .model import Counts, DepthKey, DepthRules, Doc, ExpertAxis, Layout, Names, Residual, WidthRule, WidthRules
-from .shared import _ATTN, _COUNT, _LAYER_TYPES, _fused_neurons
+from .model import DepthKey, DepthRules, Doc, ExpertAxis, Layout, Names, Residual, WidthRule, WidthRules
+from .shared import _ATTN, _COUNT, _LAYER_TYPES, _LOCAL_COUNTS, _fused_neurons
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
@@ -17,7 +17,7 @@ LAYOUTS: tuple[Layout, ...] = (
             fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
             router_weights=("block_sparse_moe.router.layer.weight",),
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT,)),
         doc=Doc(routing="top-k of the router logits, softmax over the k"),
     ),
@@ -30,7 +30,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("block_sparse_moe.router.layer.weight",),
             shared_prefix="shared_mlp.",
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT,)),
         doc=Doc(routing="top-k of the router logits, softmax over the k; plus a shared MLP"),
     ),
@@ -46,7 +46,7 @@ LAYOUTS: tuple[Layout, ...] = (
                            "self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight"),
             router_weights=("mlp.router.layer.weight", "self_attention.experts.router.layer.weight"),
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT,)),
         width=WidthRules(
             width_rules=(WidthRule("num_attention_heads", "top_k", "the attention heads are num_key_value_heads x "
@@ -69,7 +69,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("block_sparse_moe.router.weight",),
             shared_prefix="shared_mlp.",
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         axes=ExpertAxis(neurons=_fused_neurons("block_sparse_moe.experts.")),
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("layer_rope_theta", "per_layer"))),
         doc=Doc(routing="top-k of the router logits, softmax over the k; plus a shared MLP"),
@@ -83,7 +83,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("block_sparse_moe.router.layer.weight",),
             shared_prefix="shared_mlp.",
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
         doc=Doc(routing="top-k of the router logits, softmax over the k; plus a shared MLP (mamba / attention layers)"),
     ),

@@ -5,7 +5,17 @@ pattern or a period.
 from __future__ import annotations
 
 from .model import Counts, DepthKey, DepthRules, Doc, Layout, MoeLayers, Names, Residual, WidthRule, WidthRules
-from .shared import _ATTN, _COUNT, _LAYER_TYPES, _MTP_OUTSIDE, _NUM_DENSE, _ROUTED, _SIGMOID_GROUPS, _group_rules
+from .shared import (
+    _ATTN,
+    _COUNT,
+    _LAYER_TYPES,
+    _MTP_OUTSIDE,
+    _NUM_COUNTS,
+    _NUM_DENSE,
+    _ROUTED,
+    _SIGMOID_GROUPS,
+    _group_rules,
+)
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
@@ -17,7 +27,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_biases=("feed_forward.expert_bias",),
             buffers=("feed_forward.expert_bias",),
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="first_k_dense", dense_prefix_key="num_dense_layers"),
         depth=DepthRules(depth_keys=(_COUNT, _NUM_DENSE, _LAYER_TYPES)),
         width=WidthRules(
@@ -74,7 +84,7 @@ LAYOUTS: tuple[Layout, ...] = (
             # skip class): not router rows in moegrow's sense, so width growth is refused
             router_weights=(),
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES), not_in_first_layer=("mlp.gate.router_states_scale",)),
         width=WidthRules(
             exact_width=False,
@@ -93,7 +103,7 @@ LAYOUTS: tuple[Layout, ...] = (
         name="jamba",
         model_types=("jamba",),
         names=Names(experts_prefix="feed_forward.experts.", router_weights=("feed_forward.router.weight",)),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="period", moe_period_key="expert_layer_period"),
         depth=DepthRules(
             depth_keys=(_COUNT, DepthKey("expert_layer_period", "period", "expert_layer_offset", (2, 1)),

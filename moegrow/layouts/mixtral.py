@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from .model import Counts, DepthKey, DepthRules, Doc, ExpertAxis, Layout, MoeLayers, Names, Residual, WidthRules
-from .shared import _ATTN, _COUNT, _DEEPSEEK_WRITERS, _LAYER_TYPES, _MOE_TYPES, _SIGMOID_BIAS, _fused_neurons
+from .model import DepthKey, DepthRules, Doc, ExpertAxis, Layout, MoeLayers, Names, Residual, WidthRules
+from .shared import (
+    _ATTN,
+    _BLOCK_SPARSE_NAMES,
+    _COUNT,
+    _DEEPSEEK_WRITERS,
+    _LAYER_TYPES,
+    _LOCAL_COUNTS,
+    _MOE_TYPES,
+    _SIGMOID_BIAS,
+    _fused_neurons,
+)
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="mixtral",
         model_types=("mixtral",),
-        names=Names(experts_prefix="block_sparse_moe.experts.", router_weights=("block_sparse_moe.gate.weight",)),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        names=_BLOCK_SPARSE_NAMES,
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(DepthKey("num_hidden_layers", "count"), DepthKey("layer_types", "per_layer"))),
         doc=Doc(routing="softmax over all experts, top-k, renormalised over the k"),
     ),
     Layout(
         name="minimax",
         model_types=("minimax",),
-        names=Names(experts_prefix="block_sparse_moe.experts.", router_weights=("block_sparse_moe.gate.weight",)),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        names=_BLOCK_SPARSE_NAMES,
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
         doc=Doc(routing="softmax over all experts, top-k, renormalised over the k"),
     ),
@@ -31,7 +41,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_biases=("block_sparse_moe.e_score_correction_bias",),
             buffers=("block_sparse_moe.e_score_correction_bias",),
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
         doc=Doc(routing="sigmoid scores; top-k of score + e_score_correction_bias; always normalised"),
     ),
@@ -46,7 +56,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_biases=("mlp.gate.e_score_correction_bias",),
             buffers=("mlp.gate.e_score_correction_bias",),
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         axes=ExpertAxis(neurons=_fused_neurons("mlp.experts.")),
         moe=MoeLayers(moe_rule="mlp_layer_types"),
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES)),
@@ -59,8 +69,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="phimoe",
         model_types=("phimoe",),
-        names=Names(experts_prefix="block_sparse_moe.experts.", router_weights=("block_sparse_moe.gate.weight",)),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        names=_BLOCK_SPARSE_NAMES,
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT,)),
         width=WidthRules(
             exact_width=False,

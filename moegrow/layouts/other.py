@@ -24,9 +24,12 @@ from .shared import (
     _FUSED_DOWN,
     _HALVED_WHEN_RAW,
     _LAYER_TYPES,
+    _LOCAL_COUNTS,
     _MLP_DOWN,
+    _MLP_NAMES,
     _MLP_TYPES,
     _MOE_TYPES,
+    _NUM_COUNTS,
     _NUM_DENSE,
     _RAW_SIGMOID,
     _SHARED1_DOWN,
@@ -40,8 +43,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="mellum",
         model_types=("mellum",),
-        names=Names(experts_prefix="mlp.experts.", router_weights=("mlp.gate.weight",)),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        names=_MLP_NAMES,
+        counts=_LOCAL_COUNTS,
         moe=MoeLayers(moe_rule="mlp_layer_types"),
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES)),
         doc=Doc(
@@ -62,7 +65,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("mlp.router.weight",),
             router_biases=("mlp.router.bias",),
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         axes=ExpertAxis(neurons=(("mlp.experts.gate_up_proj", 2, "interleaved"), ("mlp.experts.down_proj", 1, ""))),
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
         doc=Doc(
@@ -102,7 +105,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("mlp.gate.weight",),
             router_biases=("mlp.experts.e_score_correction_bias",),  # saved under experts, not the gate
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="mlp_layer_types", default_dense=1),
         depth=DepthRules(
             depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES, DepthKey("num_attention_heads_per_layer", "per_layer")),
@@ -139,7 +142,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("feed_forward.router.weight",),
             shared_prefix="feed_forward.shared_expert.",
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         axes=ExpertAxis(
             neurons=(("feed_forward.experts.gate_up_proj", 2, "halves"), ("feed_forward.experts.down_proj", 1, "")),
         ),
@@ -171,7 +174,7 @@ LAYOUTS: tuple[Layout, ...] = (
             buffers=("moe.router.expert_bias",),
             shared_prefix="mlp.shared_experts.",
         ),
-        counts=Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_LOCAL_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
         width=WidthRules(
             tensor_rules=(TensorRule("down_proj.weight", _RAW_SIGMOID, when=(("norm_topk_prob", False),),

@@ -6,7 +6,7 @@ mlp.shared_expert.
 
 from __future__ import annotations
 
-from .model import Counts, DepthKey, DepthRules, Doc, Layout, MoeLayers, Names, Residual, TensorRule, WidthRules
+from .model import DepthKey, DepthRules, Doc, Layout, MoeLayers, Names, Residual, TensorRule, WidthRules
 from .shared import (
     _ATTN,
     _COUNT,
@@ -14,7 +14,9 @@ from .shared import (
     _HALVED_WHEN_RAW,
     _LAYER_TYPES,
     _MLP_DOWN,
+    _MLP_NAMES,
     _MTP_OUTSIDE,
+    _NUM_COUNTS,
     _RAW_SIGMOID,
     _SHARED1_DOWN,
     _SOFTMAX_TOPK,
@@ -39,7 +41,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("mlp.gate.weight",),
             shared_prefix="mlp.shared_expert.",
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="sparse_step"),
         depth=DepthRules(depth_keys=_QWEN_DEPTH),
         doc=Doc(routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert"),
@@ -47,8 +49,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="qwen3_moe",
         model_types=("qwen3_moe",),
-        names=Names(experts_prefix="mlp.experts.", router_weights=("mlp.gate.weight",)),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        names=_MLP_NAMES,
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="sparse_step"),
         depth=DepthRules(depth_keys=_QWEN_DEPTH),
         doc=Doc(routing=_SOFTMAX_TOPK),
@@ -62,7 +64,7 @@ LAYOUTS: tuple[Layout, ...] = (
             shared_prefix="mlp.shared_expert.",
             mtp_prefix="mtp.",
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="sparse_step"),
         depth=DepthRules(depth_keys=_QWEN_DEPTH),
         doc=Doc(routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert", notes=(_MTP_OUTSIDE,)),
@@ -76,7 +78,7 @@ LAYOUTS: tuple[Layout, ...] = (
             shared_prefix="mlp.shared_expert.",
             mtp_prefix="mtp.",
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
         doc=Doc(
             routing="softmax over all experts, top-k, renormalised; plus a sigmoid-gated shared expert",
@@ -92,7 +94,7 @@ LAYOUTS: tuple[Layout, ...] = (
             shared_prefix="mlp.shared_expert.",
             mtp_prefix="mtp.",
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("ple_layer_ids", "ranked_index_list_1based"))),
         doc=Doc(
             routing=_SOFTMAX_TOPK + "; plus a sigmoid-gated shared expert (with hyper-connections)",
@@ -109,7 +111,7 @@ LAYOUTS: tuple[Layout, ...] = (
             router_weights=("mlp.gate.weight",),
             shared_prefix="mlp.shared_expert.",
         ),
-        counts=Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",)),
+        counts=_NUM_COUNTS,
         moe=MoeLayers(moe_rule="sparse_step"),
         depth=DepthRules(
             depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("decoder_sparse_step", "sparse_step"),

@@ -24,6 +24,14 @@ _RAW_SIGMOID = ("unnormalised sigmoid weights do not halve, so a selected pair (
                 "weigh twice, and no config key can absorb the factor")
 _HALVED_WHEN_RAW = ("width growth with unnormalised weights (norm_topk_prob false) halves every expert's "
                     "down projection, originals included: originals are not byte-identical")
+# Parts several entries share, by alias (as transformers' conversion_mapping shares its rules): the count keys of
+# Mixtral's lineage (num_local_experts first) and of Qwen's (num_experts first); experts and router by name alone
+_LOCAL_COUNTS = Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",))
+_NUM_COUNTS = Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",))
+_BLOCK_SPARSE_NAMES = Names(experts_prefix="block_sparse_moe.experts.",
+                            router_weights=("block_sparse_moe.gate.weight",))
+_MLP_NAMES = Names(experts_prefix="mlp.experts.", router_weights=("mlp.gate.weight",))
+
 # Tensor names and count keys shared by the DeepSeek-V3-style families (one entry each, differing in
 # routing details and layer-indexed keys only).
 _DEEPSEEK_NAMES = Names(
