@@ -19,7 +19,7 @@ import pytest
 from transformers import CONFIG_MAPPING, AutoConfig
 
 import moegrow.layouts as layouts
-from moegrow.layouts import LAYOUTS, RESIDUAL, WRAPPERS, Layout, Wrapper, layout_for, lookup
+from moegrow.layouts import LAYOUTS, RESIDUAL, WRAPPERS, Layout, Names, Wrapper, layout_for, lookup
 from moegrow.layouts import families as families_module
 from moegrow.layouts.model import PART_OF
 
@@ -146,6 +146,6 @@ def test_with_takes_flat_names_and_parts():
     assert (moved.names.layer_prefix, moved.moe.moe_rule, moved.name) == ("layers.", "all", "x")
     assert moved.names.experts_prefix == lay.names.experts_prefix and moved.counts is lay.counts
     assert lay.names.layer_prefix == "model.layers."  # frozen: the original is unchanged
-    assert lay.with_(names=lay.names.__class__("e.", ("g",))).names.layer_prefix == "model.layers."
+    assert lay.with_(names=Names("e.", ("g",))).names.layer_prefix == "model.layers."
     with pytest.raises(TypeError):
         lay.with_(no_such_field=1)

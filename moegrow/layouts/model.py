@@ -1,5 +1,6 @@
-"""The shape of per-family knowledge: `Layout` and its parts (`DepthKey`, `WidthRule`, `TensorRule`,
-`Residual`), `Wrapper` for multimodal checkpoints, and `lookup` for (dotted) config keys.
+"""The shape of per-family knowledge: `Layout` and its parts (`Names`, `Counts`, `ExpertAxis`, `MoeLayers`,
+`DepthRules`, `WidthRules`, `Doc`), the rules they hold (`DepthKey`, `WidthRule`, `TensorRule`), `Residual`,
+`Wrapper` for multimodal checkpoints, and `lookup` for (dotted) config keys.
 
 A layout says where layers, experts and routers live in the checkpoint's tensor names (the names
 `save_pretrained` writes, which are the Hub's), which config keys count layers, experts, top-k
