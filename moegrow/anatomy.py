@@ -4,7 +4,7 @@ Roles: ``global`` (outside the decoder layers), ``layer`` (a layer's non-MoE ten
 ``expert`` (one expert's tensor, per-expert on disk), ``fused`` (all experts, expert axis 0),
 ``router`` (router weight, one row per expert), ``router_bias`` (one entry per expert).
 
-Multi-token-prediction (MTP) weights stored under a separate prefix (``Layout.mtp_prefix``, e.g.
+Multi-token-prediction (MTP) weights stored under a separate prefix (``Names.mtp_prefix``, e.g.
 ``mtp.``) are marked ``mtp``; the MTP layers under it (``mtp.layers.N.``) are classified relative to
 that prefix exactly as decoder layers are (so width growth widens their experts and routers), while
 their layer indices count MTP layers, not decoder layers.
@@ -31,8 +31,8 @@ class Role:
 
 
 def classify(name: str, layout: Layout) -> Role:
-    mtp = bool(layout.mtp_prefix) and name.startswith(layout.mtp_prefix)
-    prefix = layout.mtp_layer_prefix if mtp else layout.layer_prefix
+    mtp = bool(layout.names.mtp_prefix) and name.startswith(layout.names.mtp_prefix)
+    prefix = layout.mtp_layer_prefix if mtp else layout.names.layer_prefix
     if not name.startswith(prefix):
         return Role("global", rel=name, mtp=mtp)
     rest = name[len(prefix):]
@@ -40,23 +40,23 @@ def classify(name: str, layout: Layout) -> Role:
     if not (dot and idx.isdigit()):
         return Role("global", rel=name, mtp=mtp)
     layer = int(idx)
-    if rel.startswith(layout.experts_prefix):
-        e, dot2, tail = rel[len(layout.experts_prefix):].partition(".")
+    if rel.startswith(layout.names.experts_prefix):
+        e, dot2, tail = rel[len(layout.names.experts_prefix):].partition(".")
         if dot2 and e.isdigit():
             return Role("expert", layer, int(e), tail, prefix, mtp)
-    kind = ("fused" if rel in layout.fused_experts else "router" if rel in layout.router_weights
-            else "router_bias" if rel in layout.router_biases else "layer")
+    kind = ("fused" if rel in layout.names.fused_experts else "router" if rel in layout.names.router_weights
+            else "router_bias" if rel in layout.names.router_biases else "layer")
     return Role(kind, layer, rel=rel, prefix=prefix, mtp=mtp)
 
 
 def layer_name(layout: Layout, layer: int, rel: str, prefix: str = "") -> str:
     """A layer tensor's name; `prefix` (a Role's) defaults to the decoder layers'."""
-    return f"{prefix or layout.layer_prefix}{layer}.{rel}"
+    return f"{prefix or layout.names.layer_prefix}{layer}.{rel}"
 
 
 def expert_name(layout: Layout, layer: int, expert: int, tail: str, prefix: str = "") -> str:
     """An expert tensor's name; `prefix` (a Role's) defaults to the decoder layers'."""
-    return f"{prefix or layout.layer_prefix}{layer}.{layout.experts_prefix}{expert}.{tail}"
+    return f"{prefix or layout.names.layer_prefix}{layer}.{layout.names.experts_prefix}{expert}.{tail}"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _dim0(shape: tuple[int, ...]) -> int:
 
 def _expert_dim(name: str, shape: tuple[int, ...], axis: int, where: str, inner: bool = False) -> int:
     """The size of a tensor's expert axis; an axis past 0 only where every leading dim is 1, unless
-    the layout joins the tensor's copies through torch (`inner`: `Layout.inner_axis`)."""
+    the layout joins the tensor's copies through torch (`inner`: `ExpertAxis.inner_axis`)."""
     if axis == 0:
         return _dim0(shape)
     if inner and len(shape) > axis:
@@ -136,15 +136,15 @@ def check_config(config: Mapping[str, Any], layout: Layout, where: str = "config
     """
     config = layout.text(config)  # a multimodal config: its text decoder's
     counts = {}
-    checks = [(layout.experts_keys, "expert count"), (layout.top_k_keys, "top-k")]
+    checks = [(layout.counts.experts_keys, "expert count"), (layout.counts.top_k_keys, "top-k")]
     list_key = layout.layers_list_key(config) if hasattr(layout, "layers_list_key") else None
     if list_key is None:
-        checks.insert(0, (layout.layers_keys, "layer count"))
+        checks.insert(0, (layout.counts.layers_keys, "layer count"))
     elif not config[list_key]:
         raise ConfigError(f"{where}: {list_key} (one entry per layer) is empty")
     for aliases, what in checks:
         if what == "layer count" and layout.layers_list_key(config) is not None:
-            continue  # the length of a per-layer list (see Layout.layers_list_keys)
+            continue  # the length of a per-layer list (see Counts.layers_list_keys)
         key = layout.config_key(config, aliases, what)
         value = _lookup(config, key)
         if not (_is_int(value) and value >= 1):
@@ -153,12 +153,12 @@ def check_config(config: Mapping[str, Any], layout: Layout, where: str = "config
     (kkey, k), (ekey, e) = counts["top-k"], counts["expert count"]
     if k > e:
         raise ConfigError(f"{where}: {kkey}={k} is more than the {e} experts ({ekey})")
-    for dk in layout.depth_keys:
+    for dk in layout.depth.depth_keys:
         value = _lookup(config, dk.key)
         rule = _DEPTH_KINDS.get(dk.kind)
         if value is not None and rule is not None and not rule[1](value):
             raise ConfigError(f"{where}: {dk.key} must be {rule[0]}, not {value!r}")
-    for wr in layout.width_rules:
+    for wr in layout.width.width_rules:
         for key in getattr(wr, "keys", (wr.key,)):
             value = config.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -182,22 +182,22 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
         if r.kind == "expert":
             experts_in.setdefault((r.mtp, r.layer), set()).add(r.expert)  # type: ignore[arg-type]
         elif r.kind in ("fused", "router", "router_bias"):
-            n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where, r.rel in layout.inner_axis)
+            n = _expert_dim(name, shapes[name], layout.axis_of(r.rel), where, r.rel in layout.axes.inner_axis)
             rows = layout.rows_per_expert(config, r.rel)
             if n % rows:
-                raise ConfigError(f"{where}: {name} has {n} rows, not a multiple of {layout.rows_per_expert_key}"
+                raise ConfigError(f"{where}: {name} has {n} rows, not a multiple of {layout.axes.rows_per_expert_key}"
                                   f"={rows} (the rows of one expert)")
             n //= rows
             segment = layout.segment_of(r.rel)
             if segment is not None:  # one extra segment only (fused shared experts)
                 if n != segments[segment]:
-                    key = layout.expert_segments[segment - 1]
+                    key = layout.axes.expert_segments[segment - 1]
                     raise ConfigError(f"{where}: says {key}={segments[segment]} but {name} has {n} rows")
                 continue
             if r.kind == "fused":
                 experts_in.setdefault((r.mtp, r.layer), set()).update(range(n))  # type: ignore[arg-type]
             if n != num_experts and n != slots:
-                extra = f" (or {slots} with {', '.join(layout.expert_segments)})" if slots != num_experts else ""
+                extra = f" (or {slots} with {', '.join(layout.axes.expert_segments)})" if slots != num_experts else ""
                 raise ConfigError(f"{where}: says {num_experts} experts{extra} but {name} has {n} rows")
     for (mtp, layer), found in sorted(experts_in.items()):
         if found != set(range(num_experts)) and found != set(range(slots)):
@@ -216,7 +216,7 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
                           f"num_nextn_predict_layers may declare layers after the decoder layers)")
     if not experts_in:
         raise ConfigError(f"{where}: no expert tensors found (expected names like "
-                          f"{layout.layer_prefix}N.{layout.experts_prefix}E.*): not a "
+                          f"{layout.names.layer_prefix}N.{layout.names.experts_prefix}E.*): not a "
                           f"{layout.name} MoE checkpoint")
     moe_layers = tuple(sorted(layer for mtp, layer in experts_in if not mtp))
     mtp_moe = tuple(sorted(layer for mtp, layer in experts_in if mtp))

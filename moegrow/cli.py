@@ -629,7 +629,7 @@ def _identity_watch(source: Any, record: dict[str, Any]) -> Any:
     if growth.get("depth_init") != "identity" or not layer_map:
         return None
     layout = layout_for(source.config, names=source.tensors)
-    return IdentityWatch(added_copies(layer_map), layout.layer_prefix, len(layer_map))
+    return IdentityWatch(added_copies(layer_map), layout.names.layer_prefix, len(layer_map))
 
 
 def _one_line(text: str) -> str:

@@ -20,8 +20,8 @@ def _all(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
 
 def _dense_prefix(config: Mapping[str, Any], n: int, layout: Layout) -> int:
     """The count of leading dense layers: the layout's dense-prefix key, else its default."""
-    value = config.get(layout.dense_prefix_key)
-    return min(int(value if value is not None else layout.default_dense), n)
+    value = config.get(layout.moe.dense_prefix_key)
+    return min(int(value if value is not None else layout.moe.default_dense), n)
 
 
 def _first_k_dense(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
@@ -50,14 +50,14 @@ def _mlp_layer_types(config: Mapping[str, Any], n: int, layout: Layout) -> set[i
 
 def _block_types(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
     """One block kind per layer: MoE where the first present per-layer key holds the MoE value."""
-    for key, moe in layout.moe_block_types:
+    for key, moe in layout.moe.moe_block_types:
         types = config.get(key)
         if types is not None:
             if not isinstance(types, (list, str)) or len(types) != n:
                 raise ConfigError(f"config.json: {key} should give {n} layers, has {types!r}")
             return {i for i, t in enumerate(types) if t == moe}
     raise ConfigError(f"config.json: no per-layer block types (looked for "
-                      f"{', '.join(k for k, _ in layout.moe_block_types)})")
+                      f"{', '.join(k for k, _ in layout.moe.moe_block_types)})")
 
 
 def _moe_layer_list(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
@@ -73,7 +73,7 @@ def _moe_layer_list(config: Mapping[str, Any], n: int, layout: Layout) -> set[in
 
 
 def _range_values(config: Mapping[str, Any], n: int, layout: Layout) -> tuple[int, int, int]:
-    (skey, sdef), (ekey, edef), (ikey, idef) = layout.moe_range
+    (skey, sdef), (ekey, edef), (ikey, idef) = layout.moe.moe_range
     values = []
     for key, default in ((skey, sdef), (ekey, edef), (ikey, idef)):
         v = config.get(key)
@@ -125,7 +125,7 @@ def _periodic(config: Mapping[str, Any], n: int, dk: DepthKey) -> set[int]:
 
 def _moe_period(config: Mapping[str, Any], n: int, layout: Layout) -> set[int]:
     """jamba: MoE iff i % period == offset (the layout's `moe_period_key` and its companion)."""
-    return _periodic(config, n, next(d for d in layout.depth_keys if d.key == layout.moe_period_key))
+    return _periodic(config, n, next(d for d in layout.depth.depth_keys if d.key == layout.moe.moe_period_key))
 
 
 def _express_period(want: set[int], n_new: int, period: int) -> tuple[int, int] | None:
@@ -137,7 +137,7 @@ def _express_period(want: set[int], n_new: int, period: int) -> tuple[int, int] 
     return None
 
 
-# How a family's config says which decoder layers are MoE (named by Layout.moe_rule).
+# How a family's config says which decoder layers are MoE (named by MoeLayers.moe_rule).
 MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
     "all": _all,
     "first_k_dense": _first_k_dense,
@@ -152,7 +152,7 @@ MOE_RULES: dict[str, Callable[[Mapping[str, Any], int, Layout], set[int]]] = {
 
 def config_moe_layers(config: Mapping[str, Any], layout: Layout) -> set[int]:
     config = layout.text(config)
-    return MOE_RULES[layout.moe_rule](config, layout.num_layers(config), layout)
+    return MOE_RULES[layout.moe.moe_rule](config, layout.num_layers(config), layout)
 
 
 def check_moe_layers(config: Mapping[str, Any], layout: Layout, moe_layers: Sequence[int],
@@ -217,7 +217,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
     source_moe = {i for i in moe_layers if i < n_old}
     want = {j for j, m in enumerate(layer_map) if m in source_moe}
     # sparse_step last: it overrides its companion index list
-    for dk in sorted(layout.depth_keys, key=lambda d: d.kind == "sparse_step"):
+    for dk in sorted(layout.depth.depth_keys, key=lambda d: d.kind == "sparse_step"):
         value = lookup(new, dk.key)
         if value is None and dk.kind == "moe_types" and "." not in dk.key:
             # a default derived from other keys cannot follow every map: write the list out
@@ -277,10 +277,10 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
             _, _, interval = _range_values(config, n_old, layout)
             found = _express_range(want, len(layer_map), interval)
             if found is None:
-                keys = ", ".join(k for k, _ in layout.moe_range)
+                keys = ", ".join(k for k, _ in layout.moe.moe_range)
                 raise GrowthError(f"config keys {keys} (one range of MoE layers) cannot express this layer "
                                   f"map: the new MoE layers would be {sorted(want)}")
-            for (key, _), v in zip(layout.moe_range, found, strict=True):
+            for (key, _), v in zip(layout.moe.moe_range, found, strict=True):
                 if lookup(new, key) != v:
                     _set(new, key, v)
                     changed.append(key)
@@ -300,7 +300,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
             if int(value) != 1:
                 # Every-Nth-layer cannot survive a layer map: make the dense layers explicit.
                 new[dk.key] = 1
-                companion = next(d.key for d in layout.depth_keys if d.kind == "index_list")
+                companion = next(d.key for d in layout.depth.depth_keys if d.kind == "index_list")
                 new[companion] = [j for j, m in enumerate(layer_map) if m not in source_moe]
                 changed.append(companion)
         else:  # pragma: no cover - layouts are checked by tests
@@ -309,7 +309,7 @@ def rewrite_depth(config: Mapping[str, Any], layout: Layout, layer_map: Sequence
             changed.append(dk.key)
     got = config_moe_layers(new, layout)
     if want != got:
-        keys = ", ".join(d.key for d in layout.depth_keys if d.kind != "count")
+        keys = ", ".join(d.key for d in layout.depth.depth_keys if d.kind != "count")
         raise GrowthError(f"the config ({keys}) cannot express this layer map: new layer "
                           f"{sorted(want ^ got)[0]} would change between dense and MoE")
     grown = layout.wrap(outer, new)
@@ -378,8 +378,8 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
 
     new = copy.deepcopy(dict(config))
     changes: list[str] = []
-    ekey = layout.config_key(config, layout.experts_keys, "expert count")
-    kkey = layout.config_key(config, layout.top_k_keys, "top-k")
+    ekey = layout.config_key(config, layout.counts.experts_keys, "expert count")
+    kkey = layout.config_key(config, layout.counts.top_k_keys, "top-k")
     e_old, k_old = layout.num_experts(config), layout.top_k(config)
     _set(new, ekey, e_old * factor)
     changes.append(f"{path(ekey)}: {e_old} -> {e_old * factor}")
@@ -389,7 +389,7 @@ def rewrite_width(config: Mapping[str, Any], layout: Layout, factor: int,
     if k_new != k_old:
         _set(new, kkey, k_new)
         changes.append(f"{path(kkey)}: {k_old} -> {k_new}")
-    for rule in layout.width_rules:
+    for rule in layout.width.width_rules:
         key = next((k for k in rule.keys if config.get(k) is not None), None)
         if key is None or any(config.get(k) for k in rule.unless_keys):
             continue

@@ -41,13 +41,14 @@ def describe(source: Source) -> dict[str, Any]:
     text_total, text_active = total, active
     if layout.wrapper is not None:  # the vision / audio towers and projectors left out
         towers = layout.wrapper.tower_prefixes
-        text_shapes = {n: s for n, s in shapes.items() if in_text_decoder(n, layout.layer_prefix, towers)}
+        text_shapes = {n: s for n, s in shapes.items() if in_text_decoder(n, layout.names.layer_prefix, towers)}
         text_total, text_active = param_counts(text_shapes, anatomy, layout, top_k)
     text = layout.text(config)  # a multimodal config: its text decoder's
-    if layout.shared_experts_keys and any(lookup(text, k) is not None for k in layout.shared_experts_keys):
-        shared = int(lookup(text, layout.config_key(text, layout.shared_experts_keys, "shared experts")))
+    shared_keys = layout.counts.shared_experts_keys
+    if shared_keys and any(lookup(text, k) is not None for k in shared_keys):
+        shared = int(lookup(text, layout.config_key(text, shared_keys, "shared experts")))
     else:
-        prefix = layout.shared_prefix
+        prefix = layout.names.shared_prefix
         shared = int(bool(prefix) and any(r.rel.startswith(prefix) for r in anatomy.roles.values()))
     dtypes = Counter(t.dtype for t in source.tensors.values())
     files = sorted({t.path.name for t in source.tensors.values()})
@@ -58,7 +59,7 @@ def describe(source: Source) -> dict[str, Any]:
         "family": layout.name,
         # multimodal: the text decoder's config key and layer prefix (its other tensors are copied untouched)
         "text_config": layout.wrapper.text_config_key if layout.wrapper else None,
-        "layer_prefix": layout.layer_prefix,
+        "layer_prefix": layout.names.layer_prefix,
         "num_layers": anatomy.num_layers,
         "moe_layers": [i for i in anatomy.moe_layers if i < anatomy.num_layers],
         "dense_layers": [i for i in range(anatomy.num_layers) if i not in anatomy.moe_layers],
@@ -72,12 +73,12 @@ def describe(source: Source) -> dict[str, Any]:
         "top_k": top_k,
         "num_shared_experts": shared,
         # slots after the routed experts on the router's axis (zero experts, router-gated shared experts)
-        "expert_segments": dict(zip(layout.expert_segments, layout.segment_counts(config)[1:])),
-        "routing": layout.routing,
-        "width_exact": layout.exact_width,
-        "width_inexact_reason": layout.inexact_reason or None,
-        "width_refused": layout.width_refused or None,
-        "depth_refused": layout.depth_refused or None,
+        "expert_segments": dict(zip(layout.axes.expert_segments, layout.segment_counts(config)[1:])),
+        "routing": layout.doc.routing,
+        "width_exact": layout.width.exact_width,
+        "width_inexact_reason": layout.width.inexact_reason or None,
+        "width_refused": layout.width.width_refused or None,
+        "depth_refused": layout.depth.depth_refused or None,
         # --depth-init identity: the tensors an added copy has zeroed, or why the family is refused
         "residual_writers": list(layout.residual.writers),
         "identity_depth_refused": layout.residual.refused or next(

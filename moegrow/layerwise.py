@@ -60,13 +60,13 @@ def layers_are_copies(record: dict[str, Any], layout: Any) -> bool:
     if record.get("lossy"):  # --dtype rounded the weights: each layer is its source's only up to that rounding
         return False
     moved = g.get("layer_map") is not None and any(j != m for j, m in enumerate(g["layer_map"]))
-    if moved and layout.index_dependent_layers:
+    if moved and layout.depth.index_dependent_layers:
         return False
     if record.get("operation") == "upcycle":  # each MoE layer computes its dense layer's function, or not
         return bool(record.get("function_preserving"))
     if not g.get("factor"):
         return True
-    return bool(layout.exact_width and (g.get("top_k") or "scale") == "scale" and not g.get("noise")
+    return bool(layout.width.exact_width and (g.get("top_k") or "scale") == "scale" and not g.get("noise")
                 and not g.get("router_noise"))
 
 
@@ -172,7 +172,7 @@ class StreamedModel:
                                                dtype_plan=model._get_dtype_plan(torch.float32),
                                                weight_mapping=mapping, device_map={"": "cpu"})
         try:
-            prefix = layout_for(raw, str(folder / "config.json"), self.slices).layer_prefix
+            prefix = layout_for(raw, str(folder / "config.json"), self.slices).names.layer_prefix
         except UnsupportedModelError:  # a dense source of `upcycle`: its decoder layers where transformers saves them
             prefix = "model.layers."
         meta = model.state_dict()

@@ -3,7 +3,7 @@
 A neuron j of an expert is row j of its gate and up projections and column j of its down projection
 (nn.Linear weights: gate/up [F, H], down [H, F]). Per-expert tensors are recognised by the name after
 the expert index (`w1` / `w3` / `gate_proj` / `up_proj` rows, `w2` / `down_proj` columns); fused tensors
-[E, ...] need the family's `Layout.neurons` (the neuron axis of the fused tensor and how gate and up
+[E, ...] need the family's `ExpertAxis.neurons` (the neuron axis of the fused tensor and how gate and up
 share it: `interleaved` gate, up, gate, up...; `halves` all gates then all ups). A family whose expert
 weight matrices are not all described is refused: a neuron must be re-initialised everywhere or nowhere.
 Pure data and arithmetic: no torch here (see `noise_modes` for the tensors).
@@ -54,7 +54,7 @@ class Reinit:
 
 def neuron_axis(layout: Any, rel: str, fused: bool) -> tuple[int, str] | None:
     """(neuron axis within one expert slice, pairing) of an expert tensor, or None where it has none known."""
-    found = dict((r, (axis, pairing)) for r, axis, pairing in getattr(layout, "neurons", ()))
+    found = dict((r, (axis, pairing)) for r, axis, pairing in layout.axes.neurons)
     if rel in found:
         axis, pairing = found[rel]
         return (axis - 1 if fused else axis), pairing

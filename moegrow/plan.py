@@ -200,7 +200,7 @@ class Plan:
             # a requantised weight's members count once, by the weight's (dequantised) name
             names = list(dict.fromkeys(t.encode.group if t.encode is not None else t.name for t in self.tensors
                                        if any(p.fill == value for p in t.parts)))
-            rels = sorted({_EXPERT_INDEX.sub(r"\1*\2", n.removeprefix(self.layout.layer_prefix).partition(".")[2])
+            rels = sorted({_EXPERT_INDEX.sub(r"\1*\2", n.removeprefix(self.layout.names.layer_prefix).partition(".")[2])
                            for n in names})
             if names:
                 out[key] = {"count": len(names), "tensors": rels}
@@ -280,12 +280,12 @@ def _ordered(tensors: list[OutTensor]) -> list[OutTensor]:
 def _check_first_layer(layout: Layout, layer_map: Sequence[int]) -> None:
     """Refuse a map that moves layer 0 (which lacks `not_in_first_layer` tensors) or moves another
     layer to position 0."""
-    if not layout.not_in_first_layer:
+    if not layout.depth.not_in_first_layer:
         return
     bad = next((j for j, m in enumerate(layer_map) if (m == 0) != (j == 0)), None)
     if bad is not None:
         what = "a copy of layer 0" if layer_map[bad] == 0 else f"a copy of layer {layer_map[bad]}"
-        raise GrowthError(f"{layout.name}: layer 0 has no {', '.join(layout.not_in_first_layer)} and every "
+        raise GrowthError(f"{layout.name}: layer 0 has no {', '.join(layout.depth.not_in_first_layer)} and every "
                           f"later layer has one, so this layer map (new layer {bad} = {what}) would load with "
                           f"a missing or unexpected tensor")
 
@@ -321,7 +321,7 @@ def check_identity(config: Mapping[str, Any], layout: Layout, layer_map: Sequenc
                           f"so the map must hold every layer 0..{n_old - 1} first in order; this one's first "
                           f"occurrences are {','.join(map(str, firsts))}")
     added = set(added_copies(layer_map))
-    for dk in layout.depth_keys:
+    for dk in layout.depth.depth_keys:
         values = lookup(text, dk.key)
         if dk.kind != "per_layer_reuse" or not isinstance(values, list):
             continue
@@ -348,15 +348,15 @@ def _init_part(name: str, rel: str, t: TensorMeta, layout: Layout) -> Part:
 
 def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], layout: Layout,
                layer_map: Sequence[int], init: str = "copy") -> Plan:
-    if layout.depth_refused:
-        raise GrowthError(f"{layout.name}: depth growth is not supported: {layout.depth_refused}")
+    if layout.depth.depth_refused:
+        raise GrowthError(f"{layout.name}: depth growth is not supported: {layout.depth.depth_refused}")
     if init not in DEPTH_INITS:
         raise GrowthError(f"--depth-init must be 'copy' or 'identity', not {init!r}")
     anatomy = analyse({n: t.shape for n, t in tensors.items()}, config, layout)
     check_moe_layers(config, layout, anatomy.moe_layers)
     _check_first_layer(layout, layer_map)
     text = layout.text(config)
-    for key, why in layout.depth_refused_keys:
+    for key, why in layout.depth.depth_refused_keys:
         if lookup(text, key):
             raise GrowthError(f"{layout.name}: depth growth with {key}={lookup(text, key)!r} is not supported: {why}")
     new_config, changed = rewrite_depth(config, layout, layer_map, anatomy.moe_layers)
@@ -375,7 +375,7 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
         if role.layer is None or role.mtp:  # MTP layers under their own prefix stay as they are
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
             continue
-        rel = name[len(layout.layer_prefix):].partition(".")[2]
+        rel = name[len(layout.names.layer_prefix):].partition(".")[2]
         for j in targets.get(role.layer, []):
             part = _init_part(name, rel, t, layout) if j in identity else Part(name)
             out.append(OutTensor(layer_name(layout, j, rel), t.dtype, t.shape, (part,)))
@@ -385,8 +385,8 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
                 layer_map=list(layer_map), config_changes=changes, exact=init == "identity", depth_init=init)
     if identity:
         _check_zeroed(plan, sorted(identity))
-    if layout.index_dependent_layers and any(j != m for j, m in enumerate(layer_map)):
-        plan.warnings.append(f"{layout.name}: {layout.index_dependent_layers}: a layer copied to another index "
+    if layout.depth.index_dependent_layers and any(j != m for j, m in enumerate(layer_map)):
+        plan.warnings.append(f"{layout.name}: {layout.depth.index_dependent_layers}: a layer copied to another index "
                              "does not compute its original's function")
     if anatomy.extra_layers:
         plan.warnings.append(
@@ -395,7 +395,7 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     n_mtp = sum(r.mtp for r in anatomy.roles.values())
     if n_mtp:
         plan.warnings.append(
-            f"{n_mtp} MTP tensors under {layout.mtp_prefix} are copied unchanged (they are not decoder layers: "
+            f"{n_mtp} MTP tensors under {layout.names.mtp_prefix} are copied unchanged (they are not decoder layers: "
             f"not interposed, not renumbered); transformers ignores them on load")
     return plan
 
@@ -403,7 +403,7 @@ def plan_depth(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
 def _check_zeroed(plan: Plan, added: list[int]) -> None:
     """Every added copy must have a zeroed residual writer: none found means the layout's data misses this
     checkpoint's names (a copy left as it is would change the function)."""
-    prefix = plan.layout.layer_prefix
+    prefix = plan.layout.names.layer_prefix
     zeroed = {int(t.name[len(prefix):].partition(".")[0]) for t in plan.tensors
               if t.name.startswith(prefix) and any(p.fill == 0.0 for p in t.parts)}
     missing = [j for j in added if j not in zeroed]
@@ -477,11 +477,11 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     parts name their source tensors directly."""
     relative = check_noise_mode(noise_mode) == "relative"
     check_reinit(reinit)
-    if layout.width_refused:
-        raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width_refused}")
-    if not layout.exact_width and not allow_inexact:
+    if layout.width.width_refused:
+        raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width.width_refused}")
+    if not layout.width.exact_width and not allow_inexact:
         raise GrowthError(f"{layout.name}: width growth cannot preserve this family's function "
-                          f"({layout.inexact_reason}); pass --allow-inexact to grow it anyway")
+                          f"({layout.width.inexact_reason}); pass --allow-inexact to grow it anyway")
     for flag, std in (("--noise", noise), ("--router-noise", router_noise)):
         if not (math.isfinite(std) and std >= 0):
             raise GrowthError(f"{flag}: the noise std must be a finite number >= 0, not {std}")
@@ -491,12 +491,12 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     e_old = anatomy.num_experts
     # tensors scaled by 1/factor, originals included (only where exactness claims it)
     text = layout.text(config)  # a multimodal config: its text decoder's
-    rules = [r for r in layout.tensor_rules if top_k == "scale" and r.applies(text)] if factor > 1 else []
+    rules = [r for r in layout.width.tensor_rules if top_k == "scale" and r.applies(text)] if factor > 1 else []
     scaled = {r.rel: r.scale(text, factor) for r in rules}
     segments = layout.segment_counts(text)
     starts = [sum(segments[:s]) for s in range(len(segments))]
     k_old = layout.top_k(text)
-    k_new = int(lookup(layout.text(new_config), layout.config_key(text, layout.top_k_keys, "top-k")))
+    k_new = int(lookup(layout.text(new_config), layout.config_key(text, layout.counts.top_k_keys, "top-k")))
 
     segment_of = [max(i for i, start in enumerate(starts) if start <= e) for e in range(sum(segments))]
 
@@ -538,7 +538,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
                                       reinit, slots, 0) for c in range(factor))
             shape = tuple(d * factor if i == axis else d for i, d in enumerate(t.shape))
             out.append(OutTensor(name, t.dtype, shape, parts, axis))
-        elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
+        elif role.rel in layout.axes.expert_tables and role.layer is not None and k_new != k_old:
             table = _widened_table(name, t, e_old, factor, k_old, k_new)
             out.append(table if src == name else
                        with_fields(table, parts=tuple(with_fields(p, source=src) for p in table.parts)))
@@ -546,7 +546,7 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             out.append(OutTensor(name, t.dtype, t.shape, (Part(src),)))
     if reinit:
         check_consistent(out, layout.name)
-    exact = layout.exact_width and top_k == "scale"
+    exact = layout.width.exact_width and top_k == "scale"
     plan = Plan("grow-width", layout, dict(config), new_config, _ordered(out), seed=seed,
                 experts=e_old * factor, factor=factor, top_k=top_k, noise=noise,
                 router_noise=router_noise, config_changes=changes, exact=exact, allow_inexact=allow_inexact,
@@ -554,9 +554,9 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
     if top_k != "scale":
         plan.warnings.append(f"--top-k {top_k}: the grown model does not compute the source's "
                              "function (only --top-k scale preserves it)")
-    if not layout.exact_width:
+    if not layout.width.exact_width:
         plan.warnings.append(f"--allow-inexact: the result is not function-preserving: {layout.name} "
-                             f"{layout.inexact_reason}")
+                             f"{layout.width.inexact_reason}")
     for r in rules:
         by = f"1/{factor}" if scaled[r.rel] == 1.0 / factor else f"{scaled[r.rel]:.6g}"
         plan.config_changes.append(f"tensors *.{r.rel}: scaled by {by} ({r.why})")
@@ -635,7 +635,7 @@ def param_counts(shapes: Mapping[str, tuple[int, ...]], anatomy: Anatomy, layout
         role = anatomy.roles[name]
         if role.mtp or (role.layer is not None and role.layer >= anatomy.num_layers):
             continue
-        if role.rel in layout.buffers:
+        if role.rel in layout.names.buffers:
             continue
         n = 1
         for d in shape:

@@ -76,8 +76,8 @@ def _new_config(config: Mapping[str, Any], layout: Layout, n_new: int,
     """The config with N experts; top-k kept (or set); width rules that a fraction cannot follow refused."""
     outer, text = config, layout.text(config)
     new = copy.deepcopy(dict(text))
-    ekey = layout.config_key(text, layout.experts_keys, "expert count")
-    kkey = layout.config_key(text, layout.top_k_keys, "top-k")
+    ekey = layout.config_key(text, layout.counts.experts_keys, "expert count")
+    kkey = layout.config_key(text, layout.counts.top_k_keys, "top-k")
     e_old, k_old = layout.num_experts(text), layout.top_k(text)
     k_new = k_old if top_k == "keep" else int(top_k)
     if not 1 <= k_new <= n_new:
@@ -89,7 +89,7 @@ def _new_config(config: Mapping[str, Any], layout: Layout, n_new: int,
     if k_new != k_old:
         _set(new, kkey, k_new)
         changes.append(f"{layout.key_path(outer, kkey)}: {k_old} -> {k_new}")
-    for rule in layout.width_rules:
+    for rule in layout.width.width_rules:
         key = next((k for k in rule.keys if text.get(k) is not None), None)
         if key is None or any(text.get(k) for k in rule.unless_keys):
             continue
@@ -105,8 +105,8 @@ def plan_selected(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], 
                   router_noise: float = 0.0, seed: int = 0, top_k: str | int = "keep",
                   allow_inexact: bool = False) -> Plan:
     """Width growth to N experts: new expert E+i of layer l is a copy of expert selection[l][i]."""
-    if layout.width_refused:
-        raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width_refused}")
+    if layout.width.width_refused:
+        raise GrowthError(f"{layout.name}: width growth is not supported: {layout.width.width_refused}")
     if top_k == "scale":
         raise GrowthError(f"--top-k scale: --experts {n_new} is not a multiple of the source's experts, and top-k "
                           "cannot be scaled by a fraction; give --top-k keep or an integer")
@@ -120,7 +120,7 @@ def plan_selected(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], 
     segments = layout.segment_counts(text)
     if any(segments[1:]):
         raise GrowthError(f"{layout.name}: the routers hold {sum(segments[1:])} slots after the routed experts "
-                          f"({', '.join(layout.expert_segments)}); --select cannot append rows before them")
+                          f"({', '.join(layout.axes.expert_segments)}); --select cannot append rows before them")
     sel = check_selection(selection, anatomy.moe_layers, e_old, n_new - e_old)
     new_config, changes = _new_config(config, layout, n_new, top_k)
     k_old = layout.top_k(text)
@@ -149,7 +149,7 @@ def plan_selected(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], 
             parts = (Part(name), *(Part(name, std, rows=(e * per, (e + 1) * per, n)) for e in chosen))
             shape = tuple(n_new * per if i == axis else d for i, d in enumerate(t.shape))
             out.append(OutTensor(name, t.dtype, shape, parts, axis))
-        elif role.rel in layout.expert_tables and role.layer is not None and k_new != k_old:
+        elif role.rel in layout.axes.expert_tables and role.layer is not None and k_new != k_old:
             raise GrowthError(f"{name}: an expert table cannot follow top-k {k_old} -> {k_new} with --select")
         else:
             out.append(OutTensor(name, t.dtype, t.shape, (Part(name),)))
@@ -160,8 +160,8 @@ def plan_selected(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], 
     plan.select = select
     plan.warnings.append(f"--experts {n_new} from {e_old} (--select {select}): the grown model does not compute "
                          f"the source's function ({WHY_INEXACT})")
-    if not layout.exact_width:
-        plan.warnings.append(f"{layout.name} {layout.inexact_reason}")
+    if not layout.width.exact_width:
+        plan.warnings.append(f"{layout.name} {layout.width.inexact_reason}")
     return plan
 
 

@@ -121,7 +121,7 @@ def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], e
     new_config, changes = upcycle_config(config, sib, experts, top_k, where)
     layout = layout_for(new_config, where, tensors)
     n = _int_key(config, "num_hidden_layers", where)
-    layers = _dense_layers(tensors, layout.layer_prefix, n)
+    layers = _dense_layers(tensors, layout.names.layer_prefix, n)
     needed = _needed(sib)
     out: list[OutTensor] = []
     in_layers = {name for rels in layers.values() for name in rels.values()}
@@ -129,7 +129,7 @@ def plan_upcycle(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], e
     for i, rels in layers.items():
         missing = sorted(needed - set(rels))
         if missing:
-            raise ConfigError(f"{source}: layer {i} has no {layout.layer_prefix}{i}.{missing[0]} (the dense "
+            raise ConfigError(f"{source}: layer {i} has no {layout.names.layer_prefix}{i}.{missing[0]} (the dense "
                               f"MLP a {sib.dense} checkpoint has; {n} layers per {where})")
         lost = sorted(r for r in rels if r.startswith(sib.mlp_prefix) and r not in needed)
         if lost:
@@ -187,7 +187,7 @@ def _experts(sib: Sibling, layout: Layout, layer: int, rels: Mapping[str, str], 
                 raise ConfigError(f"{rels[s]}: {m.dtype}{list(m.shape)} cannot be fused with "
                                   f"{rels[sources[0]]} ({dtype}{list(metas[0].shape)})")
         rows = sum(m.shape[0] for m in metas)
-        if rel in layout.fused_experts:
+        if rel in layout.names.fused_experts:
             parts = tuple(part(s, e) for e in range(experts) for s in sources)
             out.append(OutTensor(layer_name(layout, layer, rel), dtype, (experts, rows, *rest), parts))
         else:
@@ -207,7 +207,7 @@ def _new_tensors(sib: Sibling, layout: Layout, config: Mapping[str, Any], layer:
                                     f"quantised dense checkpoint cannot be upcycled (dequantise it first)")
     hidden = _int_key(config, "hidden_size", where)
     router = Part("", noise if router_init == "normal" else 0.0, init=router_init)
-    out = [OutTensor(layer_name(layout, layer, layout.router_weights[0]), dtype, (experts, hidden), (router,))]
+    out = [OutTensor(layer_name(layout, layer, layout.names.router_weights[0]), dtype, (experts, hidden), (router,))]
     for x in sib.extra:
         shape = _shape(x, config, rels, tensors, where)
         parts = tuple(Part(rels[r]) for r in x.copy) if x.copy else (Part("", init=x.init),)

@@ -100,7 +100,7 @@ def test_depth_copies_compute_their_source_layer(case, source, tmp_path):
     lw = report["forward"]
     assert code == 0, report["problems"]
     assert [(d["layer"], d["source_layer"]) for d in lw["layers"]] == list(enumerate(layer_map))
-    why = layout_for(json.loads((src / "config.json").read_text())).index_dependent_layers
+    why = layout_for(json.loads((src / "config.json").read_text())).depth.index_dependent_layers
     if why:  # beam: a copy at another index computes another function: reported, not failed
         assert not lw["layers_are_copies"]
         assert max(d["max_abs_diff"] for d in lw["layers"] if d["layer"] != d["source_layer"]) > 1e-3
@@ -114,7 +114,7 @@ def _tamper_expert_copies(out, layer: int) -> None:
     is left as it is (noise 0)."""
     mapping = json.loads((out / "moegrow.json").read_text())["tensors"]
     config = json.loads((out / "config.json").read_text())
-    prefix = f"{layout_for(config, names=mapping).layer_prefix}{layer}."
+    prefix = f"{layout_for(config, names=mapping).names.layer_prefix}{layer}."
     names = [n for n, parts in mapping.items()
              if n.startswith(prefix) and "expert" in n and "shared" not in n and (len(parts) > 1 or n != parts[0][0])]
     assert names

@@ -1,5 +1,6 @@
 """The layouts package's data is consistent: one layout per model_type, every table keyed by a known family,
-every wrapper's text decoder resolved from transformers' own config class (no checkpoint built: cheap).
+every wrapper's text decoder resolved from transformers' own config class (no checkpoint built: cheap), and
+every family's data as main had it before `Layout` had parts.
 
 That the entries match real saved checkpoints is checked where the families are built (test_families.py,
 test_multimodal.py, test_identity_depth.py)."""
@@ -7,16 +8,20 @@ test_multimodal.py, test_identity_depth.py)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 import pkgutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from transformers import CONFIG_MAPPING, AutoConfig
 
 import moegrow.layouts as layouts
-from moegrow.layouts import LAYOUTS, RESIDUAL, WRAPPERS, Layout, layout_for, lookup
+from moegrow.layouts import LAYOUTS, RESIDUAL, WRAPPERS, Layout, Names, Wrapper, layout_for, lookup
 from moegrow.layouts import families as families_module
+from moegrow.layouts.model import PART_OF
 
 TEXT_LAYOUTS = [w.text_layout for w in WRAPPERS if w.text_layout is not None]
 FAMILY_NAMES = {lay.name for lay in LAYOUTS} | {lay.name for lay in TEXT_LAYOUTS}
@@ -57,7 +62,8 @@ def test_every_residual_key_is_a_known_family_or_wrapper():
 
 
 def test_every_family_that_can_grow_in_depth_has_residual_data():
-    missing = [lay.name for lay in (*LAYOUTS, *TEXT_LAYOUTS) if lay.name not in RESIDUAL and not lay.depth_refused]
+    missing = [lay.name for lay in (*LAYOUTS, *TEXT_LAYOUTS)
+               if lay.name not in RESIDUAL and not lay.depth.depth_refused]
     assert missing == []
 
 
@@ -68,7 +74,7 @@ def test_a_wrapper_has_its_own_residual_entry_iff_it_renames_the_decoder_tensors
 
 
 def test_wrapper_overrides_name_layout_fields():
-    fields = {f.name for f in dataclasses.fields(Layout)}
+    fields = set(PART_OF)
     for w in WRAPPERS:
         assert {name for name, _ in w.layout_overrides} <= fields, w.model_types
 
@@ -82,5 +88,64 @@ def test_every_wrapper_text_type_resolves(model_type):
     assert isinstance(text, dict) and isinstance(text.get("model_type"), str)
     layout = layout_for(config)
     assert layout.wrapper is wrapper and text["model_type"] in layout.model_types
-    assert layout.layer_prefix == wrapper.layer_prefix
+    assert layout.names.layer_prefix == wrapper.layer_prefix
     assert layout.text(config)["model_type"] == text["model_type"]
+
+
+# -- the parts refactor kept every family's data ------------------------------------------------------------------
+
+_FLAT_MAIN = Path(__file__).parent / "fixtures" / "layouts_flat_main.json"
+
+
+def _enc(value):
+    """JSON of a layout field: nested dataclasses by class and fields, a wrapper by its model_types."""
+    if isinstance(value, Wrapper):
+        return {"Wrapper": list(value.model_types)}
+    if dataclasses.is_dataclass(value):
+        return {type(value).__name__: {f.name: _enc(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (tuple, list)):
+        return [_enc(v) for v in value]
+    return value
+
+
+def _flat_view(lay: Layout) -> str:
+    """The 41 fields `Layout` had before its parts, read from the parts (not from the flat properties)."""
+    view = {f: _enc(getattr(getattr(lay, part), f)) for f, part in PART_OF.items()}
+    view |= {f: _enc(getattr(lay, f)) for f in ("name", "model_types", "wrapper")}
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _views() -> dict[str, Layout]:
+    views: dict[str, Layout] = {}
+    for lay in LAYOUTS:
+        views[f"layout:{lay.name}"] = lay
+        views[f"bare:{lay.name}"] = layouts.as_saved(lay, [lay.names.layer_prefix.removeprefix("model.") + "0.x"])
+    for w in WRAPPERS:
+        if w.text_layout is not None:
+            views[f"text_layout:{w.text_layout.name}"] = w.text_layout
+        for t in w.model_types:
+            lay = layout_for(AutoConfig.for_model(t).to_dict())
+            views[f"wrapper:{t}"] = lay
+            bare = [lay.names.layer_prefix.removeprefix("model.") + "0.x"]
+            views[f"wrapper_bare:{t}"] = layout_for(AutoConfig.for_model(t).to_dict(), names=bare)
+    return views
+
+
+def test_parts_keep_every_family_s_data():
+    """Every layout's flat view equals main's before the parts refactor (hashes dumped from main's package), so the
+    entries' rewrite to parts (and `Layout.with_` in wrappers and `as_saved`) changed no value."""
+    main = json.loads(_FLAT_MAIN.read_text())["views"]
+    views = _views()
+    assert set(main) <= set(views)
+    assert [k for k in main if _flat_view(views[k]) != main[k]] == []
+
+
+def test_with_takes_flat_names_and_parts():
+    lay = layout_for({"model_type": "deepseek_v3"})
+    moved = lay.with_(layer_prefix="layers.", moe_rule="all", name="x")
+    assert (moved.names.layer_prefix, moved.moe.moe_rule, moved.name) == ("layers.", "all", "x")
+    assert moved.names.experts_prefix == lay.names.experts_prefix and moved.counts is lay.counts
+    assert lay.names.layer_prefix == "model.layers."  # frozen: the original is unchanged
+    assert lay.with_(names=Names("e.", ("g",))).names.layer_prefix == "model.layers."
+    with pytest.raises(TypeError):
+        lay.with_(no_such_field=1)

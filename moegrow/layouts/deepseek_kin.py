@@ -1,15 +1,16 @@
 """Other vendors' families built on DeepSeek-V3's MoE block.
 
-Its tensor names (`_DEEPSEEK_PARTS`) and group-limited sigmoid routing (`_group_rules`), with their own
-layer-indexed keys.
+Its tensor names and count keys (`_DEEPSEEK_NAMES`, `_DEEPSEEK_COUNTS`) and group-limited sigmoid routing
+(`_group_rules`), with their own layer-indexed keys.
 """
 
 from __future__ import annotations
 
-from .model import DepthKey, Layout, Residual
+from .model import Counts, DepthKey, DepthRules, Doc, Layout, MoeLayers, Names, Residual, WidthRules
 from .shared import (
     _COUNT,
-    _DEEPSEEK_PARTS,
+    _DEEPSEEK_COUNTS,
+    _DEEPSEEK_NAMES,
     _DEEPSEEK_WRITERS,
     _EXPERT_DOWN,
     _FIRST_K,
@@ -28,118 +29,149 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="dots1",
         model_types=("dots1",),
-        **_DEEPSEEK_PARTS,
-        routing=_SIGMOID_GROUPS + "; plus shared experts",
-        moe_rule="first_k_dense",
-        depth_keys=(_COUNT, _FIRST_K, _LAYER_TYPES, DepthKey("max_window_layers", "prefix_count")),
-        width_rules=_group_rules(),
+        names=_DEEPSEEK_NAMES,
+        counts=_DEEPSEEK_COUNTS,
+        moe=MoeLayers(moe_rule="first_k_dense"),
+        depth=DepthRules(depth_keys=(_COUNT, _FIRST_K, _LAYER_TYPES, DepthKey("max_window_layers", "prefix_count"))),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS + "; plus shared experts"),
     ),
     Layout(
         name="solar_open",
         model_types=("solar_open",),
-        **_DEEPSEEK_PARTS,
-        routing=_SIGMOID_GROUPS + "; plus shared experts",
-        depth_keys=(_COUNT,),
-        width_rules=_group_rules(),
+        names=_DEEPSEEK_NAMES,
+        counts=_DEEPSEEK_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS + "; plus shared experts"),
     ),
     Layout(
         name="exaone_moe",
         model_types=("exaone_moe",),
-        experts_keys=("num_experts", "num_local_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("num_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.e_score_correction_bias",),
-        buffers=("mlp.e_score_correction_bias",),
-        routing=_SIGMOID_GROUPS + " (correction bias at block level); plus shared experts",
-        moe_rule="mlp_layer_types",
-        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES, _FIRST_K_INFO),
-        width_rules=_group_rules(),
+        names=Names(
+            shared_prefix="mlp.shared_experts.",
+            experts_prefix="mlp.experts.",
+            router_weights=("mlp.gate.weight",),
+            router_biases=("mlp.e_score_correction_bias",),
+            buffers=("mlp.e_score_correction_bias",),
+        ),
+        counts=Counts(
+            experts_keys=("num_experts", "num_local_experts"),
+            top_k_keys=("num_experts_per_tok",),
+            shared_experts_keys=("num_shared_experts",),
+        ),
+        moe=MoeLayers(moe_rule="mlp_layer_types"),
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES, _FIRST_K_INFO)),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS + " (correction bias at block level); plus shared experts"),
     ),
     Layout(
         name="mimo_v2_flash",
         model_types=("mimo_v2_flash",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
-        routing=_SIGMOID_GROUPS,
-        moe_rule="mlp_layer_types",
-        depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES),
-        width_rules=_group_rules(),
+        names=Names(
+            experts_prefix="mlp.experts.",
+            router_weights=("mlp.gate.weight",),
+            router_biases=("mlp.gate.e_score_correction_bias",),
+            buffers=("mlp.gate.e_score_correction_bias",),
+        ),
+        counts=Counts(experts_keys=_ROUTED, top_k_keys=("num_experts_per_tok",)),
+        moe=MoeLayers(moe_rule="mlp_layer_types"),
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, _MLP_TYPES)),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS),
     ),
     Layout(
         name="axk1",
         model_types=("axk1",),
-        **_DEEPSEEK_PARTS,
-        routing=_SIGMOID_GROUPS + "; plus shared experts; a post-MoE RMSNorm",
-        moe_rule="mlp_layer_types",
-        default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
-        depth_keys=(_COUNT, _MOE_TYPES),
-        width_rules=_group_rules(),
+        names=_DEEPSEEK_NAMES,
+        counts=_DEEPSEEK_COUNTS,
+        moe=MoeLayers(
+            moe_rule="mlp_layer_types",
+            default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
+        ),
+        depth=DepthRules(depth_keys=(_COUNT, _MOE_TYPES)),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS + "; plus shared experts; a post-MoE RMSNorm"),
     ),
     Layout(
         name="axk2",
         model_types=("axk2",),
-        **_DEEPSEEK_PARTS,
-        routing=_SIGMOID_GROUPS + " (n_group may be null: no groups); plus shared experts",
-        moe_rule="mlp_layer_types",
-        default_dense=1,
-        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
-        width_rules=_group_rules(),
+        names=_DEEPSEEK_NAMES,
+        counts=_DEEPSEEK_COUNTS,
+        moe=MoeLayers(moe_rule="mlp_layer_types", default_dense=1),
+        depth=DepthRules(depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES)),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS + " (n_group may be null: no groups); plus shared experts"),
     ),
     Layout(
         name="beam",
         model_types=("beam",),
-        experts_keys=("num_experts", "num_local_experts", "n_routed_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
-        routing=_SIGMOID_GROUPS + " (the scaling applied to the block output)",
-        moe_rule="mlp_layer_types",
-        default_dense=3,  # a config without mlp_layer_types has min(3, L) dense layers
-        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
-        width_rules=_group_rules(),
-        index_dependent_layers="residual adds are scaled by the layer's index (1/sqrt(2(l+1)))",
+        names=Names(
+            experts_prefix="mlp.experts.",
+            router_weights=("mlp.gate.weight",),
+            router_biases=("mlp.gate.e_score_correction_bias",),
+            buffers=("mlp.gate.e_score_correction_bias",),
+        ),
+        counts=Counts(
+            experts_keys=("num_experts", "num_local_experts", "n_routed_experts"),
+            top_k_keys=("num_experts_per_tok",),
+        ),
+        moe=MoeLayers(
+            moe_rule="mlp_layer_types",
+            default_dense=3,  # a config without mlp_layer_types has min(3, L) dense layers
+        ),
+        depth=DepthRules(
+            depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES),
+            index_dependent_layers="residual adds are scaled by the layer's index (1/sqrt(2(l+1)))",
+        ),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(routing=_SIGMOID_GROUPS + " (the scaling applied to the block output)"),
     ),
     Layout(
         name="bailing_hybrid",
         model_types=("bailing_hybrid",),
-        experts_keys=("num_experts", "num_local_experts", "n_routed_experts"),
-        top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
-        shared_experts_keys=("num_shared_experts", "n_shared_experts"),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.expert_bias",),
-        buffers=("mlp.gate.expert_bias",),
-        routing=_SIGMOID_GROUPS + " (num_expert_group, moe_renormalize; bias saved as gate.expert_bias); "
-                "plus shared experts",
-        moe_rule="mlp_layer_types",
-        depth_keys=(_COUNT, _MOE_TYPES, _FIRST_K_INFO, _LAYER_TYPES),
-        width_rules=_group_rules(n_group=("num_expert_group", "n_group"),
-                                 norm=("moe_renormalize", "norm_topk_prob")),
-        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",
-               "a config without layer_types derives it from layer_group_size, which a layer map does "
-               "not follow",),
+        names=Names(
+            shared_prefix="mlp.shared_experts.",
+            experts_prefix="mlp.experts.",
+            router_weights=("mlp.gate.weight",),
+            router_biases=("mlp.gate.expert_bias",),
+            buffers=("mlp.gate.expert_bias",),
+        ),
+        counts=Counts(
+            experts_keys=("num_experts", "num_local_experts", "n_routed_experts"),
+            top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
+            shared_experts_keys=("num_shared_experts", "n_shared_experts"),
+        ),
+        moe=MoeLayers(moe_rule="mlp_layer_types"),
+        depth=DepthRules(depth_keys=(_COUNT, _MOE_TYPES, _FIRST_K_INFO, _LAYER_TYPES)),
+        width=WidthRules(
+            width_rules=_group_rules(n_group=("num_expert_group", "n_group"),
+                                     norm=("moe_renormalize", "norm_topk_prob")),
+        ),
+        doc=Doc(
+            routing=_SIGMOID_GROUPS + " (num_expert_group, moe_renormalize; bias saved as gate.expert_bias); "
+                    "plus shared experts",
+            notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",
+                   "a config without layer_types derives it from layer_group_size, which a layer map does "
+                   "not follow",),
+        ),
     ),
     Layout(
         name="dots3_note_text",
         model_types=("dots3_note_text",),
-        **_DEEPSEEK_PARTS,
-        routing=_SIGMOID_GROUPS + "; plus shared experts",
-        moe_rule="mlp_layer_types",
-        default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
-        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES, DepthKey("per_layer_config", "per_layer_dict")),
-        width_rules=_group_rules(),
-        notes=("per_layer_config (the sliding-attention layers' attention shapes, keyed by layer index) follows "
-               "the layer map",),
+        names=_DEEPSEEK_NAMES,
+        counts=_DEEPSEEK_COUNTS,
+        moe=MoeLayers(
+            moe_rule="mlp_layer_types",
+            default_dense=1,  # the unsaved first_k_dense_replace kwarg's default
+        ),
+        depth=DepthRules(depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES, DepthKey("per_layer_config", "per_layer_dict"))),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(
+            routing=_SIGMOID_GROUPS + "; plus shared experts",
+            notes=("per_layer_config (the sliding-attention layers' attention shapes, keyed by layer index) follows "
+                   "the layer map",),
+        ),
     ),
 )
 

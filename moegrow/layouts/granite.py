@@ -5,78 +5,87 @@ Fused input_linear / output_linear experts (expert axis first) and a router.laye
 
 from __future__ import annotations
 
-from .model import DepthKey, Layout, Residual, WidthRule
-from .shared import _ATTN, _COUNT, _LAYER_TYPES, _fused_neurons
+from .model import DepthKey, DepthRules, Doc, ExpertAxis, Layout, Names, Residual, WidthRule, WidthRules
+from .shared import _ATTN, _COUNT, _LAYER_TYPES, _LOCAL_COUNTS, _fused_neurons
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="granitemoe",
         model_types=("granitemoe",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
-        router_weights=("block_sparse_moe.router.layer.weight",),
-        routing="top-k of the router logits, softmax over the k",
-        depth_keys=(_COUNT,),
+        names=Names(
+            experts_prefix="block_sparse_moe.experts.",
+            fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+            router_weights=("block_sparse_moe.router.layer.weight",),
+        ),
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        doc=Doc(routing="top-k of the router logits, softmax over the k"),
     ),
     Layout(
         name="granitemoeshared",
         model_types=("granitemoeshared",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
-        router_weights=("block_sparse_moe.router.layer.weight",),
-        shared_prefix="shared_mlp.",
-        routing="top-k of the router logits, softmax over the k; plus a shared MLP",
-        depth_keys=(_COUNT,),
+        names=Names(
+            experts_prefix="block_sparse_moe.experts.",
+            fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+            router_weights=("block_sparse_moe.router.layer.weight",),
+            shared_prefix="shared_mlp.",
+        ),
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        doc=Doc(routing="top-k of the router logits, softmax over the k; plus a shared MLP"),
     ),
     Layout(
         name="jetmoe",
         model_types=("jetmoe",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="mlp.experts.",  # no per-expert form: every expert tensor is fused, expert axis first
-        # MoE MLP experts [E,2F,H] / [E,H,F], and attention experts (MoA: per expert, the query projection
-        # [E,kv*d,H] and the output projection [E,H,kv*d]); mlp.bias and self_attention.experts.bias are
-        # per-output [H] (added once after the experts), not per-expert
-        fused_experts=("mlp.input_linear.weight", "mlp.output_linear.weight",
-                       "self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight"),
-        router_weights=("mlp.router.layer.weight", "self_attention.experts.router.layer.weight"),
-        routing=("top-k of the router logits, softmax over the k, for the MoE MLP and for the attention experts "
-                 "(each selected one projects num_key_value_heads query heads and back), which share the expert "
-                 "count and top-k"),
-        depth_keys=(_COUNT,),
-        width_rules=(WidthRule("num_attention_heads", "top_k", "the attention heads are num_key_value_heads x "
-                               "top-k (one group of query heads per selected attention expert)"),),
-        notes=("width growth duplicates the attention experts too; with top-k doubled each token runs twice the "
-               "query heads (a pair of identical heads per original, each weighted half)",),
+        names=Names(
+            experts_prefix="mlp.experts.",  # no per-expert form: every expert tensor is fused, expert axis first
+            # MoE MLP experts [E,2F,H] / [E,H,F], and attention experts (MoA: per expert, the query projection
+            # [E,kv*d,H] and the output projection [E,H,kv*d]); mlp.bias and self_attention.experts.bias are
+            # per-output [H] (added once after the experts), not per-expert
+            fused_experts=("mlp.input_linear.weight", "mlp.output_linear.weight",
+                           "self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight"),
+            router_weights=("mlp.router.layer.weight", "self_attention.experts.router.layer.weight"),
+        ),
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        width=WidthRules(
+            width_rules=(WidthRule("num_attention_heads", "top_k", "the attention heads are num_key_value_heads x "
+                                   "top-k (one group of query heads per selected attention expert)"),),
+        ),
+        doc=Doc(
+            routing=("top-k of the router logits, softmax over the k, for the MoE MLP and for the attention experts "
+                     "(each selected one projects num_key_value_heads query heads and back), which share the expert "
+                     "count and top-k"),
+            notes=("width growth duplicates the attention experts too; with top-k doubled each token runs twice the "
+                   "query heads (a pair of identical heads per original, each weighted half)",),
+        ),
     ),
     Layout(
         name="granitemoe_swa",
         model_types=("granitemoe_swa",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        fused_experts=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
-        neurons=_fused_neurons("block_sparse_moe.experts."),
-        router_weights=("block_sparse_moe.router.weight",),
-        shared_prefix="shared_mlp.",
-        routing="top-k of the router logits, softmax over the k; plus a shared MLP",
-        depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("layer_rope_theta", "per_layer")),
+        names=Names(
+            experts_prefix="block_sparse_moe.experts.",
+            fused_experts=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+            router_weights=("block_sparse_moe.router.weight",),
+            shared_prefix="shared_mlp.",
+        ),
+        counts=_LOCAL_COUNTS,
+        axes=ExpertAxis(neurons=_fused_neurons("block_sparse_moe.experts.")),
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, DepthKey("layer_rope_theta", "per_layer"))),
+        doc=Doc(routing="top-k of the router logits, softmax over the k; plus a shared MLP"),
     ),
     Layout(
         name="granitemoehybrid",
         model_types=("granitemoehybrid",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
-        router_weights=("block_sparse_moe.router.layer.weight",),
-        shared_prefix="shared_mlp.",
-        routing="top-k of the router logits, softmax over the k; plus a shared MLP (mamba / attention layers)",
-        depth_keys=(_COUNT, _LAYER_TYPES),
+        names=Names(
+            experts_prefix="block_sparse_moe.experts.",
+            fused_experts=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+            router_weights=("block_sparse_moe.router.layer.weight",),
+            shared_prefix="shared_mlp.",
+        ),
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
+        doc=Doc(routing="top-k of the router logits, softmax over the k; plus a shared MLP (mamba / attention layers)"),
     ),
 )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model import DepthKey, Layout, Residual
+from .model import Counts, DepthKey, DepthRules, Doc, ExpertAxis, Layout, MoeLayers, Names, Residual, WidthRules
 from .shared import (
     _ATTN,
     _COUNT,
@@ -22,53 +22,75 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="hunyuan_v1_moe",
         model_types=("hunyuan_v1_moe",),
-        experts_keys=("num_experts", "num_local_experts"),
-        top_k_keys=("moe_topk", "num_experts_per_tok"),
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.wg.weight",),
-        shared_prefix="mlp.shared_mlp.",
-        routing="softmax (float32 gate) over all experts, top-k, renormalised; plus a shared MLP",
-        depth_keys=(_COUNT,),
-        notes=("per-layer num_experts / moe_topk lists are refused",),
+        names=Names(
+            experts_prefix="mlp.experts.",
+            router_weights=("mlp.gate.wg.weight",),
+            shared_prefix="mlp.shared_mlp.",
+        ),
+        counts=Counts(
+            experts_keys=("num_experts", "num_local_experts"),
+            top_k_keys=("moe_topk", "num_experts_per_tok"),
+        ),
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        doc=Doc(
+            routing="softmax (float32 gate) over all experts, top-k, renormalised; plus a shared MLP",
+            notes=("per-layer num_experts / moe_topk lists are refused",),
+        ),
     ),
     Layout(
         name="hy_v3",
         model_types=("hy_v3",),
-        experts_keys=("num_experts", "num_local_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("num_shared_experts",),
-        shared_prefix="mlp.shared_mlp.",
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.router.gate.weight",),
-        router_biases=("mlp.expert_bias",),
-        buffers=("mlp.expert_bias",),
-        routing=_SIGMOID_BIAS + " (float32); times router_scaling_factor; plus a shared MLP",
-        moe_rule="mlp_layer_types",
-        default_dense=1,
-        depth_keys=(_COUNT, _MOE_TYPES),
-        notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",),
+        names=Names(
+            shared_prefix="mlp.shared_mlp.",
+            experts_prefix="mlp.experts.",
+            router_weights=("mlp.router.gate.weight",),
+            router_biases=("mlp.expert_bias",),
+            buffers=("mlp.expert_bias",),
+        ),
+        counts=Counts(
+            experts_keys=("num_experts", "num_local_experts"),
+            top_k_keys=("num_experts_per_tok",),
+            shared_experts_keys=("num_shared_experts",),
+        ),
+        moe=MoeLayers(moe_rule="mlp_layer_types", default_dense=1),
+        depth=DepthRules(depth_keys=(_COUNT, _MOE_TYPES)),
+        doc=Doc(
+            routing=_SIGMOID_BIAS + " (float32); times router_scaling_factor; plus a shared MLP",
+            notes=("MTP layers (model.layers.{L}...) are widened and renumbered as for deepseek_v3.",),
+        ),
     ),
     Layout(
         name="hy_v4",
         model_types=("hy_v4",),
-        experts_keys=_ROUTED,
-        top_k_keys=("num_experts_per_tok",),
-        shared_experts_keys=("n_shared_experts",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-        neurons=_fused_neurons("mlp.experts."),
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
-        routing=_SIGMOID_GROUPS + "; plus shared experts (with hyper-connections)",
-        moe_rule="mlp_layer_types",
-        default_dense=1,  # the config class's default mlp_layer_types: one dense layer, then MoE
-        depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES, DepthKey("indexer_types", "per_layer_reuse", reuses="shared")),
-        width_rules=_group_rules(),
-        notes=("indexer_types 'shared' layers reuse the top-k of the nearest earlier 'full' layer: a depth map "
-               "is refused where a copied shared layer would reuse anything but a copy of its original's "
-               "full layer (interposition and stacking keep the pattern)",),
+        names=Names(
+            shared_prefix="mlp.shared_experts.",
+            experts_prefix="mlp.experts.",
+            fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+            router_weights=("mlp.gate.weight",),
+            router_biases=("mlp.gate.e_score_correction_bias",),
+            buffers=("mlp.gate.e_score_correction_bias",),
+        ),
+        counts=Counts(
+            experts_keys=_ROUTED,
+            top_k_keys=("num_experts_per_tok",),
+            shared_experts_keys=("n_shared_experts",),
+        ),
+        axes=ExpertAxis(neurons=_fused_neurons("mlp.experts.")),
+        moe=MoeLayers(
+            moe_rule="mlp_layer_types",
+            default_dense=1,  # the config class's default mlp_layer_types: one dense layer, then MoE
+        ),
+        depth=DepthRules(
+            depth_keys=(_COUNT, _MOE_TYPES, _LAYER_TYPES,
+                        DepthKey("indexer_types", "per_layer_reuse", reuses="shared")),
+        ),
+        width=WidthRules(width_rules=_group_rules()),
+        doc=Doc(
+            routing=_SIGMOID_GROUPS + "; plus shared experts (with hyper-connections)",
+            notes=("indexer_types 'shared' layers reuse the top-k of the nearest earlier 'full' layer: a depth map "
+                   "is refused where a copied shared layer would reuse anything but a copy of its original's "
+                   "full layer (interposition and stacking keep the pattern)",),
+        ),
     ),
 )
 

@@ -2,73 +2,85 @@
 
 from __future__ import annotations
 
-from .model import DepthKey, Layout, Residual
-from .shared import _ATTN, _COUNT, _DEEPSEEK_WRITERS, _LAYER_TYPES, _MOE_TYPES, _SIGMOID_BIAS, _fused_neurons
+from .model import DepthKey, DepthRules, Doc, ExpertAxis, Layout, MoeLayers, Names, Residual, WidthRules
+from .shared import (
+    _ATTN,
+    _BLOCK_SPARSE_NAMES,
+    _COUNT,
+    _DEEPSEEK_WRITERS,
+    _LAYER_TYPES,
+    _LOCAL_COUNTS,
+    _MOE_TYPES,
+    _SIGMOID_BIAS,
+    _fused_neurons,
+)
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="mixtral",
         model_types=("mixtral",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        router_weights=("block_sparse_moe.gate.weight",),
-        routing="softmax over all experts, top-k, renormalised over the k",
-        depth_keys=(DepthKey("num_hidden_layers", "count"), DepthKey("layer_types", "per_layer")),
+        names=_BLOCK_SPARSE_NAMES,
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(DepthKey("num_hidden_layers", "count"), DepthKey("layer_types", "per_layer"))),
+        doc=Doc(routing="softmax over all experts, top-k, renormalised over the k"),
     ),
     Layout(
         name="minimax",
         model_types=("minimax",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        router_weights=("block_sparse_moe.gate.weight",),
-        routing="softmax over all experts, top-k, renormalised over the k",
-        depth_keys=(_COUNT, _LAYER_TYPES),
+        names=_BLOCK_SPARSE_NAMES,
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
+        doc=Doc(routing="softmax over all experts, top-k, renormalised over the k"),
     ),
     Layout(
         name="minimax_m2",
         model_types=("minimax_m2",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        router_weights=("block_sparse_moe.gate.weight",),
-        router_biases=("block_sparse_moe.e_score_correction_bias",),
-        buffers=("block_sparse_moe.e_score_correction_bias",),
-        routing="sigmoid scores; top-k of score + e_score_correction_bias; always normalised",
-        depth_keys=(_COUNT, _LAYER_TYPES),
+        names=Names(
+            experts_prefix="block_sparse_moe.experts.",
+            router_weights=("block_sparse_moe.gate.weight",),
+            router_biases=("block_sparse_moe.e_score_correction_bias",),
+            buffers=("block_sparse_moe.e_score_correction_bias",),
+        ),
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES)),
+        doc=Doc(routing="sigmoid scores; top-k of score + e_score_correction_bias; always normalised"),
     ),
     Layout(
         name="minimax_m3_vl_text",
         model_types=("minimax_m3_vl_text",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        shared_prefix="mlp.shared_experts.",
-        experts_prefix="mlp.experts.",
-        fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-        neurons=_fused_neurons("mlp.experts."),
-        router_weights=("mlp.gate.weight",),
-        router_biases=("mlp.gate.e_score_correction_bias",),
-        buffers=("mlp.gate.e_score_correction_bias",),
-        routing=_SIGMOID_BIAS + "; times routed_scaling_factor; plus a shared MLP",
-        moe_rule="mlp_layer_types",
-        depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES),
-        notes=("a config that gives moe_layer_freq instead of mlp_layer_types is read as all-MoE and "
-               "refused if its tensors disagree",),
+        names=Names(
+            shared_prefix="mlp.shared_experts.",
+            experts_prefix="mlp.experts.",
+            fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+            router_weights=("mlp.gate.weight",),
+            router_biases=("mlp.gate.e_score_correction_bias",),
+            buffers=("mlp.gate.e_score_correction_bias",),
+        ),
+        counts=_LOCAL_COUNTS,
+        axes=ExpertAxis(neurons=_fused_neurons("mlp.experts.")),
+        moe=MoeLayers(moe_rule="mlp_layer_types"),
+        depth=DepthRules(depth_keys=(_COUNT, _LAYER_TYPES, _MOE_TYPES)),
+        doc=Doc(
+            routing=_SIGMOID_BIAS + "; times routed_scaling_factor; plus a shared MLP",
+            notes=("a config that gives moe_layer_freq instead of mlp_layer_types is read as all-MoE and "
+                   "refused if its tensors disagree",),
+        ),
     ),
     Layout(
         name="phimoe",
         model_types=("phimoe",),
-        experts_keys=("num_local_experts", "num_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="block_sparse_moe.experts.",
-        router_weights=("block_sparse_moe.gate.weight",),
-        routing=("sparsemixer, hard-wired top-2: the argmax expert, weighted by a softmax masked near the "
-                 "max; then the argmax of the rest, likewise"),
-        depth_keys=(_COUNT,),
-        exact_width=False,
-        inexact_reason=("sparsemixer routing always picks 2 experts (num_experts_per_tok is not read): after "
-                        "duplication the second pick is the first pick's copy and the weights change"),
+        names=_BLOCK_SPARSE_NAMES,
+        counts=_LOCAL_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        width=WidthRules(
+            exact_width=False,
+            inexact_reason=("sparsemixer routing always picks 2 experts (num_experts_per_tok is not read): after "
+                            "duplication the second pick is the first pick's copy and the weights change"),
+        ),
+        doc=Doc(
+            routing=("sparsemixer, hard-wired top-2: the argmax expert, weighted by a softmax masked near the "
+                     "max; then the argmax of the rest, likewise"),
+        ),
     ),
 )
 

@@ -1,5 +1,6 @@
-"""The shape of per-family knowledge: `Layout` and its parts (`DepthKey`, `WidthRule`, `TensorRule`,
-`Residual`), `Wrapper` for multimodal checkpoints, and `lookup` for (dotted) config keys.
+"""The shape of per-family knowledge: `Layout` and its parts (`Names`, `Counts`, `ExpertAxis`, `MoeLayers`,
+`DepthRules`, `WidthRules`, `Doc`), the rules they hold (`DepthKey`, `WidthRule`, `TensorRule`), `Residual`,
+`Wrapper` for multimodal checkpoints, and `lookup` for (dotted) config keys.
 
 A layout says where layers, experts and routers live in the checkpoint's tensor names (the names
 `save_pretrained` writes, which are the Hub's), which config keys count layers, experts, top-k
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -156,8 +157,8 @@ class Wrapper:
     model_types: tuple[str, ...]
     text_config_key: str
     layer_prefix: str
-    # Layout fields (name, value) where the wrapper's checkpoints name the decoder's MoE tensors differently
-    # from the text family's own checkpoints (minimax_m3_vl saves the published per-expert names)
+    # Layout fields by their flat names (name, value; see `Layout.with_`) where the wrapper's checkpoints name the
+    # decoder's MoE tensors differently from the text family's own checkpoints (minimax_m3_vl: per-expert names)
     layout_overrides: tuple[tuple[str, Any], ...] = ()
     # other prefixes the decoder layers are saved under, used where the checkpoint's names carry one
     # (kimi_k25: Hub `language_model.model.layers.`, transformers 5.23's save_pretrained `...blocks.`)
@@ -213,63 +214,52 @@ class Residual:
 _KEEP_SUFFIXES = ("_scale_inv", "_scales", "weight_scale", "input_scale")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a family keeps its MoE parts and how it routes."""
+# --- the parts of a `Layout`: each a frozen dataclass, shared between entries by alias (`_DEEPSEEK_NAMES`) ---
 
-    name: str
-    model_types: tuple[str, ...]
-    experts_keys: tuple[str, ...]
-    top_k_keys: tuple[str, ...]
+
+@dataclass(frozen=True)
+class Names:
+    """Where a family's tensors are: names relative to the layer prefix, as `save_pretrained` writes them."""
+
     experts_prefix: str
     router_weights: tuple[str, ...]
-    routing: str
-    layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     layer_prefix: str = "model.layers."
     fused_experts: tuple[str, ...] = ()
     router_biases: tuple[str, ...] = ()
     buffers: tuple[str, ...] = ()
-    shared_experts_keys: tuple[str, ...] = ()
     shared_prefix: str | None = None
-    moe_rule: str = "all"
-    # the count of leading dense layers (rules first_k_dense, mlp_layer_types without the list),
-    # and the count to assume when the config has neither that key nor mlp_layer_types
-    dense_prefix_key: str = "first_k_dense_replace"
-    default_dense: int = 0
+    # multi-token-prediction weights stored outside the decoder under this prefix (Hub qwen3_next: `mtp.`),
+    # which transformers ignores on load: its layers (`{mtp_prefix}layers.N.`) are widened like decoder
+    # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
+    mtp_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The config keys that count experts, top-k, shared experts and layers (every alias; the first present wins)."""
+
+    experts_keys: tuple[str, ...]
+    top_k_keys: tuple[str, ...]
+    shared_experts_keys: tuple[str, ...] = ()
+    layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     # per-layer lists (or strings, one character a layer) whose length is the layer count; the
     # first present wins over layers_keys (nemotron_h: layers_block_type, hybrid_override_pattern)
     layers_list_keys: tuple[str, ...] = ()
-    # rule `block_types`: (key, value) pairs; layer i is MoE iff config[key][i] == value (first key present)
-    moe_block_types: tuple[tuple[str, str], ...] = ()
-    depth_keys: tuple[DepthKey, ...] = ()
-    width_rules: tuple[WidthRule, ...] = ()
-    tensor_rules: tuple[TensorRule, ...] = ()
-    # False where no width growth can compute the source's function (refused without --allow-inexact);
-    # inexact_reason says why (shown by inspect and in the refusal)
-    exact_width: bool = True
-    inexact_reason: str = ""
-    # non-empty where duplication itself cannot be expressed: width growth is refused, flag or not
-    width_refused: str = ""
-    # non-empty where no layer copy can be loaded (layer-indexed tensors outside the layers): depth growth is refused
-    depth_refused: str = ""
-    # tensors every layer but layer 0 has (zaya's router_states_scale): depth maps that move a copy of
-    # layer 0 elsewhere, or another layer to 0, are refused
-    not_in_first_layer: tuple[str, ...] = ()
-    # fused experts stored 2-D with this many rows per expert along axis 0 (dbrx: [E*F, H]); a config key
-    rows_per_expert_key: str = ""
+
+
+@dataclass(frozen=True)
+class ExpertAxis:
+    """How each tensor lays out the expert axis (and, for `--reinit`, the neuron axis) where not the default:
+    per-expert tensors, fused ones with experts along axis 0, one row per expert."""
+
     # the expert axis of a router / router-bias / fused tensor where it is not 0, as (rel, axis) pairs:
     # only where every leading dim is 1 (so concatenating along it is concatenating bytes)
     expert_axis: tuple[tuple[str, int], ...] = ()
-    # rule `layer_range`: (start key, default), (end key, default; -1 = last layer), (interval key, default);
-    # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
-    moe_range: tuple[tuple[str, int], ...] = ()
-    # (config key, why): depth growth is refused while the key is truthy (non-layer tensors sized by the layer count)
-    depth_refused_keys: tuple[tuple[str, str], ...] = ()
-    # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
-    moe_period_key: str = ""
     # router / router-bias / fused tensors (rels) whose `expert_axis` has leading dims other than 1 (ernie4_5_vl_moe's
     # transposed gates [H, E] and its [2, E] bias, one row per modality): their copies are joined through torch
     inner_axis: tuple[str, ...] = ()
+    # fused experts stored 2-D with this many rows per expert along axis 0 (dbrx: [E*F, H]); a config key
+    rows_per_expert_key: str = ""
     # config keys counting extra slots after the routed experts on a router's expert axis (longcat_flash's
     # zero experts, inkling_text's router-gated shared experts): a tensor spanning routed + extra slots
     # is duplicated segment by segment, [E, E copies, Z, Z copies], so that every segment stays whole
@@ -280,20 +270,105 @@ class Layout:
     # integer tables of expert indices, top-k wide in their last dim (deepseek_v4's hash routing
     # `tid2eid`): widened to cat(t, t + E, ...) so that each token picks every copy of its experts
     expert_tables: tuple[str, ...] = ()
-    # multi-token-prediction weights stored outside the decoder under this prefix (Hub qwen3_next: `mtp.`),
-    # which transformers ignores on load: its layers (`{mtp_prefix}layers.N.`) are widened like decoder
-    # layers; depth growth copies them unchanged (not interposed, not renumbered); parameter counts skip them
-    mtp_prefix: str = ""
-    notes: tuple[str, ...] = field(default=())
     # (rel, neuron axis, pairing) of fused expert tensors [E, ...] for --reinit (moegrow/neurons.py): the axis of
     # the intermediate neurons, and how gate and up share it ("interleaved", "halves", or "" for one projection);
     # per-expert gate/up/down tensors are recognised by name; a family with fused experts and no entry is refused
     neurons: tuple[tuple[str, int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class MoeLayers:
+    """Which decoder layers are MoE: `moe_rule` names the rule (see configs.py), the other fields are its keys."""
+
+    moe_rule: str = "all"
+    # the count of leading dense layers (rules first_k_dense, mlp_layer_types without the list),
+    # and the count to assume when the config has neither that key nor mlp_layer_types
+    dense_prefix_key: str = "first_k_dense_replace"
+    default_dense: int = 0
+    # rule `block_types`: (key, value) pairs; layer i is MoE iff config[key][i] == value (first key present)
+    moe_block_types: tuple[tuple[str, str], ...] = ()
+    # rule `layer_range`: (start key, default), (end key, default; -1 = last layer), (interval key, default);
+    # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
+    moe_range: tuple[tuple[str, int], ...] = ()
+    # rule `period`: the key of the `period` DepthKey that selects the MoE layers (i % period == offset)
+    moe_period_key: str = ""
+
+
+@dataclass(frozen=True)
+class DepthRules:
+    """What depth growth rewrites (layer-indexed config keys) and what it refuses; the residual writers of
+    `--depth-init identity` are the `RESIDUAL` table."""
+
+    depth_keys: tuple[DepthKey, ...] = ()
+    # non-empty where no layer copy can be loaded (layer-indexed tensors outside the layers): depth growth is refused
+    depth_refused: str = ""
+    # (config key, why): depth growth is refused while the key is truthy (non-layer tensors sized by the layer count)
+    depth_refused_keys: tuple[tuple[str, str], ...] = ()
+    # tensors every layer but layer 0 has (zaya's router_states_scale): depth maps that move a copy of
+    # layer 0 elsewhere, or another layer to 0, are refused
+    not_in_first_layer: tuple[str, ...] = ()
     # non-empty where a decoder layer's function depends on its index (why): a depth copy placed at another
     # index computes another function, so `verify --forward` reports its difference without failing on it
     index_dependent_layers: str = ""
+
+
+@dataclass(frozen=True)
+class WidthRules:
+    """What keeps width growth function-preserving (config and tensor rules), and where it cannot be."""
+
+    width_rules: tuple[WidthRule, ...] = ()
+    tensor_rules: tuple[TensorRule, ...] = ()
+    # False where no width growth can compute the source's function (refused without --allow-inexact);
+    # inexact_reason says why (shown by inspect and in the refusal)
+    exact_width: bool = True
+    inexact_reason: str = ""
+    # non-empty where duplication itself cannot be expressed: width growth is refused, flag or not
+    width_refused: str = ""
+
+
+@dataclass(frozen=True)
+class Doc:
+    """What `inspect` and docs/families.md tell a reader: how the family routes, and notes."""
+
+    routing: str
+    notes: tuple[str, ...] = field(default=())
+
+
+# each flat name (the fields `Layout` had before its parts) -> the part that holds it; `Layout.with_` reads it
+PARTS: dict[str, type] = {"names": Names, "counts": Counts, "axes": ExpertAxis, "moe": MoeLayers,
+                          "depth": DepthRules, "width": WidthRules, "doc": Doc}
+PART_OF: dict[str, str] = {f.name: part for part, cls in PARTS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its MoE parts and how it routes: its identity and its parts (see above)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    names: Names
+    counts: Counts
+    doc: Doc
+    axes: ExpertAxis = ExpertAxis()
+    moe: MoeLayers = MoeLayers()
+    depth: DepthRules = DepthRules()
+    width: WidthRules = WidthRules()
     # set by `layout_for` for a multimodal checkpoint: the text decoder's config is nested (see `Wrapper`)
     wrapper: Wrapper | None = None
+
+    def with_(self, **changes: Any) -> Layout:
+        """`dataclasses.replace` that also takes the flat names of the parts' fields (``layer_prefix=...``):
+        each goes to its part (`PART_OF`); a part's own name replaces the part whole."""
+        top: dict[str, Any] = {}
+        flat: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            if key in PART_OF:
+                flat.setdefault(PART_OF[key], {})[key] = value
+            else:
+                top[key] = value
+        for part, values in flat.items():
+            top[part] = replace(top.get(part, getattr(self, part)), **values)
+        return replace(self, **top)
 
     @property
     def residual(self) -> Residual:
@@ -310,7 +385,7 @@ class Layout:
     @property
     def mtp_layer_prefix(self) -> str:
         """Where the MTP layers under `mtp_prefix` sit (`mtp.layers.`); empty without one."""
-        return f"{self.mtp_prefix}layers." if self.mtp_prefix else ""
+        return f"{self.names.mtp_prefix}layers." if self.names.mtp_prefix else ""
 
     # -- config access -------------------------------------------------------------------------
 
@@ -365,26 +440,26 @@ class Layout:
 
     def rows_per_expert(self, config: Mapping[str, Any], rel: str) -> int:
         """Rows per expert along a fused tensor's expert axis (1 unless `rows_per_expert_key`)."""
-        if not self.rows_per_expert_key or rel not in self.fused_experts:
+        if not self.axes.rows_per_expert_key or rel not in self.names.fused_experts:
             return 1
         config = self.text(config)
-        value = lookup(config, self.rows_per_expert_key)
+        value = lookup(config, self.axes.rows_per_expert_key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ConfigError(f"config.json: {self.rows_per_expert_key} must be a positive integer, not {value!r}")
+            raise ConfigError(f"config.json: {self.axes.rows_per_expert_key} must be a positive integer, not {value!r}")
         return value
 
     def axis_of(self, rel: str) -> int:
         """The expert axis of a router, router-bias or fused tensor (see `expert_axis`)."""
-        return dict(self.expert_axis).get(rel, 0)
+        return dict(self.axes.expert_axis).get(rel, 0)
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
-        return self._int(config, self.experts_keys, "expert count")
+        return self._int(config, self.counts.experts_keys, "expert count")
 
     def segment_counts(self, config: Mapping[str, Any]) -> list[int]:
         """Slots per segment of the expert axis: [routed experts, *extra slots] (see `expert_segments`)."""
         config = self.text(config)
         counts = [self.num_experts(config)]
-        for key in self.expert_segments:
+        for key in self.axes.expert_segments:
             value = lookup(config, key)
             if value is None:
                 value = 0
@@ -395,19 +470,20 @@ class Layout:
 
     def segment_of(self, rel: str) -> int | None:
         """The one segment a tensor holds (see `segment_tensors`), or None."""
-        return dict(self.segment_tensors).get(rel)
+        return dict(self.axes.segment_tensors).get(rel)
 
     def top_k(self, config: Mapping[str, Any]) -> int:
-        return self._int(config, self.top_k_keys, "top-k")
+        return self._int(config, self.counts.top_k_keys, "top-k")
 
     def layers_list_key(self, config: Mapping[str, Any]) -> str | None:
         """The per-layer list (or string) that gives the layer count, if the family has one."""
         config = self.text(config)
-        return next((k for k in self.layers_list_keys if isinstance(config.get(k), (list, str))), None)
+        return next((k for k in self.counts.layers_list_keys if isinstance(config.get(k), (list, str))), None)
 
     def num_layers(self, config: Mapping[str, Any]) -> int:
         config = self.text(config)
         key = self.layers_list_key(config)
         if key is not None:
             return len(config[key])
-        return self._int(config, self.layers_keys, "layer count")
+        return self._int(config, self.counts.layers_keys, "layer count")
+

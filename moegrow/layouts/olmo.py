@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-from .model import DepthKey, Layout, Residual
-from .shared import _ATTN, _COUNT, _EXPERT_DOWN, _SOFTMAX_TOPK
+from .model import DepthKey, DepthRules, Doc, Layout, Residual
+from .shared import _ATTN, _COUNT, _EXPERT_DOWN, _MLP_NAMES, _NUM_COUNTS, _SOFTMAX_TOPK
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="olmoe",
         model_types=("olmoe",),
-        experts_keys=("num_experts", "num_local_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        routing=_SOFTMAX_TOPK,
-        depth_keys=(DepthKey("num_hidden_layers", "count"),),
+        names=_MLP_NAMES,
+        counts=_NUM_COUNTS,
+        depth=DepthRules(depth_keys=(DepthKey("num_hidden_layers", "count"),)),
+        doc=Doc(routing=_SOFTMAX_TOPK),
     ),
     Layout(
         name="flex_olmo",
         model_types=("flex_olmo",),
-        experts_keys=("num_experts", "num_local_experts"),
-        top_k_keys=("num_experts_per_tok",),
-        experts_prefix="mlp.experts.",
-        router_weights=("mlp.gate.weight",),
-        routing=_SOFTMAX_TOPK,
-        depth_keys=(_COUNT,),
+        names=_MLP_NAMES,
+        counts=_NUM_COUNTS,
+        depth=DepthRules(depth_keys=(_COUNT,)),
+        doc=Doc(routing=_SOFTMAX_TOPK),
     ),
 )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedModelError
@@ -47,17 +46,17 @@ def as_saved(layout: Layout, names: Iterable[str] | None) -> Layout:
     if names is None:
         return layout
     names = list(names)
-    bare = layout.layer_prefix.removeprefix("model.")
+    bare = layout.names.layer_prefix.removeprefix("model.")
     alternatives = (*(layout.wrapper.alt_prefixes if layout.wrapper else ()), bare)
-    for prefix in (layout.layer_prefix, *alternatives):
+    for prefix in (layout.names.layer_prefix, *alternatives):
         if any(n.startswith(prefix) for n in names):
             break
     else:
         return layout
-    if prefix == layout.layer_prefix:
+    if prefix == layout.names.layer_prefix:
         return layout
-    mtp = layout.mtp_prefix.removeprefix("model.") if prefix == bare else layout.mtp_prefix
-    return replace(layout, layer_prefix=prefix, mtp_prefix=mtp)
+    mtp = layout.names.mtp_prefix.removeprefix("model.") if prefix == bare else layout.names.mtp_prefix
+    return layout.with_(layer_prefix=prefix, mtp_prefix=mtp)
 
 
 def _layout_for(config: Mapping[str, Any], where: str) -> Layout:
@@ -77,7 +76,7 @@ def _layout_for(config: Mapping[str, Any], where: str) -> Layout:
             raise UnsupportedModelError(
                 f"{where}: {wrapper.text_config_key}.model_type {text_type!r} (the text decoder of "
                 f"{model_type!r}) is not a supported MoE family (supported: {', '.join(supported_model_types())})")
-        return replace(layout, layer_prefix=wrapper.layer_prefix, wrapper=wrapper, **dict(wrapper.layout_overrides))
+        return layout.with_(layer_prefix=wrapper.layer_prefix, wrapper=wrapper, **dict(wrapper.layout_overrides))
     layout = _BY_TYPE.get(model_type)
     if layout is None:
         from ..siblings import BY_DENSE

@@ -3,9 +3,7 @@ the DeepSeek-V3 block's tensor names, group-limited routing's width rules, and r
 
 from __future__ import annotations
 
-from typing import Any
-
-from .model import DepthKey, Residual, WidthRule
+from .model import Counts, DepthKey, Names, Residual, WidthRule
 
 _SOFTMAX_TOPK = ("softmax over all experts, top-k, weights renormalised over the k when "
                  "norm_topk_prob (else raw probabilities)")
@@ -26,18 +24,25 @@ _RAW_SIGMOID = ("unnormalised sigmoid weights do not halve, so a selected pair (
                 "weigh twice, and no config key can absorb the factor")
 _HALVED_WHEN_RAW = ("width growth with unnormalised weights (norm_topk_prob false) halves every expert's "
                     "down projection, originals included: originals are not byte-identical")
+# Parts several entries share, by alias (as transformers' conversion_mapping shares its rules): the count keys of
+# Mixtral's lineage (num_local_experts first) and of Qwen's (num_experts first); experts and router by name alone
+_LOCAL_COUNTS = Counts(experts_keys=("num_local_experts", "num_experts"), top_k_keys=("num_experts_per_tok",))
+_NUM_COUNTS = Counts(experts_keys=("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok",))
+_BLOCK_SPARSE_NAMES = Names(experts_prefix="block_sparse_moe.experts.",
+                            router_weights=("block_sparse_moe.gate.weight",))
+_MLP_NAMES = Names(experts_prefix="mlp.experts.", router_weights=("mlp.gate.weight",))
+
 # Tensor names and count keys shared by the DeepSeek-V3-style families (one entry each, differing in
 # routing details and layer-indexed keys only).
-_DEEPSEEK_PARTS: dict[str, Any] = dict(
-    experts_keys=_ROUTED,
-    top_k_keys=("num_experts_per_tok",),
-    shared_experts_keys=("n_shared_experts",),
+_DEEPSEEK_NAMES = Names(
     shared_prefix="mlp.shared_experts.",
     experts_prefix="mlp.experts.",
     router_weights=("mlp.gate.weight",),
     router_biases=("mlp.gate.e_score_correction_bias",),
     buffers=("mlp.gate.e_score_correction_bias",),
 )
+_DEEPSEEK_COUNTS = Counts(experts_keys=_ROUTED, top_k_keys=("num_experts_per_tok",),
+                          shared_experts_keys=("n_shared_experts",))
 _SIGMOID_GROUPS = ("sigmoid scores; selection on score + e_score_correction_bias, limited to the "
                    "topk_group best of n_group groups (group score = sum of its top 2); top-k; "
                    "normalised when norm_topk_prob; times routed_scaling_factor")
@@ -59,7 +64,7 @@ def _group_rules(n_group: tuple[str, ...] = ("n_group",), norm: tuple[str, ...] 
 
 
 def _fused_neurons(prefix: str) -> tuple[tuple[str, int, str], ...]:
-    """`Layout.neurons` of transformers' standard fused experts, saved as they are: gate_up_proj [E, 2F, H]
+    """`ExpertAxis.neurons` of transformers' standard fused experts, saved as they are: gate_up_proj [E, 2F, H]
     (gate then up along dim 1: `.chunk(2, dim=-1)` of its output), down_proj [E, H, F]."""
     return ((f"{prefix}gate_up_proj", 1, "halves"), (f"{prefix}down_proj", 2, ""))
 

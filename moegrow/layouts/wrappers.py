@@ -3,8 +3,6 @@ the rest (vision towers, projectors, their config keys) is copied."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from .families import LAYOUTS
 from .model import DepthKey, Layout, Residual, Wrapper
 from .shared import _ATTN, _COUNT, _DEEPSEEK_WRITERS, _EXPERT_DOWN, _FUSED_DOWN, _MLP_DOWN, _MOE_TYPES
@@ -53,27 +51,27 @@ def _family(name: str) -> Layout:
 WRAPPERS += (
     # fused experts `mlp.experts.gate_up_proj` / `down_proj` (expert axis first; the Hub release stores the last two
     # dims transposed, which transformers' conversion reads back), `mlp.gate`; qwen3_moe routing, always normalised
-    Wrapper(("qwen3_vl_moe",), "text_config", "model.language_model.layers.", text_layout=replace(
-        _family("qwen3_moe"), name="qwen3_vl_moe_text", model_types=("qwen3_vl_moe_text",),
+    Wrapper(("qwen3_vl_moe",), "text_config", "model.language_model.layers.", text_layout=_family("qwen3_moe").with_(
+        name="qwen3_vl_moe_text", model_types=("qwen3_vl_moe_text",),
         fused_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         routing="softmax over all experts, top-k, always renormalised over the k (no norm_topk_prob key)"),
         depth_keys=(DepthKey("vision_config.deepstack_visual_indexes", "positional_prefix"),)),
     # the thinker's decoder is qwen3_moe's (per-expert names, norm_topk_prob); the talker's MoE decoder (qwen2_moe-like,
     # under talker.model.layers.) is not grown: one layout grows one decoder, so it is copied untouched with code2wav
-    Wrapper(("qwen3_omni_moe",), "thinker_config.text_config", "thinker.model.layers.", text_layout=replace(
-        _family("qwen3_moe"), name="qwen3_omni_moe_text", model_types=("qwen3_omni_moe_text",)),
+    Wrapper(("qwen3_omni_moe",), "thinker_config.text_config", "thinker.model.layers.",
+        text_layout=_family("qwen3_moe").with_(name="qwen3_omni_moe_text", model_types=("qwen3_omni_moe_text",)),
         depth_keys=(DepthKey("thinker_config.vision_config.deepstack_visual_indexes", "positional_prefix"),
                     DepthKey("talker_config.accept_hidden_layer", "hidden_index")),
         text_module="thinker"),
     # glm4_moe's decoder (per-expert, `mlp.gate` + correction bias, shared experts, first_k_dense_replace)
-    Wrapper(("glm4v_moe",), "text_config", "model.language_model.layers.", text_layout=replace(
-        _family("glm4_moe"), name="glm4v_moe_text", model_types=("glm4v_moe_text",), notes=())),
+    Wrapper(("glm4v_moe",), "text_config", "model.language_model.layers.", text_layout=_family("glm4_moe").with_(
+        name="glm4v_moe_text", model_types=("glm4v_moe_text",), notes=())),
     # modality-isolated experts: per layer E text experts then E vision experts, saved per expert as experts.0..2E-1
     # (the text ones first; transformers splits them in half on load); transposed gates [H, E], text `gate.weight`
     # and vision `gate.weight_1`; the correction bias [2, E], a row per modality. Width growth keeps each half whole:
     # experts [text E, text copies, vision E, vision copies], gates and bias doubled along their expert axis 1
-    Wrapper(("ernie4_5_vl_moe",), "text_config", "model.layers.", text_layout=replace(
-        _family("ernie4_5_moe"), name="ernie4_5_vl_moe_text", model_types=("ernie4_5_vl_moe_text",),
+    Wrapper(("ernie4_5_vl_moe",), "text_config", "model.layers.", text_layout=_family("ernie4_5_moe").with_(
+        name="ernie4_5_vl_moe_text", model_types=("ernie4_5_vl_moe_text",),
         router_weights=("mlp.gate.weight", "mlp.gate.weight_1"),
         expert_axis=(("mlp.gate.weight", 1), ("mlp.gate.weight_1", 1), ("mlp.moe_statics.e_score_correction_bias", 1)),
         inner_axis=("mlp.gate.weight", "mlp.gate.weight_1", "mlp.moe_statics.e_score_correction_bias"),
