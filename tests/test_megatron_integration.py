@@ -1,7 +1,7 @@
 """Grown Megatron checkpoints load into megatron-core itself (skipped where megatron-core is absent).
 
-Runs in the fixture venv (tests/fixtures/README.md): each grown checkpoint is loaded with
-`dist_checkpointing.load` into a GPTModel of the grown sizes with its Adam optimizer, strictly (no
+Runs where `make install` installed the training extra (pyproject.toml): each grown checkpoint is
+loaded with `dist_checkpointing.load` into a GPTModel of the grown sizes with its Adam optimizer, strictly (no
 missing, no unexpected key), at world size 1 and 2 (expert parallel 2), and for noise-free width
 growth the logits are compared with the source model's (loaded from the source checkpoint).
 """

@@ -1,7 +1,7 @@
 """Grown OLMo-core checkpoints load into OLMo-core itself (skipped where ai2-olmo-core is absent).
 
-Runs in the fixture venv (tests/fixtures/README.md): each grown checkpoint's config.json builds a
-TransformerConfig of the grown sizes, whose model and AdamW load model_and_optim/ with OLMo-core's
+Runs where `make install` installed the training extra (pyproject.toml): each grown checkpoint's
+config.json builds a TransformerConfig of the grown sizes, whose model and AdamW load model_and_optim/ with OLMo-core's
 own `load_model_and_optim_state`; the loaded weights and moments are compared with the source's.
 """
 
