@@ -25,14 +25,16 @@ MEGATRON = FIX / "training" / "megatron"
 sys.path.insert(0, str(FIX))
 
 
-def load(folder: Path, arch: dict, ep: bool = False, optimizer: bool = True) -> tuple[torch.nn.Module, dict]:
-    """A GPTModel of `arch` (and its Adam) loaded strictly from `folder`; returns (model, loaded state)."""
+def load(folder: Path, arch: dict, ep: bool = False, optimizer: bool = True, **config: object) \
+        -> tuple[torch.nn.Module, dict]:
+    """A GPTModel of `arch` (and its Adam; `config`: extra TransformerConfig fields) loaded strictly from
+    `folder`; returns (model, loaded state)."""
     import make_training_fixtures as mf
     import megatron_tiny as mt
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    model = mt.build(arch, ep=ep, seed=123)
+    model = mt.build(arch, ep=ep, seed=123, **config)
     opt = None
     if optimizer:
         opt = torch.optim.Adam(model.parameters(), lr=0.0)
@@ -167,5 +169,38 @@ def test_distributed_optimizer_dp_reshardable_is_refused_unless_dropped(tmp_path
     diff = float((mt.logits(grown) - mt.logits(model)).abs().max())
     assert diff <= 1e-5
     assert run("verify", src, out)[0] == 0
+    if created:
+        torch.distributed.destroy_process_group()
+
+
+def test_mtp_layer_widens_and_loads(tmp_path: Path) -> None:
+    """A checkpoint with an MoE multi-token-prediction layer, grown 2x in width at zero noise, loads strictly
+    into a GPTModel of 8 experts with its MTP layer; every MTP expert copy equals its original, and the
+    language-model loss (the decoder's) is the source's."""
+    import megatron_tiny as mt
+
+    created = not torch.distributed.is_initialized()
+    mt.init_distributed(port=29536)
+    src, _ = load(MEGATRON / "mtp", {}, mtp_num_layers=1)
+    out = _grow(tmp_path, "wide", "grow-width", str(MEGATRON / "mtp"), "--experts", "2x")
+    wide, loaded = load(out, {"num_experts": 8, "moe_router_topk": 4}, mtp_num_layers=1)
+    experts = wide.mtp.layers[0].transformer_layer.mlp.experts.local_experts
+    src_experts = src.mtp.layers[0].transformer_layer.mlp.experts.local_experts
+    state, params = loaded["adam"].state, dict(wide.named_parameters())
+    for e in range(4):
+        for fc in ("linear_fc1", "linear_fc2"):
+            a, b = getattr(experts[e], fc).weight, getattr(experts[e + 4], fc).weight
+            assert torch.equal(a, b) and torch.equal(a, getattr(src_experts[e], fc).weight)
+        name = f"mtp.layers.0.transformer_layer.mlp.experts.local_experts.{e}.linear_fc1.weight"
+        copy = state[params[name.replace(f"experts.{e}.", f"experts.{e + 4}.")]]
+        assert torch.equal(state[params[name]]["exp_avg"], copy["exp_avg"]) and copy["exp_avg"].abs().sum() > 0
+    s = mt.ARCH["seq_length"]
+    tokens = torch.randint(0, mt.ARCH["padded_vocab_size"], (2, s), generator=torch.Generator().manual_seed(5))
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
+    with torch.no_grad():
+        losses = [m(tokens, torch.arange(s).unsqueeze(0).expand(2, s), mask, labels=tokens) for m in (src, wide)]
+    diff = float((losses[0] - losses[1]).abs().max())
+    print(f"MTP checkpoint, width 2x, noise 0: max abs language-model loss difference {diff:.3g}")
+    assert diff <= 1e-5
     if created:
         torch.distributed.destroy_process_group()
