@@ -6,31 +6,30 @@ BIN := $(VENV)/bin
 
 .PHONY: install test test-training lint bench bench-verify clean
 
+# The extras: dev (tests, ruff) and training (megatron-core, OLMo-core: the integration tests). pip's
+# plan is checked first: if it would install torch, triton or nvidia-* over the CPU torch, nothing is installed.
+EXTRAS := .[dev,training]
+KEEP_TORCH := import json, sys; plan = json.load(open(sys.argv[1]))["install"]; \
+	bad = [p["metadata"]["name"] for p in plan if p["metadata"]["name"].lower() in ("torch", "triton") \
+	or p["metadata"]["name"].lower().startswith("nvidia-")]; \
+	sys.exit(f"make install: pip would install {bad} over torch 2.13.0; nothing installed") if bad else None
+
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --dry-run --report $(VENV)/pip-plan.json -e '$(EXTRAS)'
+	$(BIN)/python -c '$(KEEP_TORCH)' $(VENV)/pip-plan.json
+	$(BIN)/pip install --quiet -e '$(EXTRAS)'
 
 test:
 	$(BIN)/ruff check moegrow tests benchmarks
 	$(BIN)/pytest -n 2 -q
 
-# The training-stack integration tests (grown checkpoints loaded into megatron-core and OLMo-core) in
-# their own venv: megatron-core 0.16.1 installs only with --no-deps (its newer releases need Python
-# 3.12, where pip pulls CUDA torch), which an extra cannot express, so it is not part of `make test`.
-TRAIN_VENV ?= .venv-training
-TBIN := $(TRAIN_VENV)/bin
-
+# The training-stack integration tests alone (grown checkpoints loaded into megatron-core and OLMo-core;
+# `make test` runs them too): they skip where `make install` could not install the training extra.
 test-training:
-	test -x $(TBIN)/python || $(PYTHON) -m venv $(TRAIN_VENV)
-	$(TBIN)/pip install --quiet torch==2.13.0
-	$(TBIN)/pip install --quiet numpy "packaging>=24.2" psutil pytest typer rich safetensors huggingface_hub \
-		transformers==5.23.0
-	$(TBIN)/pip install --quiet megatron-core==0.16.1 --no-deps
-	$(TBIN)/pip install --quiet ai2-olmo-core==3.0.0
-	$(TBIN)/pip install --quiet --no-deps -e .
-	$(TBIN)/pytest -p no:xdist -q tests/test_megatron_integration.py tests/test_olmo_integration.py
+	$(BIN)/pytest -p no:xdist -q -rs tests/test_megatron_integration.py tests/test_olmo_integration.py
 
 lint:
 	$(BIN)/ruff check moegrow tests benchmarks
@@ -46,4 +45,4 @@ bench-verify:
 	$(BIN)/python benchmarks/bench_verify.py
 
 clean:
-	rm -rf $(VENV) $(TRAIN_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache

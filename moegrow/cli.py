@@ -159,7 +159,8 @@ DType = Annotated[str, typer.Option(
     "as transformers does and written in that dtype (scales and quantization_config dropped), other float "
     "tensors converted too, except float32 ones of a bfloat16/float16 source (correction biases...).")]
 Iteration = Annotated[int | None, typer.Option(
-    help="Megatron-LM run folder: the iteration to read (default: latest_checkpointed_iteration.txt's).")]
+    help="Megatron-LM run folder: the iteration to read (default: latest_checkpointed_iteration.txt's); "
+    "OLMo-core save folder: the step<N>/ to read (default: the latest complete one).")]
 Optimizer = Annotated[str, typer.Option(
     help="Training checkpoints (Megatron torch_dist, OLMo-core): keep grows the Adam moments with their "
     "parameters (copies, no noise; the step carried); drop writes no optimizer state.")]
@@ -308,7 +309,8 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
             raise RankError(f"{source}: training checkpoints are written by one process (unset WORLD_SIZE)")
         return _run_training(operation, source, output, iteration, optimizer, json_out, dry_run, force, quiet, kw)
     if iteration is not None:
-        raise typer.BadParameter("applies to Megatron-LM run folders only", param_hint="--iteration")
+        raise typer.BadParameter("applies to Megatron-LM run folders and OLMo-core save folders only",
+                                 param_hint="--iteration")
     shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
     src = _open(source, revision)
     plan = plan_upcycle_for(src, **kw) if operation == "upcycle" else plan_for(src, operation, **kw)

@@ -33,6 +33,9 @@ EXPERT_PREFIXES = ("decoder.layers.mlp.experts.", "decoder.layers.mlp.router.")
 ROUTER_WEIGHT = "decoder.layers.mlp.router.weight"
 OPTIM_STATE = re.compile(r"^optimizer\.state\.(?P<state>[^.]+)\.(?P<param>.+)$")
 SHARDED_OBJECT = re.compile(r"^(?P<base>.+)/shard_(?P<index>[\d.]+)_(?P<count>[\d.]+)$")
+# Multi-token-prediction layers: one module each, not stacked with the decoder's; an MoE MTP layer's
+# experts (`experts.experts.linear_fc{1,2}.weight`, (E, ...)) and router rows are on axis 0
+MTP_MOE = re.compile(r"^mtp\.layers\.\d+\.transformer_layer\.mlp\.(?P<part>experts|router)\.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,15 +307,18 @@ def plan_megatron(ckpt: MegatronCheckpoint, operation: str, *, layer_map: list[i
         if key.startswith("optimizer.") and not is_opt:
             continue  # distributed-optimizer buffers: only reachable with --optimizer drop
         layered = param.startswith(LAYER_PREFIX) and t.shape[:1] == (l_old,)
-        expert = layered and param.startswith(EXPERT_PREFIXES) and len(t.shape) > 1 and t.shape[1] == e_old
+        axis = _expert_axis(param, t.shape, layered, e_old)
+        expert = axis is not None
         std = 0.0 if is_opt else (router_noise if param == ROUTER_WEIGHT else noise)
         if param.startswith(f"{LAYER_PREFIX}mlp.router.") and param != ROUTER_WEIGHT:
             std = 0.0  # expert bias and token counts: copies exact
+        if (mtp := MTP_MOE.match(param)) and mtp["part"] == "router" and not is_opt:
+            std = router_noise if param.endswith(".router.weight") else 0.0
         shape = list(t.shape)
         if layered:
             shape[0] = l_new
-        if expert:
-            shape[1] = e_old * factor
+        if axis is not None:
+            shape[axis] = e_old * factor
         shapes[key] = tuple(shape)
         dtypes[key] = t.torch_dtype
         for c in _unit_chunks(t, layered):
@@ -321,8 +327,8 @@ def plan_megatron(ckpt: MegatronCheckpoint, operation: str, *, layer_map: list[i
                     off = list(c.offsets)
                     if j is not None:
                         off[0] = j
-                    if expert:
-                        off[1] += copy * e_old
+                    if axis is not None:
+                        off[axis] += copy * e_old
                     pieces.append(Piece(key, tuple(off), c.sizes, key, c.offsets, std if copy else 0.0))
     objects: dict[str, str] = {}
     for key in ckpt.reader.objects:
@@ -359,6 +365,16 @@ def plan_megatron(ckpt: MegatronCheckpoint, operation: str, *, layer_map: list[i
     return plan
 
 
+def _expert_axis(param: str, shape: tuple[int, ...], layered: bool, e_old: int) -> int | None:
+    """The experts' axis of a tensor that width growth widens: 1 for the decoder's stacked (L, E, ...)
+    expert and router tensors, 0 for an MoE MTP layer's; None for any other tensor."""
+    if layered and param.startswith(EXPERT_PREFIXES) and len(shape) > 1 and shape[1] == e_old:
+        return 1
+    if MTP_MOE.match(param) and len(shape) >= 1 and shape[0] == e_old:
+        return 0
+    return None
+
+
 def _unit_chunks(t: TensorEntry, layered: bool) -> list[Chunk]:
     """The stored chunks, split into one layer each where one spans several (axis 0 is the layer)."""
     out = []
@@ -375,6 +391,9 @@ def _object_targets(key: str, targets: dict[int, list[int]] | None, e_old: int, 
                     l_new: int) -> dict[str, str]:
     """A non-tensor entry's new names: `<key>/shard_<l>[.<e>]_<L>[.<E>]` moved with its layer and expert."""
     m = SHARDED_OBJECT.match(key)
+    if m is not None and MTP_MOE.match(m["base"]) and m["count"] == str(e_old):  # an MTP expert's: shard_<e>_<E>
+        e = int(m["index"])
+        return {f"{m['base']}/shard_{e + c * e_old}_{e_old * factor}": key for c in range(factor)}
     if m is None or not m["base"].startswith(LAYER_PREFIX):
         return {key: key}
     index = [int(x) for x in m["index"].split(".")]

@@ -29,11 +29,45 @@ DCP_DIR = "model_and_optim"
 CONFIG_NAME = "config.json"
 _BLOCK = re.compile(r"^(?P<head>model\.|optim\.state\.)blocks\.(?P<i>\d+)\.(?P<rest>.+)$")
 _PARAMS = re.compile(r"^optim\.param_groups\.\d+\.params$")
+# the trainer's train module flattens the optimizer state: param group fields per parameter name
+_GROUP_BLOCK = re.compile(r"^optim\.param_groups\.blocks\.(?P<i>\d+)\.(?P<rest>.+)$")
+_STEP_DIR = re.compile(r"^step(\d+)$")
+TRAINER_METADATA = ".metadata.json"  # written last by OLMo-core's Checkpointer.save
 _OPT_SUFFIX = (".step", ".exp_avg", ".exp_avg_sq")
 
 
 def is_olmo(folder: Path) -> bool:
     return (folder / DCP_DIR / METADATA_NAME).is_file()
+
+
+def is_olmo_run(folder: Path) -> bool:
+    """An OLMo-core save folder: the trainer's `step<N>/` checkpoint folders inside."""
+    try:
+        return folder.is_dir() and any(_STEP_DIR.match(p.name) and p.is_dir() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def run_steps(folder: Path) -> list[int]:
+    """The steps of a save folder whose checkpoint is complete (`model_and_optim/.metadata` and the
+    trainer's `.metadata.json`, which OLMo-core's Checkpointer writes last and requires to load), ascending."""
+    steps = [int(m[1]) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(n for n in steps if is_olmo(folder / f"step{n}") and (folder / f"step{n}" / TRAINER_METADATA)
+                  .is_file())
+
+
+def resolve_step(folder: Path, step: int | None) -> tuple[Path, int]:
+    """(the step folder, its step) of a save folder: the latest complete one unless `step` (--iteration)."""
+    have = run_steps(folder)
+    if step is None:
+        if not have:
+            raise SourceError(f"{folder}: no complete OLMo-core checkpoint in its step<N>/ folders "
+                              f"(model_and_optim/{METADATA_NAME} and {TRAINER_METADATA}); name a step folder")
+        return folder / f"step{have[-1]}", have[-1]
+    path = folder / f"step{step}"
+    if not is_olmo(path):
+        raise SourceError(f"{path}: no such OLMo-core checkpoint (the save folder has steps {have or 'none'})")
+    return path, step
 
 
 @dataclass
@@ -46,8 +80,9 @@ class OlmoCheckpoint:
     num_experts: int
     top_k: int | None
     moe: dict[str, Any]
-    iteration: int | None = None
+    iteration: int | None = None   # the step, when SOURCE is a save folder
     format: str = FORMAT
+    run: Path | None = None         # the save folder SOURCE named (root is then its step<N>/)
 
     @property
     def folder(self) -> Path:
@@ -55,7 +90,7 @@ class OlmoCheckpoint:
 
     @property
     def is_run(self) -> bool:
-        return False
+        return self.run is not None
 
     def optimizer(self) -> dict[str, Any]:
         opt = [k for k in self.reader.tensors if k.startswith("optim.state.")]
@@ -71,8 +106,15 @@ class OlmoCheckpoint:
                 "keys": len(opt) + sum(k.startswith("optim.") for k in self.reader.objects)}
 
 
-def open_olmo(spec: str) -> OlmoCheckpoint:
-    root = Path(spec)
+def open_olmo(spec: str, step: int | None = None) -> OlmoCheckpoint:
+    """A step folder, or a save folder's latest complete step (or `step`)."""
+    root, run = Path(spec), None
+    if not is_olmo(root) and is_olmo_run(root):
+        run = root
+        root, step = resolve_step(run, step)
+    elif step is not None:
+        raise SourceError(f"{root}: --iteration applies to a save folder (of step<N>/ folders); this is a "
+                          "step folder")
     reader = DcpReader(root / DCP_DIR)
     path = root / CONFIG_NAME
     try:
@@ -94,7 +136,8 @@ def open_olmo(spec: str) -> OlmoCheckpoint:
         raise SourceError(f"{path}: model.n_layers is {n_layers!r}, but {root / DCP_DIR} has blocks "
                           f"{sorted(layers)[:8]}")
     k = (moe.get("router") or {}).get("top_k")
-    return OlmoCheckpoint(spec, root, reader, config, n_layers, moe["num_experts"], k, moe)
+    return OlmoCheckpoint(spec, root, reader, config, n_layers, moe["num_experts"], k, moe,
+                          step if run is not None else None, run=run)
 
 
 def width_inexact_reason(ckpt: OlmoCheckpoint) -> str | None:
@@ -163,7 +206,12 @@ def plan_olmo(ckpt: OlmoCheckpoint, operation: str, *, layer_map: list[int] | No
                 for e in range(e_old):
                     pieces.append(Piece(out_key, ((c * e_old + e) * rows, *rest0), (rows, *t.shape[1:]), key,
                                         (e * rows, *rest0), std if c else 0.0))
-    objects = {k: k for k in ckpt.reader.objects if not (k.startswith("optim.") and optimizer == "drop")}
+    objects: dict[str, str] = {}
+    for k in ckpt.reader.objects:
+        if not (k.startswith("optim.") and optimizer == "drop"):
+            g = _GROUP_BLOCK.match(k)
+            objects.update({f"optim.param_groups.blocks.{j}.{g['rest']}": k for j in targets.get(int(g["i"]), [])}
+                           if g else {k: k})
     changes: dict[str, tuple[Any, Any]] = {}
     if layer_map is not None:
         changes["model.n_layers"] = (l_old, l_new)
@@ -218,6 +266,8 @@ def object_bytes(ckpt: OlmoCheckpoint, plan: MegatronPlan, key: str) -> bytes:
 
 def fingerprint(ckpt: OlmoCheckpoint) -> dict[str, Any]:
     out: dict[str, Any] = {"spec": ckpt.spec, "path": str(ckpt.root.resolve()), "format": FORMAT}
+    if ckpt.is_run:
+        out["iteration"] = ckpt.iteration
     for p in (ckpt.root / DCP_DIR / METADATA_NAME, ckpt.root / CONFIG_NAME):
         out[f"{p.name.lstrip('.')}_sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out

@@ -41,7 +41,7 @@ from .megatron import (
     updated_common,
     width_inexact_reason,
 )
-from .olmo import OlmoCheckpoint, is_olmo
+from .olmo import OlmoCheckpoint, is_olmo, is_olmo_run
 from .plan import layer_map_for, parse_experts, parse_layer_map, parse_layers
 
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
@@ -51,7 +51,7 @@ _CARRIED_NOT = {METADATA_NAME, COMMON_NAME, "moegrow.json"}
 def detect(spec: str) -> bool:
     """Whether SOURCE is a training-stack checkpoint (a local folder moegrow must not read as safetensors)."""
     path = Path(spec)
-    return path.is_dir() and (is_megatron(path) or is_olmo(path))
+    return path.is_dir() and (is_megatron(path) or is_olmo(path) or is_olmo_run(path))
 
 
 def describe(ckpt: MegatronCheckpoint | OlmoCheckpoint) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def describe(ckpt: MegatronCheckpoint | OlmoCheckpoint) -> dict[str, Any]:
 
 
 def _describe_olmo(ckpt: OlmoCheckpoint) -> dict[str, Any]:
-    from .olmo import DCP_DIR
+    from .olmo import DCP_DIR, run_steps
     from .olmo import FORMAT as OLMO_FORMAT
     from .olmo import width_inexact_reason as olmo_reason
 
@@ -116,8 +116,9 @@ def _describe_olmo(ckpt: OlmoCheckpoint) -> dict[str, Any]:
         numel += n
     router = ckpt.moe.get("router") or {}
     return {
-        "source": ckpt.spec, "format": OLMO_FORMAT, "checkpoint": str(ckpt.root / DCP_DIR), "iteration": None,
-        "iterations": None, "args_in_common_pt": False, "config_json": True, "moe_type": ckpt.moe.get("name"),
+        "source": ckpt.spec, "format": OLMO_FORMAT, "checkpoint": str(ckpt.root / DCP_DIR),
+        "iteration": ckpt.iteration, "iterations": run_steps(ckpt.run) if ckpt.run else None,
+        "args_in_common_pt": False, "config_json": True, "moe_type": ckpt.moe.get("name"),
         "num_layers": ckpt.num_layers, "num_experts": ckpt.num_experts, "top_k": ckpt.top_k,
         "routing": {"score_function": router.get("gating_function", "softmax"),
                     "normalize_expert_weights": router.get("normalize_expert_weights"),
@@ -263,7 +264,7 @@ def write_training(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan
     start = time.perf_counter()
     target = _absolute(output)
     clean_stale_partials(target)
-    check_output(output, ckpt.root, force)
+    check_output(output, getattr(ckpt, "run", None) or ckpt.root, force)
     tmp = target.parent / f".{target.name}{PARTIAL_MARK}{__import__('os').getpid()}"
     try:
         tmp.mkdir()
@@ -292,6 +293,9 @@ def _write_olmo(ckpt: OlmoCheckpoint, plan: MegatronPlan, tmp: Path) -> None:
 
     from .olmo import CONFIG_NAME, DCP_DIR, object_bytes, updated_config
 
+    if ckpt.is_run:  # a save folder gives a save folder holding the grown step<N>/
+        tmp = tmp / ckpt.root.name
+        tmp.mkdir()
     objects = {new: (lambda src=src: object_bytes(ckpt, plan, src)) for new, src in plan.objects.items()}
     write_dcp(tmp / DCP_DIR, out_chunks(plan, ckpt.reader), objects)
     (tmp / CONFIG_NAME).write_text(json.dumps(updated_config(ckpt, plan)))
@@ -321,10 +325,8 @@ def _write_megatron(ckpt: MegatronCheckpoint, plan: MegatronPlan, tmp: Path) -> 
 
 
 def open_training(spec: str, iteration: int | None) -> MegatronCheckpoint | OlmoCheckpoint:
-    if is_olmo(Path(spec)):
-        if iteration is not None:
-            raise GrowthError("--iteration applies to Megatron-LM run folders; name the OLMo-core step folder")
+    if is_olmo(Path(spec)) or is_olmo_run(Path(spec)):
         from .olmo import open_olmo
 
-        return open_olmo(spec)
+        return open_olmo(spec, iteration)
     return open_megatron(spec, iteration)

@@ -30,7 +30,7 @@ from .megatron import (
     plan_megatron,
     updated_common,
 )
-from .olmo import DCP_DIR, OlmoCheckpoint, is_olmo
+from .olmo import DCP_DIR, OlmoCheckpoint, is_olmo, is_olmo_run
 from .olmo import FORMAT as OLMO_FORMAT
 from .provenance import RECORD_NAME
 from .verify import Report
@@ -58,10 +58,12 @@ def rebuild(source: str, record: dict[str, Any]) -> tuple[MegatronCheckpoint | O
 
     g = record["growth"]
     it = record["source"].get("iteration")
-    olmo = is_olmo(Path(source))
+    olmo = is_olmo(Path(source)) or is_olmo_run(Path(source))
     try:
-        ckpt = open_olmo(source) if olmo else open_megatron(source, it if (Path(source) / LATEST_NAME).is_file()
-                                                            else None)
+        if olmo:  # a save folder is read at the step the record names
+            ckpt = open_olmo(source, None if is_olmo(Path(source)) else it)
+        else:
+            ckpt = open_megatron(source, it if (Path(source) / LATEST_NAME).is_file() else None)
         factor = int(g["factor"])
         planner = plan_olmo if olmo else plan_megatron
         plan = planner(ckpt, record["operation"], layer_map=g["layer_map"], factor=factor,  # type: ignore[operator]
@@ -237,11 +239,12 @@ def verify_training(source: str, output: Path, progress: Callable[[int], None] |
     if record["tensors"] != expected["tensors"]:
         report.problems.append(f"{output / RECORD_NAME}: tensor mapping differs from the plan that its flags describe")
     if olmo:
-        out = DcpReader(output / DCP_DIR)
+        step = output / ckpt.root.name if ckpt.is_run else output  # a save folder's grown step<N>/
+        out = DcpReader(step / DCP_DIR)
         _check_chunks(ckpt, plan, out, report, progress)
         _check_objects(ckpt, plan, record, out, report)
-        _check_config(ckpt, plan, output, report)
-        _check_copied(ckpt.root, output, {DCP_DIR, "config.json", RECORD_NAME}, report)
+        _check_config(ckpt, plan, step, report)
+        _check_copied(ckpt.root, step, {DCP_DIR, "config.json", RECORD_NAME}, report)
         return report
     folder = output / ckpt.folder.name if ckpt.is_run else output
     if ckpt.is_run:
@@ -275,7 +278,8 @@ def _check_copied(src: Path, out: Path, skip: set[str], report: Report) -> None:
 def output_bytes(output: Path) -> int:
     """The bytes of tensor data `verify_training` reads from OUTPUT (for the progress bar)."""
     folders = [p for p in output.iterdir() if p.is_dir()] if (output / LATEST_NAME).is_file() \
-        else [output / DCP_DIR] if (output / DCP_DIR).is_dir() else [output]
+        else [output / DCP_DIR] if (output / DCP_DIR).is_dir() \
+        else [p / DCP_DIR for p in output.iterdir() if (p / DCP_DIR).is_dir()] if is_olmo_run(output) else [output]
     total = 0
     for f in folders:
         with contextlib.suppress(SourceError):

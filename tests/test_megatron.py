@@ -224,3 +224,29 @@ def test_verify_forward_is_refused_for_training_checkpoints(tmp_path: Path) -> N
     assert run("grow-width", FIX / "bare", out, "--experts", "2x", "--top-k", "4")[0] == 0
     code, _, err = run("verify", FIX / "bare", out, "--forward")
     assert code == 2 and "--forward" in err and "Traceback" not in err
+
+
+MTP = "mtp.layers.0.transformer_layer.mlp."
+
+
+def test_mtp_layer_experts_widen_on_axis_0(tmp_path: Path) -> None:
+    """An MoE multi-token-prediction layer (megatron/mtp) widens with the decoder; depth leaves it as it is."""
+    src, out = FIX / "mtp", tmp_path / "out"
+    code, _, err = run("grow", src, out, "--layers", "2x", "--experts", "2x", "--noise", "0.01",
+                       "--router-noise", "0.02", "--seed", "4")
+    assert code == 0, err
+    for name, std in (("experts.experts.linear_fc1.weight", 0.01), ("experts.experts.linear_fc2.weight", 0.01),
+                      ("router.weight", 0.02)):
+        a, b = full(src, MTP + name), full(out, MTP + name)
+        assert a.shape[0] == 4 and b.shape == (8, *a.shape[1:]) and torch.equal(b[:4], a), name
+        assert 0.7 * std < float((b[4:] - a).std()) < 1.3 * std, name
+        m, n = full(src, EXP_AVG + MTP + name), full(out, EXP_AVG + MTP + name)
+        assert torch.equal(n, torch.cat([m, m])) and float(m.abs().sum()) > 0, "moments are copied, never noised"
+    for key in ("mtp.layers.0.eh_proj.weight", "mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"):
+        assert torch.equal(full(out, key), full(src, key))
+    r, s = DcpReader(out), DcpReader(src)
+    fc2 = MTP + "experts.experts.linear_fc2._extra_state/shard_{}_{}"
+    assert r.object_bytes(fc2.format(6, 8)) == s.object_bytes(fc2.format(2, 4))
+    assert not [k for k in r.objects if k.startswith(MTP) and k.endswith("_4")]
+    code, text, err = run("verify", src, out, "--json")
+    assert code == 0 and json.loads(text)["ok"], err

@@ -1,7 +1,7 @@
 """Grown Megatron checkpoints load into megatron-core itself (skipped where megatron-core is absent).
 
-Runs in the fixture venv (tests/fixtures/README.md): each grown checkpoint is loaded with
-`dist_checkpointing.load` into a GPTModel of the grown sizes with its Adam optimizer, strictly (no
+Runs where `make install` installed the training extra (pyproject.toml): each grown checkpoint is
+loaded with `dist_checkpointing.load` into a GPTModel of the grown sizes with its Adam optimizer, strictly (no
 missing, no unexpected key), at world size 1 and 2 (expert parallel 2), and for noise-free width
 growth the logits are compared with the source model's (loaded from the source checkpoint).
 """
@@ -25,14 +25,16 @@ MEGATRON = FIX / "training" / "megatron"
 sys.path.insert(0, str(FIX))
 
 
-def load(folder: Path, arch: dict, ep: bool = False, optimizer: bool = True) -> tuple[torch.nn.Module, dict]:
-    """A GPTModel of `arch` (and its Adam) loaded strictly from `folder`; returns (model, loaded state)."""
+def load(folder: Path, arch: dict, ep: bool = False, optimizer: bool = True, **config: object) \
+        -> tuple[torch.nn.Module, dict]:
+    """A GPTModel of `arch` (and its Adam; `config`: extra TransformerConfig fields) loaded strictly from
+    `folder`; returns (model, loaded state)."""
     import make_training_fixtures as mf
     import megatron_tiny as mt
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    model = mt.build(arch, ep=ep, seed=123)
+    model = mt.build(arch, ep=ep, seed=123, **config)
     opt = None
     if optimizer:
         opt = torch.optim.Adam(model.parameters(), lr=0.0)
@@ -63,6 +65,7 @@ def _grow(tmp_path: Path, name: str, *args: str) -> Path:
 def test_world_size_1_width_exact_depth_loads(tmp_path: Path) -> None:
     import megatron_tiny as mt
 
+    created = not torch.distributed.is_initialized()  # under xdist another module's group may be up: keep it
     mt.init_distributed(port=29531)
     src_model, _ = load(MEGATRON / "run" / "iter_0000020", {})
     wide = _grow(tmp_path, "wide", "grow-width", str(MEGATRON / "run"), "--experts", "2x")
@@ -82,7 +85,8 @@ def test_world_size_1_width_exact_depth_loads(tmp_path: Path) -> None:
     deep = _grow(tmp_path, "deep", "grow", str(MEGATRON / "run"), "--layers", "2x", "--experts", "2x",
                  "--noise", "0.01")
     load(deep / "iter_0000020", {"num_layers": 4, "num_experts": 8, "moe_router_topk": 4})
-    torch.distributed.destroy_process_group()
+    if created:
+        torch.distributed.destroy_process_group()
 
 
 def _worker(rank: int, folders: dict, out: str) -> None:
@@ -106,3 +110,97 @@ def test_world_size_2_expert_parallel(tmp_path: Path) -> None:
     diffs = [json.loads((tmp_path / f"rank{r}.json").read_text())["diff"] for r in range(2)]
     print(f"world size 2 (expert parallel 2), width 2x, noise 0: max abs logit difference {max(diffs):.3g}")
     assert max(diffs) <= 1e-5
+
+
+def _dp_reshardable_optimizer(model: torch.nn.Module) -> dict:
+    """The optimizer record Megatron's DistributedOptimizer.sharded_state_dict writes with
+    sharding_type 'dp_reshardable' (megatron-core 0.16.1, distrib_optimizer.py), built by hand at data
+    parallel size 1 (the distributed optimizer needs CUDA buffers to construct): one grad buffer, one
+    bucket holding every parameter flattened; param, exp_avg and exp_avg_sq as ShardedTensors of the
+    bucket's key at each parameter's range; per_bucket_numel as ShardedObjects; the torch optimizer's
+    own state_dict entries as ShardedObjects; `param_state_sharding_type` in common."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    group = "optimizer.distributed.dp_group_idx_0"
+    bucket = f"{group}.gbuf_idx_0.dtype_{(torch.float32, torch.float32)}.bucket_idx_0"
+    params = [p.detach().reshape(-1) for p in model.parameters()]
+    total = sum(p.numel() for p in params)
+    param_state, start = [], 0
+    for p in params:
+        entry = {}
+        for name in ("param", "exp_avg", "exp_avg_sq"):
+            t = p.clone() if name == "param" else torch.rand_like(p) * 0.01
+            entry[name] = ShardedTensor(f"{bucket}.{name}", t, t.dtype, t.shape, (total,), (start,),
+                                        axis_fragmentations=None, flattened_range=None, allow_shape_mismatch=False,
+                                        replica_id=(0, 0, 0))
+        param_state.append(entry)
+        start += p.numel()
+    per_bucket = {k: ShardedObject(f"{group}.{k}", {(torch.float32, torch.float32): [[total]]}, (1,), (0,),
+                                   replica_id=(0, 0, 0)) for k in ("per_bucket_numel", "per_bucket_numel_unpadded")}
+    inner = {"optimizer": {"param_groups": [{"lr": 1e-3, "params": list(range(len(params)))}]},
+             "grad_scaler": None}
+    return {**{k: ShardedObject(f"{group}.{k}", v, (1,), (0,), replica_id=(0, 0, 0)) for k, v in inner.items()},
+            "param_state": {0: {(torch.float32, torch.float32): [param_state]}, **per_bucket},
+            "param_state_sharding_type": "dp_reshardable"}
+
+
+def test_distributed_optimizer_dp_reshardable_is_refused_unless_dropped(tmp_path: Path) -> None:
+    import make_training_fixtures as mf
+    import megatron_tiny as mt
+
+    created = not torch.distributed.is_initialized()
+    mt.init_distributed(port=29535)
+    model = mt.build()
+    state = mf.megatron_state(model, None, 30, 1)
+    state["args"].use_distributed_optimizer = True
+    state["optimizer"] = _dp_reshardable_optimizer(model)
+    src = tmp_path / "src"
+    mf.save(state, src)
+    from moegrow.dcp_io import DcpReader
+
+    flat = [k for k in DcpReader(src).tensors if k.startswith("optimizer.distributed.")]
+    assert len(flat) == 3 and all(".bucket_idx_0." in k for k in flat), flat
+    info = json.loads(run("inspect", src, "--json")[1])
+    assert info["optimizer"]["kind"] == "distributed (dp_reshardable)" and not info["optimizer"]["growable"]
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x")
+    assert code == 2 and "dp_reshardable" in err and "--optimizer drop" in err and not (tmp_path / "out").exists()
+    out = _grow(tmp_path, "out", "grow-width", str(src), "--experts", "2x", "--optimizer", "drop")
+    grown, _ = load(out, {"num_experts": 8, "moe_router_topk": 4}, optimizer=False)
+    diff = float((mt.logits(grown) - mt.logits(model)).abs().max())
+    assert diff <= 1e-5
+    assert run("verify", src, out)[0] == 0
+    if created:
+        torch.distributed.destroy_process_group()
+
+
+def test_mtp_layer_widens_and_loads(tmp_path: Path) -> None:
+    """A checkpoint with an MoE multi-token-prediction layer, grown 2x in width at zero noise, loads strictly
+    into a GPTModel of 8 experts with its MTP layer; every MTP expert copy equals its original, and the
+    language-model loss (the decoder's) is the source's."""
+    import megatron_tiny as mt
+
+    created = not torch.distributed.is_initialized()
+    mt.init_distributed(port=29536)
+    src, _ = load(MEGATRON / "mtp", {}, mtp_num_layers=1)
+    out = _grow(tmp_path, "wide", "grow-width", str(MEGATRON / "mtp"), "--experts", "2x")
+    wide, loaded = load(out, {"num_experts": 8, "moe_router_topk": 4}, mtp_num_layers=1)
+    experts = wide.mtp.layers[0].transformer_layer.mlp.experts.local_experts
+    src_experts = src.mtp.layers[0].transformer_layer.mlp.experts.local_experts
+    state, params = loaded["adam"].state, dict(wide.named_parameters())
+    for e in range(4):
+        for fc in ("linear_fc1", "linear_fc2"):
+            a, b = getattr(experts[e], fc).weight, getattr(experts[e + 4], fc).weight
+            assert torch.equal(a, b) and torch.equal(a, getattr(src_experts[e], fc).weight)
+        name = f"mtp.layers.0.transformer_layer.mlp.experts.local_experts.{e}.linear_fc1.weight"
+        copy = state[params[name.replace(f"experts.{e}.", f"experts.{e + 4}.")]]
+        assert torch.equal(state[params[name]]["exp_avg"], copy["exp_avg"]) and copy["exp_avg"].abs().sum() > 0
+    s = mt.ARCH["seq_length"]
+    tokens = torch.randint(0, mt.ARCH["padded_vocab_size"], (2, s), generator=torch.Generator().manual_seed(5))
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
+    with torch.no_grad():
+        losses = [m(tokens, torch.arange(s).unsqueeze(0).expand(2, s), mask, labels=tokens) for m in (src, wide)]
+    diff = float((losses[0] - losses[1]).abs().max())
+    print(f"MTP checkpoint, width 2x, noise 0: max abs language-model loss difference {diff:.3g}")
+    assert diff <= 1e-5
+    if created:
+        torch.distributed.destroy_process_group()

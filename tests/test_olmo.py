@@ -124,3 +124,56 @@ def test_verify(tmp_path: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg))
     code, _, err = run("verify", OLMO / "default", out)
     assert code == 1 and "model.block.feed_forward_moe.num_experts is 4, the growth gives 8" in err
+
+
+RUN = OLMO / "run"  # a save folder written by OLMo-core's trainer Checkpointer at world size 2 (FSDP)
+
+
+def test_save_folder_reads_the_latest_step_or_iteration(tmp_path: Path) -> None:
+    info = json.loads(run("inspect", RUN, "--json")[1])
+    assert (info["iteration"], info["iterations"]) == (2, [1, 2])
+    assert info["checkpoint"].endswith("step2/model_and_optim")
+    assert info["parallel"]["saved_by_ranks"] == 2
+    info = json.loads(run("inspect", RUN, "--json", "--iteration", "1")[1])
+    assert info["iteration"] == 1 and info["optimizer"]["step"] == 1.0
+    code, _, err = run("inspect", RUN, "--iteration", "5")
+    assert code == 2 and "step5: no such OLMo-core checkpoint" in err and "[1, 2]" in err
+    code, _, err = run("inspect", RUN / "step2", "--iteration", "2")
+    assert code == 2 and "--iteration applies to a save folder" in err
+    partial = tmp_path / "save"
+    shutil.copytree(RUN / "step1", partial / "step1")
+    shutil.copytree(RUN / "step2", partial / "step2")
+    (partial / "step2" / ".metadata.json").unlink()  # a save still in progress: the trainer writes it last
+    assert json.loads(run("inspect", partial, "--json")[1])["iteration"] == 1
+    (partial / "step1" / ".metadata.json").unlink()
+    code, _, err = run("grow-width", partial, tmp_path / "out", "--experts", "2x")
+    assert code == 2 and "no complete OLMo-core checkpoint" in err and not (tmp_path / "out").exists()
+
+
+def test_fsdp_save_folder_grows_and_verifies(tmp_path: Path) -> None:
+    src = DcpReader(RUN / "step2" / "model_and_optim")
+    assert len(src.metadata.state_dict_metadata["model." + W1.format(0)].chunks) == 2, "sharded by FSDP's 2 ranks"
+    out = tmp_path / "grown"
+    code, _, err = run("grow", RUN, out, "--layer-map", "0,1,1", "--experts", "2x", "--noise", "0.01")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["moegrow.json", "step2"]
+    step = out / "step2"
+    for name in ("train/rank0.pt", "train/rank1.pt", ".metadata.json"):
+        assert (step / name).read_bytes() == (RUN / "step2" / name).read_bytes()
+    for j, m in enumerate([0, 1, 1]):
+        a, b = full(RUN / "step2", "model." + W2.format(m)), full(step, "model." + W2.format(j))
+        assert torch.equal(b[: a.shape[0]], a) and 0.007 < float((b[a.shape[0]:] - a).std()) < 0.013
+        key = f"optim.state.{QKV.format(m)}.exp_avg"
+        assert torch.equal(full(step, key.replace(f"blocks.{m}", f"blocks.{j}")), full(RUN / "step2", key))
+    # the train module's flattened param groups: one set of fields per parameter, the new block's included
+    r = DcpReader(step / "model_and_optim")
+    lr = f"optim.param_groups.{W1.format(2)}.lr"
+    assert r.object_bytes(lr) == src.object_bytes(lr.replace("blocks.2", "blocks.1"))
+    assert len(r.objects) == len(src.objects) + sum(k.startswith("optim.param_groups.blocks.1.") for k in src.objects)
+    assert json.loads((step / "config.json").read_text())["model"]["n_layers"] == 3
+    code, text, err = run("verify", RUN, out, "--json")
+    assert code == 0, err
+    assert json.loads(text)["ok"] and json.loads((out / "moegrow.json").read_text())["source"]["iteration"] == 2
+    (step / "train" / "rank1.pt").write_bytes(b"x")
+    code, _, err = run("verify", RUN, out)
+    assert code == 1 and "rank1.pt: missing or not a copy" in err
