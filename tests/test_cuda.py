@@ -140,6 +140,8 @@ def gpu_logits(folder: Path) -> torch.Tensor:
         folder, dtype=torch.float32, device_map="cuda", output_loading_info=True, **quant)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         assert not info[kind], (kind, info[kind])
+    for p in model.parameters():  # the quantizer dequantises to bfloat16 whatever `dtype` says (and refuses .float())
+        p.data = p.data.float()
     with torch.no_grad():
         return model.eval()(input_ids=TOKENS.cuda()).logits.float().cpu()
 

@@ -175,3 +175,22 @@ def test_progress_counts_every_output_byte(checkpoints, tmp_path):
     report = verify(src, tmp_path / "out", progress=checked.append)
     assert report.ok, report.problems
     assert sum(grown) == total and sum(checked) == total and len(checked) == len(plan.tensors)
+
+
+def test_verify_of_noise_drawn_elsewhere_refuses_a_noise_free_copy(checkpoints, tmp_path):
+    """Noise drawn on CUDA is not regenerated here: verify measures its std where a tensor is large enough,
+    and on any tensor refuses a noised copy that equals its original (the tiny experts here: 512 values)."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = checkpoints["mixtral"], tmp_path / "out"
+    assert run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--quiet")[0] == 0
+    record_path = out / "moegrow.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "noise_device": "cuda"}))
+    assert run("verify", src, out)[0] == 0
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    name = next(n for n in sorted(tensors) if ".layers.1." in n and ".experts.5." in n)
+    tensors[name] = tensors[name.replace("experts.5.", "experts.1.")].clone()
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, _, err = run("verify", src, out)
+    assert code == 1 and name in err and "carries no noise" in err, err

@@ -153,7 +153,7 @@ def test_noise_free_width_keeps_the_logits_on_cuda(tmp_path: Path) -> None:
     src = src_cfg.build(init_device="cpu")
     src.load_state_dict(torch.load(OLMO / "default.state.pt"))
     wide, _ = load(out)
-    assert wide.blocks[0].feed_forward_moe.router.num_experts == 8
+    assert wide.blocks["0"].feed_forward_moe.router.num_experts == 8
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         a = src.cuda().float().eval()(tokens).float()
