@@ -300,8 +300,6 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
     from .training import detect
 
     if detect(source):
-        if kw.get("select") or kw.get("calibration"):  # Megatron-LM folders: no tokenizer, no layer loop
-            raise typer.BadParameter("applies to safetensors checkpoints only", param_hint="--select")
         if ranks is not None:
             from .ranks import RankError
 
@@ -360,11 +358,6 @@ def _run_training(operation: str, source: str, output: Path | None, iteration: i
     from .training import open_training, plan_training, summary, write_training
 
     ckpt = open_training(source, iteration)
-    if kw.pop("noise_mode", "absolute") != "absolute" or kw.pop("reinit", 0.0):
-        from .errors import GrowthError
-
-        raise GrowthError("--noise-mode relative and --reinit apply to Hugging Face checkpoints only, not to "
-                          "training checkpoints")
     plan = plan_training(ckpt, operation, optimizer=optimizer, **kw)
     s = summary(ckpt, plan)
     if dry_run:
