@@ -387,6 +387,12 @@ def _print_training(s: dict[str, Any], title: str) -> None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
         err.print(f"  {'' if c.startswith('config.json') else 'common.pt '}{c}", markup=False)
+    recipes = [f"--depth-init {s['depth_init']}" if s.get("depth_init", "copy") != "copy" else "",
+               f"--noise-mode {s['noise_mode']}" if s.get("noise_mode", "absolute") != "absolute" else "",
+               f"--reinit {s['reinit']:g}" if s.get("reinit") else "",
+               f"--select {s['select']}" if s.get("select") else ""]
+    if any(recipes):
+        err.print(f"  recipes: {' '.join(r for r in recipes if r)}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}", markup=False)
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)
