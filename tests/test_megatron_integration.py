@@ -106,3 +106,27 @@ def test_world_size_2_expert_parallel(tmp_path: Path) -> None:
     diffs = [json.loads((tmp_path / f"rank{r}.json").read_text())["diff"] for r in range(2)]
     print(f"world size 2 (expert parallel 2), width 2x, noise 0: max abs logit difference {max(diffs):.3g}")
     assert max(diffs) <= 1e-5
+
+
+def test_identity_depth_keeps_the_logits(tmp_path: Path) -> None:
+    """--depth-init identity: the added layers' linear_proj and expert linear_fc2 are zero, so megatron-core's
+    GPTModel of the grown depth computes the source's logits (and its Adam state loads strictly)."""
+    import megatron_tiny as mt
+
+    mt.init_distributed(port=29533)
+    src_model, _ = load(MEGATRON / "run" / "iter_0000020", {})
+    deep = _grow(tmp_path, "deep", "grow", str(MEGATRON / "run"), "--layers", "2x", "--depth-init", "identity",
+                 "--experts", "2x")
+    model, loaded = load(deep / "iter_0000020", {"num_layers": 4, "num_experts": 8, "moe_router_topk": 4})
+    diff = float((mt.logits(model) - mt.logits(src_model)).abs().max())
+    print(f"world size 1, depth 2x identity + width 2x, noise 0: max abs logit difference {diff:.3g}")
+    assert diff <= 1e-5
+    params = dict(model.named_parameters())
+    state = loaded["adam"].state
+    proj = params["decoder.layers.1.self_attention.linear_proj.weight"]
+    assert not proj.any() and not state[proj]["exp_avg"].any() and not state[proj]["exp_avg_sq"].any()
+    assert params["decoder.layers.0.self_attention.linear_proj.weight"].any()
+    copied = _grow(tmp_path, "copied", "grow-depth", str(MEGATRON / "run"), "--layers", "2x")
+    model, _ = load(copied / "iter_0000020", {"num_layers": 4})
+    assert float((mt.logits(model) - mt.logits(src_model)).abs().max()) > 1e-3, "copy init changes the function"
+    torch.distributed.destroy_process_group()
