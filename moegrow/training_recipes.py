@@ -207,8 +207,7 @@ def _check_residual(ckpt: MegatronCheckpoint | OlmoCheckpoint) -> re.Pattern[str
     if isinstance(ckpt, OlmoCheckpoint):
         block = ckpt.config["model"]["block"]
         name = block.get("name", "default")
-        norm = block.get("layer_norm") or {}
-        if name in _OLMO_REORDERED and norm.get("bias", True) and norm.get("name") != "rms":
+        if name in _OLMO_REORDERED and any(n.endswith("norm.bias") for n in names):
             raise GrowthError(f"{ckpt.root}: --depth-init identity with block {name!r} and a layer norm with bias: "
                               "the norm of a zeroed branch is its bias, not zero")
         if name not in _OLMO_BLOCKS + _OLMO_REORDERED:

@@ -131,6 +131,31 @@ def test_identity_refusals(tmp_path: Path, args: tuple, message: str) -> None:
     assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_identity_refused_where_a_layer_is_not_x_plus_f_x(tmp_path: Path) -> None:
+    import shutil
+
+    from moegrow.torch_pickle import save_record
+
+    olmo = tmp_path / "olmo"
+    shutil.copytree(OLMO / "default", olmo)
+    cfg = json.loads((olmo / "config.json").read_text())
+    cfg["model"]["block"]["name"] = "moe_fused_v2"
+    (olmo / "config.json").write_text(json.dumps(cfg))
+    meg = tmp_path / "meg"
+    shutil.copytree(MEG / "bare", meg)
+    common = load_record(meg / "common.pt")
+    import argparse
+
+    common["args"] = argparse.Namespace(apply_residual_connection_post_layernorm=True)
+    save_record(common, meg / "common.pt")
+    for src, message in ((olmo, "block 'moe_fused_v2'"), (meg, "apply_residual_connection_post_layernorm")):
+        code, _, err = run("grow-depth", src, tmp_path / "out", "--layers", "2x", "--depth-init", "identity")
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+        assert run("grow-depth", src, tmp_path / "out", "--layers", "2x")[0] == 0, "copy init still grows it"
+        shutil.rmtree(tmp_path / "out")
+
+
 # ---------------------------------------------------------------------------------------------
 # --noise-mode relative
 
