@@ -125,7 +125,8 @@ Select = Annotated[str | None, typer.Option(
     help="--experts N not a multiple of the source's E: which N - E experts of each MoE layer are copied "
     "(copies become experts E..N-1). load: those the source routes to most often on --calibration "
     "(top-k selections counted over its tokens, run in float32 one layer at a time; ties to the lower index); "
-    "first: experts 0..N-E-1. Top-k stays; never function-preserving.")]
+    "first: experts 0..N-E-1. Top-k stays; never function-preserving. Training checkpoints (Megatron-core, "
+    "OLMo-core): first only (load needs the trainer's forward).")]
 Calibration = Annotated[str | None, typer.Option(
     help="--select load: a plain text file, tokenised with the checkpoint's own tokenizer and run through "
     "the source to count each layer's expert selections. The chosen experts are recorded in moegrow.json, "
