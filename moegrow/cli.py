@@ -125,7 +125,8 @@ Select = Annotated[str | None, typer.Option(
     help="--experts N not a multiple of the source's E: which N - E experts of each MoE layer are copied "
     "(copies become experts E..N-1). load: those the source routes to most often on --calibration "
     "(top-k selections counted over its tokens, run in float32 one layer at a time; ties to the lower index); "
-    "first: experts 0..N-E-1. Top-k stays; never function-preserving.")]
+    "first: experts 0..N-E-1. Top-k stays; never function-preserving. Training checkpoints (Megatron-core, "
+    "OLMo-core): first only (load needs the trainer's forward).")]
 Calibration = Annotated[str | None, typer.Option(
     help="--select load: a plain text file, tokenised with the checkpoint's own tokenizer and run through "
     "the source to count each layer's expert selections. The chosen experts are recorded in moegrow.json, "
@@ -301,8 +302,6 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
     from .training import detect
 
     if detect(source):
-        if kw.get("select") or kw.get("calibration"):  # Megatron-LM folders: no tokenizer, no layer loop
-            raise typer.BadParameter("applies to safetensors checkpoints only", param_hint="--select")
         if ranks is not None:
             from .ranks import RankError
 
@@ -362,11 +361,6 @@ def _run_training(operation: str, source: str, output: Path | None, iteration: i
     from .training import open_training, plan_training, summary, write_training
 
     ckpt = open_training(source, iteration)
-    if kw.pop("noise_mode", "absolute") != "absolute" or kw.pop("reinit", 0.0):
-        from .errors import GrowthError
-
-        raise GrowthError("--noise-mode relative and --reinit apply to Hugging Face checkpoints only, not to "
-                          "training checkpoints")
     plan = plan_training(ckpt, operation, optimizer=optimizer, **kw)
     s = summary(ckpt, plan)
     if dry_run:
@@ -396,6 +390,12 @@ def _print_training(s: dict[str, Any], title: str) -> None:
         err.print(f"  layer map: {','.join(map(str, s['layer_map']))}")
     for c in s["config_changes"]:
         err.print(f"  {'' if c.startswith('config.json') else 'common.pt '}{c}", markup=False)
+    recipes = [f"--depth-init {s['depth_init']}" if s.get("depth_init", "copy") != "copy" else "",
+               f"--noise-mode {s['noise_mode']}" if s.get("noise_mode", "absolute") != "absolute" else "",
+               f"--reinit {s['reinit']:g}" if s.get("reinit") else "",
+               f"--select {s['select']}" if s.get("select") else ""]
+    if any(recipes):
+        err.print(f"  recipes: {' '.join(r for r in recipes if r)}", markup=False)
     err.print(f"  function-preserving: {s['preservation']}", markup=False)
     for w in s["warnings"]:
         err.print(f"warning: {w}", style="yellow", markup=False)

@@ -219,6 +219,14 @@ class Piece:
     source: str
     source_offsets: tuple[int, ...]
     noise: float = 0.0
+    # the recipes (moegrow/training_recipes.py): `zero` the source's values replaced by zeros (identity depth
+    # init) before any noise; `relative`, `slices`, `reinit` as plan.Part's; `reinit_zero` (an Adam moment of a
+    # re-initialised copy) the re-initialised positions set to zero instead of drawn
+    zero: bool = False
+    relative: bool = False
+    slices: int = 1
+    reinit: Any = None
+    reinit_zero: bool = False
 
 
 @dataclass
@@ -241,18 +249,28 @@ class MegatronPlan:
     exact: bool
     inexact_reason: str | None
     warnings: list[str] = field(default_factory=list)
+    depth_init: str = "copy"          # the recipes (moegrow/training_recipes.py)
+    noise_mode: str = "absolute"
+    reinit: float = 0.0
+    select: str | None = None         # --select first: the first N - E experts copied
+    experts: int | None = None        # the grown expert count (None: num_experts * factor)
 
     @property
     def function_preserving(self) -> bool:
-        return self.exact and self.layer_map is None and self.noise == 0.0 and self.router_noise == 0.0
+        return (self.exact and (self.layer_map is None or self.depth_init == "identity") and self.noise == 0.0
+                and self.router_noise == 0.0 and not self.reinit)
 
     def preservation(self) -> str:
         if self.function_preserving:
             return "yes (logits equal up to float rounding)"
-        if self.layer_map is not None:
+        if self.reinit:
+            return f"no (--reinit {self.reinit:g} re-initialises neurons of the copies)"
+        if self.layer_map is not None and self.depth_init != "identity":
             return "no (depth growth adds layers)"
         if self.inexact_reason:
             return f"no ({self.inexact_reason})"
+        if self.select:
+            return "no (--select: N is not a multiple of the source's experts, top-k cannot be scaled by N/E)"
         if not self.exact:
             return "no (top-k not scaled)"
         return "no (noise on the copies; exact at --noise 0 --router-noise 0)"
@@ -422,8 +440,9 @@ def out_chunks(plan: MegatronPlan, reader: DcpReader) -> list[OutChunk]:
 
     def maker(p: Piece) -> Callable[[], Any]:
         def make() -> Any:
-            t = reader.read_slice(p.source, p.source_offsets, p.sizes)
-            return _noised(t, p, plan.seed) if p.noise else t
+            from .training_recipes import transformed
+
+            return transformed(reader, p, plan.seed)
         return make
 
     return [OutChunk(p.key, plan.shapes[p.key], plan.dtypes[p.key], p.offsets, p.sizes, maker(p)) for p in plan.pieces]

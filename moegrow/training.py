@@ -163,17 +163,17 @@ def print_description(info: dict[str, Any], out: Any) -> None:
 
 def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | None = None,
                   method: str = "interpose", layer_map: str | None = None, experts: str | None = None,
-                  noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str = "scale",
+                  noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str | None = "scale",
                   allow_inexact: bool = False, optimizer: str = "keep", dtype: str = "keep",
-                  depth_init: str = "copy") -> MegatronPlan:
-    """The CLI's growth flags, read as for Hugging Face checkpoints, into a Megatron plan."""
+                  depth_init: str = "copy", noise_mode: str = "absolute", reinit: float = 0.0,
+                  select: str | None = None, calibration: str | None = None) -> MegatronPlan:
+    """The CLI's growth flags, read as for Hugging Face checkpoints, into a Megatron or OLMo-core plan."""
     from .configs import parse_top_k
+    from .selection import parse_count
+    from .training_recipes import check_select
 
     if dtype != "keep":
         raise GrowthError(f"--dtype {dtype}: training checkpoints are grown in their own dtypes (--dtype keep)")
-    if depth_init != "copy":
-        raise GrowthError(f"--depth-init {depth_init}: training checkpoints are grown with --depth-init copy only "
-                          "(their residual writers are not laid out as per-family data)")
 
     lmap = None
     if operation in ("grow-depth", "grow"):
@@ -184,21 +184,60 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
             lmap = layer_map_for(method, n, parse_layers(layers, n))
         else:
             raise GrowthError("give --layers (e.g. 2x) or --layer-map")
-    factor = 1
+    factor, n_select = 1, None
     if operation in ("grow-width", "grow"):
         if not experts:
             raise GrowthError("give --experts (e.g. 2x)")
-        factor = parse_experts(experts, ckpt.num_experts)
+        n_select = parse_count(experts, ckpt.num_experts)
+        if n_select is None:
+            factor = parse_experts(experts, ckpt.num_experts)
+    if n_select is None and (select or calibration):
+        raise GrowthError("--select and --calibration apply to grow-width with --experts N, N not a multiple of "
+                          "the source's experts")
+    if n_select is not None:
+        if operation != "grow-width":
+            raise GrowthError(f"--experts {experts} is not a multiple of the source's experts: only grow-width "
+                              "selects experts (run grow-depth, then grow-width)")
+        check_select(select, n_select, ckpt.num_experts)
+        if calibration:
+            raise GrowthError("--calibration applies to --select load only")
+    if top_k is None:
+        top_k = "keep" if n_select is not None else "scale"
+    k = parse_top_k(top_k)
+    if n_select is not None and k == "scale":
+        raise GrowthError(f"--top-k scale: --experts {n_select} is not a multiple of the source's experts, and top-k "
+                          "cannot be scaled by a fraction; give --top-k keep or an integer")
+    return plan_from(ckpt, operation, lmap, factor, noise=noise, router_noise=router_noise, seed=seed, top_k=k,
+                     optimizer=optimizer, allow_inexact=allow_inexact, depth_init=depth_init, noise_mode=noise_mode,
+                     reinit=reinit, select=select if n_select is not None else None, experts=n_select)
+
+
+def plan_from(ckpt: MegatronCheckpoint | OlmoCheckpoint, operation: str, layer_map: list[int] | None, factor: int,
+              *, noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str | int = "scale",
+              optimizer: str = "keep", allow_inexact: bool = False, depth_init: str = "copy",
+              noise_mode: str = "absolute", reinit: float = 0.0, select: str | None = None,
+              experts: int | None = None) -> MegatronPlan:
+    """The plan of parsed growth flags (the CLI's, or a provenance record's for verify): the format's planner,
+    then the recipes (moegrow/training_recipes.py). `select` with `experts` N: the first N - E experts copied."""
+    from .training_recipes import finish
+
     for flag, std in (("--noise", noise), ("--router-noise", router_noise)):
         if not std >= 0 or std == float("inf"):
             raise GrowthError(f"{flag}: the noise std must be a finite number >= 0, not {std}")
+    if select is not None:  # a factor-2 plan cut to N experts: never exact, whatever the router
+        factor, allow_inexact = 2, True
+    kw = dict(layer_map=layer_map, factor=factor, noise=noise, router_noise=router_noise, seed=seed, top_k=top_k,
+              optimizer=optimizer, allow_inexact=allow_inexact)
     if isinstance(ckpt, OlmoCheckpoint):
         from .olmo import plan_olmo
 
-        return plan_olmo(ckpt, operation, layer_map=lmap, factor=factor, noise=noise, router_noise=router_noise,
-                         seed=seed, top_k=parse_top_k(top_k), optimizer=optimizer, allow_inexact=allow_inexact)
-    return plan_megatron(ckpt, operation, layer_map=lmap, factor=factor, noise=noise, router_noise=router_noise,
-                         seed=seed, top_k=parse_top_k(top_k), optimizer=optimizer, allow_inexact=allow_inexact)
+        plan = plan_olmo(ckpt, operation, **kw)  # type: ignore[arg-type]
+    else:
+        plan = plan_megatron(ckpt, operation, **kw)  # type: ignore[arg-type]
+    if select is not None:
+        plan.inexact_reason = None
+    return finish(ckpt, plan, depth_init=depth_init, noise_mode=noise_mode, reinit=reinit, select=select,
+                  experts=experts)
 
 
 def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
@@ -206,7 +245,7 @@ def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
         "operation": plan.operation,
         "format": getattr(ckpt, "format", FORMAT),
         "layers": [ckpt.num_layers, len(plan.layer_map) if plan.layer_map else ckpt.num_layers],
-        "experts": [ckpt.num_experts, ckpt.num_experts * plan.factor],
+        "experts": [ckpt.num_experts, plan.experts or ckpt.num_experts * plan.factor],
         "top_k": [plan.k_old, plan.k_new],
         "layer_map": plan.layer_map,
         "keys": len(plan.shapes),
@@ -221,6 +260,10 @@ def summary(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
         "noise": plan.noise,
         "router_noise": plan.router_noise,
         "seed": plan.seed,
+        "depth_init": plan.depth_init,
+        "noise_mode": plan.noise_mode,
+        "reinit": plan.reinit,
+        "select": plan.select,
         "warnings": plan.warnings,
     }
 
@@ -229,22 +272,26 @@ def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
     """The provenance record: enough to rebuild the plan, and every output chunk's source."""
     from .megatron import noise_name
     from .olmo import fingerprint as olmo_fingerprint
+    from .training_recipes import piece_record
 
     tensors: dict[str, Any] = {}
     for p in plan.pieces:
         entry = tensors.setdefault(p.key, {"shape": list(plan.shapes[p.key]), "chunks": []})
+        extra = piece_record(p)
         entry["chunks"].append([list(p.offsets), p.source, list(p.source_offsets), p.noise]
-                               + ([noise_name(p)] if p.noise else []))
+                               + ([noise_name(p)] if p.noise else []) + ([extra] if extra else []))
     return {
         "moegrow_version": __version__,
         "operation": plan.operation,
         "format": getattr(ckpt, "format", FORMAT),
         "source": olmo_fingerprint(ckpt) if isinstance(ckpt, OlmoCheckpoint) else fingerprint(ckpt),
         "growth": {"layer_map": plan.layer_map, "factor": plan.factor,
-                   "experts": ckpt.num_experts * plan.factor, "top_k": plan.top_k, "noise": plan.noise,
-                   "router_noise": plan.router_noise, "seed": plan.seed, "optimizer": plan.optimizer,
-                   "allow_inexact": bool(plan.inexact_reason)},
-        "noise_device": "cpu" if any(p.noise for p in plan.pieces) else "none",
+                   "experts": plan.experts or ckpt.num_experts * plan.factor, "top_k": plan.top_k,
+                   "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
+                   "optimizer": plan.optimizer, "allow_inexact": bool(plan.inexact_reason),
+                   "depth_init": plan.depth_init, "noise_mode": plan.noise_mode, "reinit": plan.reinit,
+                   "select": plan.select},
+        "noise_device": "cpu" if any(p.noise or p.reinit is not None for p in plan.pieces) else "none",
         "function_preserving": plan.function_preserving,
         "config_changes": summary(ckpt, plan)["config_changes"],
         "warnings": plan.warnings,

@@ -24,15 +24,14 @@ from .megatron import (
     LATEST_NAME,
     MegatronCheckpoint,
     MegatronPlan,
-    _noised,
     fingerprint,
     open_megatron,
-    plan_megatron,
     updated_common,
 )
 from .olmo import DCP_DIR, OlmoCheckpoint, is_olmo, is_olmo_run
 from .olmo import FORMAT as OLMO_FORMAT
 from .provenance import RECORD_NAME
+from .training_recipes import apply_piece, describe, source_values
 from .verify import Report
 
 
@@ -54,7 +53,8 @@ def _read_record(output: Path) -> dict[str, Any]:
 
 def rebuild(source: str, record: dict[str, Any]) -> tuple[MegatronCheckpoint | OlmoCheckpoint, MegatronPlan]:
     """The source (at the record's iteration) and the plan the record's flags give."""
-    from .olmo import open_olmo, plan_olmo
+    from .olmo import open_olmo
+    from .training import plan_from
 
     g = record["growth"]
     it = record["source"].get("iteration")
@@ -65,10 +65,13 @@ def rebuild(source: str, record: dict[str, Any]) -> tuple[MegatronCheckpoint | O
         else:
             ckpt = open_megatron(source, it if (Path(source) / LATEST_NAME).is_file() else None)
         factor = int(g["factor"])
-        planner = plan_olmo if olmo else plan_megatron
-        plan = planner(ckpt, record["operation"], layer_map=g["layer_map"], factor=factor,  # type: ignore[operator]
-                             noise=float(g["noise"]), router_noise=float(g["router_noise"]), seed=int(g["seed"]),
-                             top_k=g["top_k"], optimizer=g["optimizer"], allow_inexact=bool(g["allow_inexact"]))
+        select = g.get("select")
+        plan = plan_from(ckpt, record["operation"], g["layer_map"], factor, noise=float(g["noise"]),
+                         router_noise=float(g["router_noise"]), seed=int(g["seed"]), top_k=g["top_k"],
+                         optimizer=g["optimizer"], allow_inexact=bool(g["allow_inexact"]),
+                         depth_init=g.get("depth_init", "copy"), noise_mode=g.get("noise_mode", "absolute"),
+                         reinit=float(g.get("reinit") or 0.0), select=select,
+                         experts=int(g["experts"]) if select is not None else None)
     except (KeyError, TypeError, ValueError) as e:
         raise SourceError(f"{RECORD_NAME}: growth flags are not valid ({type(e).__name__}: {e})") from None
     return ckpt, plan
@@ -167,6 +170,7 @@ def _check_chunks(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan,
             continue
         bad.add(key)
     measured: dict[str, list[float]] = {}
+    relative: dict[str, list[float]] = {}
     for p in plan.pieces:
         if p.key in bad:
             continue
@@ -176,24 +180,67 @@ def _check_chunks(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan,
             report.problems.append(str(e))
             bad.add(p.key)
             continue
-        src = ckpt.reader.read_slice(p.source, p.source_offsets, p.sizes)
+        src = source_values(ckpt.reader, p)
         where = f"{p.key} at {list(p.offsets)}"
-        want = _noised(src, p, plan.seed) if p.noise else src
+        want = apply_piece(src, p, plan.seed)
         if _bytes(got) != _bytes(want):
-            report.problems.append(f"{where}: " + (f"is not {p.source} at {list(p.source_offsets)} plus the "
-                                                   f"recorded noise (seed {plan.seed}, std {p.noise})" if p.noise
-                                                   else f"differs from its source {p.source} at "
-                                                   f"{list(p.source_offsets)}"))
+            if p.zero and not (p.noise or p.reinit is not None):
+                report.problems.append(f"{where}: is not zero (an added copy's residual writer, --depth-init "
+                                       "identity)")
+            elif p.zero or p.noise or p.reinit is not None:
+                report.problems.append(f"{where}: is not {'zeros' if p.zero else p.source} at "
+                                       f"{list(p.source_offsets)} plus the recorded {describe(p, plan.seed)}"
+                                       + _recipe_detail(got, want, p, plan.seed))
+            else:
+                report.problems.append(f"{where}: differs from its source {p.source} at {list(p.source_offsets)}")
         if p.noise:
             diff = got.double() - src.double()
+            if p.reinit is not None:  # the noise std of the positions that were not re-initialised
+                from .noise_modes import reinit_mask
+
+                diff = diff.reshape(-1)[~reinit_mask(p.reinit, plan.seed, p.slices)]
             measured.setdefault(p.key, []).append(float(diff.std()) if diff.numel() > 1 else float(diff.abs().max()))
+            if p.relative:
+                relative.setdefault(p.key, []).extend(_relative_std(got, src, p, plan.seed))
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             report.problems.append(f"{where}: contains NaN or Inf")
         if progress:
             progress(got.numel() * got.element_size())
     for key, vals in measured.items():
         report.noise_std[key] = sum(vals) / len(vals)
+    for key, vals in relative.items():  # --noise-mode relative: noise std over each source slice's std
+        if vals:
+            report.noise_std[f"{key} (relative)"] = sum(vals) / len(vals)
     report.checked = len(set(plan.shapes) - bad)
+
+
+def _recipe_detail(got: Any, want: Any, p: Any, seed: int) -> str:
+    """Where a recipe's piece differs: in its re-initialised neurons, or elsewhere."""
+    if p.reinit is None:
+        return ""
+    from .noise_modes import reinit_mask
+
+    mask = reinit_mask(p.reinit, seed, p.slices)
+    g, w = got.reshape(-1), want.reshape(-1)
+    if _bytes(g[mask]) != _bytes(w[mask]):
+        return " (its re-initialised neurons differ from the record's)"
+    return " (outside its re-initialised neurons)"
+
+
+def _relative_std(got: Any, src: Any, p: Any, seed: int) -> list[float]:
+    """(noise std / the source slice's std) of each expert slice of a piece (a zeroed slice has none),
+    re-initialised neurons left out of the noise."""
+    import torch
+
+    from .noise_modes import reinit_mask
+
+    keep = (~reinit_mask(p.reinit, seed, p.slices) if p.reinit is not None
+            else torch.ones(got.numel(), dtype=torch.bool)).reshape(p.slices, -1)
+    diff = (got.double() - src.double()).reshape(p.slices, -1)
+    base = src.double().reshape(p.slices, -1)
+    ratios = [float(d[k].std() / b.std()) for d, b, k in zip(diff, base, keep)
+              if int(k.sum()) > 1 and float(b.std()) > 0]
+    return ratios
 
 
 def _check_objects(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan, record: dict[str, Any],

@@ -322,12 +322,13 @@ def test_identity_on_a_quantised_source(dtype, tmp_path, record_property):
     assert code == 0, stdout + err
 
 
-def test_training_checkpoints_take_copy_only(tmp_path):
-    """A Megatron-LM run folder (tests/fixtures): `--depth-init identity` is refused in one line, copy still grows."""
+def test_training_checkpoints_take_identity(tmp_path):
+    """A Megatron-LM run folder (tests/fixtures): `--depth-init identity` grows it (tests/test_training_recipes.py
+    checks the values); a map that reorders the originals is refused in one line, as for Hugging Face."""
     from .test_megatron import FIX
 
-    code, _, err = run("grow-depth", FIX / "run", tmp_path / "out", "--layer-map", "0,1,1", "--depth-init", "identity")
+    code, _, err = run("grow-depth", FIX / "run", tmp_path / "out", "--layer-map", "1,0,1", "--depth-init", "identity")
     assert code == 2 and "--depth-init identity" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
-    code, _, err = run("grow-depth", FIX / "run", tmp_path / "out", "--layer-map", "0,1,1", "--depth-init", "copy")
+    code, _, err = run("grow-depth", FIX / "run", tmp_path / "out", "--layer-map", "0,1,1", "--depth-init", "identity")
     assert code == 0, err

@@ -204,3 +204,50 @@ def test_mtp_layer_widens_and_loads(tmp_path: Path) -> None:
     assert diff <= 1e-5
     if created:
         torch.distributed.destroy_process_group()
+
+def test_identity_depth_keeps_the_logits(tmp_path: Path) -> None:
+    """--depth-init identity: the added layers' linear_proj and expert linear_fc2 are zero, so megatron-core's
+    GPTModel of the grown depth computes the source's logits (and its Adam state loads strictly)."""
+    import megatron_tiny as mt
+
+    mt.init_distributed(port=29533)
+    src_model, _ = load(MEGATRON / "run" / "iter_0000020", {})
+    deep = _grow(tmp_path, "deep", "grow", str(MEGATRON / "run"), "--layers", "2x", "--depth-init", "identity",
+                 "--experts", "2x")
+    model, loaded = load(deep / "iter_0000020", {"num_layers": 4, "num_experts": 8, "moe_router_topk": 4})
+    diff = float((mt.logits(model) - mt.logits(src_model)).abs().max())
+    print(f"world size 1, depth 2x identity + width 2x, noise 0: max abs logit difference {diff:.3g}")
+    assert diff <= 1e-5
+    params = dict(model.named_parameters())
+    state = loaded["adam"].state
+    proj = params["decoder.layers.1.self_attention.linear_proj.weight"]
+    assert not proj.any() and not state[proj]["exp_avg"].any() and not state[proj]["exp_avg_sq"].any()
+    assert params["decoder.layers.0.self_attention.linear_proj.weight"].any()
+    copied = _grow(tmp_path, "copied", "grow-depth", str(MEGATRON / "run"), "--layers", "2x")
+    model, _ = load(copied / "iter_0000020", {"num_layers": 4})
+    assert float((mt.logits(model) - mt.logits(src_model)).abs().max()) > 1e-3, "copy init changes the function"
+    torch.distributed.destroy_process_group()
+
+
+def test_select_first_and_reinit_load_strictly(tmp_path: Path) -> None:
+    """--select first (6 of 4 experts) and --reinit: megatron-core loads the grown checkpoints strictly, the
+    new experts' weights and Adam moments where moegrow put them."""
+    import megatron_tiny as mt
+
+    mt.init_distributed(port=29534)
+    src, src_loaded = load(MEGATRON / "run" / "iter_0000020", {})
+    sel = _grow(tmp_path, "sel", "grow-width", str(MEGATRON / "run"), "--experts", "6", "--select", "first")
+    model, loaded = load(sel / "iter_0000020", {"num_experts": 6})
+    a, b = dict(src.named_parameters()), dict(model.named_parameters())
+    for e in range(2):
+        name = "decoder.layers.1.mlp.experts.local_experts.{}.linear_fc2.weight"
+        assert torch.equal(b[name.format(4 + e)], a[name.format(e)])
+        assert torch.equal(loaded["adam"].state[b[name.format(4 + e)]]["exp_avg"],
+                           src_loaded["adam"].state[a[name.format(e)]]["exp_avg"])
+    assert b["decoder.layers.0.mlp.router.weight"].shape[0] == 6
+    rein = _grow(tmp_path, "rein", "grow-width", str(MEGATRON / "run"), "--experts", "2x", "--reinit", "0.5")
+    model, loaded = load(rein / "iter_0000020", {"num_experts": 8, "moe_router_topk": 4})
+    fc2 = dict(model.named_parameters())["decoder.layers.0.mlp.experts.local_experts.5.linear_fc2.weight"]
+    zero_cols = (loaded["adam"].state[fc2]["exp_avg"] == 0).all(dim=0)
+    assert int(zero_cols.sum()) == fc2.shape[1] // 2, "the re-initialised neurons' moments are zero"
+    torch.distributed.destroy_process_group()

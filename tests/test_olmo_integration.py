@@ -161,3 +161,27 @@ def test_noise_free_width_keeps_the_logits_on_cuda(tmp_path: Path) -> None:
     diff = float((a - b).abs().max())
     print(f"OLMo-core default MoE, width 2x, noise 0: max abs logit difference {diff:.3g} (CUDA, float32)")
     assert a.abs().max() > 0.1 and diff <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["default", "dropless"])
+def test_identity_depth_loads_into_olmo_core(tmp_path: Path, kind: str) -> None:
+    """--depth-init identity: OLMo-core loads the grown blocks, the added blocks' attention.w_out and experts' w2
+    zero with zero AdamW moments (their per-parameter step kept), the originals as they were. (OLMo-core's MoE
+    forward needs its GPU kernels, so the logits are compared for Megatron only.)"""
+    out = tmp_path / "grown"
+    code, _, err = run("grow", OLMO / kind, out, "--layers", "2x", "--depth-init", "identity", "--experts", "2x")
+    assert code == 0, err
+    model, opt = load(out)
+    src = torch.load(OLMO / f"{kind}.state.pt")
+    params, state = dict(model.named_parameters()), moments(model, opt)
+    for j, m in enumerate([0, 0, 1, 1]):
+        for rel in ("attention.w_out.weight", "feed_forward_moe.experts.mlp.w2"):
+            got, want = params[f"blocks.{j}.{rel}"], src[f"blocks.{m}.{rel}"]
+            if j % 2:
+                assert not got.any() and not state[f"blocks.{j}.{rel}"]["exp_avg"].any()
+                assert not state[f"blocks.{j}.{rel}"]["exp_avg_sq"].any()
+                assert float(state[f"blocks.{j}.{rel}"]["step"]) == 2.0
+            else:
+                n = want.shape[0]
+                assert torch.equal(got[:n], want) and state[f"blocks.{j}.{rel}"]["exp_avg"].any(), rel
+        assert torch.equal(params[f"blocks.{j}.attention.w_q.weight"], src[f"blocks.{m}.attention.w_q.weight"])
