@@ -604,11 +604,12 @@ def write_json(path: Path, obj: Any) -> None:
             f.write(head + "\n")
             return
         f.write(head[:-2] + ",\n" if head != "{}" else "{\n")
+        compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...), built once
         for n, (key, mapping) in enumerate(lazy.items()):
             f.write(f"  {json.dumps(key)}: {{")
             sep = "\n"
             for name, value in mapping.items():
-                f.write(f"{sep}    {json.dumps(name)}: {json.dumps(value, separators=(',', ':'))}")
+                f.write(f"{sep}    {json.dumps(name)}: {compact(value)}")
                 sep = ",\n"
             f.write("\n  }" + (",\n" if n < len(lazy) - 1 else "\n}\n"))
 
