@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -609,7 +610,7 @@ def write_json(path: Path, obj: Any) -> None:
             f.write(f"  {json.dumps(key)}: {{")
             sep = "\n"
             for name, value in mapping.items():
-                f.write(f"{sep}    {json.dumps(name)}: {compact(value)}")
+                f.write(f"{sep}    {encode_basestring_ascii(name)}: {compact(value)}")  # json.dumps(name)
                 sep = ",\n"
             f.write("\n  }" + (",\n" if n < len(lazy) - 1 else "\n}\n"))
 

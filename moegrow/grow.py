@@ -202,9 +202,11 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     if ranks is not None:
         from .ranks import execute_ranks
 
-        return execute_ranks(ranks, plan, source.tensors, source.folder, Path(output), provenance=record,
-                             max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                             progress=progress, card=card, check_source=source.check_unchanged)
-    return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
-                   max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                   progress=progress, card=card, check_source=source.check_unchanged)
+        with gc_paused():
+            return execute_ranks(ranks, plan, source.tensors, source.folder, Path(output), provenance=record,
+                                 max_shard_size=max_shard_size, device=device, threads=threads, force=force,
+                                 progress=progress, card=card, check_source=source.check_unchanged)
+    with gc_paused():  # the run builds 4 objects per tensor (work items, record entries), none in a cycle
+        return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
+                       max_shard_size=max_shard_size, device=device, threads=threads, force=force,
+                       progress=progress, card=card, check_source=source.check_unchanged)

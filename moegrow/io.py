@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 
 from .errors import SourceError
@@ -252,8 +253,9 @@ def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
     text.write('{"__metadata__":' + json.dumps(dict(metadata or {"format": "pt"}), separators=(",", ":")))
     offsets: list[int] = []
     pos = 0
+    quote = encode_basestring_ascii  # json.dumps of a str, without its two calls around it
     for name, dtype, shape, nbytes in entries:
-        text.write(f',{json.dumps(name)}:{{"dtype":{json.dumps(dtype)},"shape":[{",".join(map(str, shape))}],'
+        text.write(f',{quote(name)}:{{"dtype":{quote(dtype)},"shape":[{",".join(map(str, shape))}],'
                    f'"data_offsets":[{pos},{pos + nbytes}]}}')
         offsets.append(pos)
         pos += nbytes

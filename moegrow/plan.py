@@ -123,14 +123,11 @@ class OutTensor:
     @property
     def flat(self) -> bool:
         """Concatenating the parts is concatenating their bytes (every dim before `axis` is 1)."""
-        return all(d == 1 for d in self.shape[:self.axis])
+        return self.axis == 0 or all(d == 1 for d in self.shape[:self.axis])
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)  # asked several times per tensor: in C
 
     @property
     def is_copy(self) -> bool:
