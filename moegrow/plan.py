@@ -200,10 +200,14 @@ class Plan:
         """Identity depth init: how many output tensors are set to a constant, and their names relative to
         the layer (expert indices as *), per constant: {"zeroed": {...}, "ones": {...}}."""
         out: dict[str, Any] = {}
+        found: dict[float, dict[str, None]] = {0.0: {}, 1.0: {}}  # per constant, the names in plan order
+        for t in self.tensors:  # one pass, parts without a fill passed over
+            for p in t.parts:
+                if p.fill is not None and p.fill in found:
+                    # a requantised weight's members count once, by the weight's (dequantised) name
+                    found[p.fill][t.encode.group if t.encode is not None else t.name] = None
         for key, value in (("zeroed", 0.0), ("ones", 1.0)):
-            # a requantised weight's members count once, by the weight's (dequantised) name
-            names = list(dict.fromkeys(t.encode.group if t.encode is not None else t.name for t in self.tensors
-                                       if any(p.fill == value for p in t.parts)))
+            names = list(found[value])
             rels = sorted({_EXPERT_INDEX.sub(r"\1*\2", n.removeprefix(self.layout.layer_prefix).partition(".")[2])
                            for n in names})
             if names:
