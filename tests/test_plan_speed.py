@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from moegrow import json_stream
 from moegrow.grow import plan_for
-from moegrow.plan import OutTensor, Part, natural_key
+from moegrow.plan import OutTensor, Part, _ordered, natural_key, natural_key_cached
 from moegrow.provenance import mapping_differs, tensor_mapping
 from moegrow.quant.plan import _copied_weight, _lower_weight, quantisation
 from moegrow.source import open_source
@@ -121,10 +121,16 @@ def test_gc_state_restored(checkpoints):
             gc.enable()
 
 
-@given(st.text(alphabet="ab.0123456789_", max_size=30))
-def test_natural_key_as_before(name):
-    """The split-based key equals the former one (digits as ints, the rest as strings)."""
-    assert natural_key(name) == tuple(int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name))
+@given(st.lists(st.text(alphabet="ab.0123456789_", max_size=30), max_size=12))
+def test_natural_key_as_before(names):
+    """The split-based key equals the former one (digits as ints, the rest as strings), and the plan's
+    order (`_ordered`, keys after the first number cached) is the order by it."""
+    for name in names:
+        assert natural_key(name) == tuple(int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name))
+    tensors = [OutTensor(n, "F32", (1,), (Part(n),)) for n in names]
+    assert [t.name for t in _ordered(tensors)] == sorted(names, key=natural_key)
+    tails: dict = {}
+    assert all(natural_key_cached(n, tails) == natural_key(n) for n in names)
 
 
 def test_nan_in_record_streams(tmp_path):
