@@ -192,8 +192,9 @@ class Plan:
         """The source tensors the plan reads (a quantised weight's members for a decoded part; a filled
         part reads nothing)."""
         names = {p.source for t in self.tensors for p in t.parts if not p.init and p.fill is None}
-        if self.quant is not None:
-            names = {m.name for n in names for m in self.quant.members_of(n)}
+        if self.quant is not None:  # `quant.members_of`, without a Member made for every tensor not quantised
+            groups = self.quant.groups
+            names = {m.name for n in names if n in groups for m in groups[n].members} | (names - groups.keys())
         return names
 
     def filled(self) -> dict[str, Any]:
