@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .layouts import Layout
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: see plan._PLAN_DATA
 class Role:
     kind: str
     layer: int | None = None
@@ -31,22 +31,41 @@ class Role:
 
 
 def classify(name: str, layout: Layout) -> Role:
-    mtp = bool(layout.names.mtp_prefix) and name.startswith(layout.names.mtp_prefix)
-    prefix = layout.mtp_layer_prefix if mtp else layout.names.layer_prefix
-    if not name.startswith(prefix):
-        return Role("global", rel=name, mtp=mtp)
-    rest = name[len(prefix):]
-    idx, dot, rel = rest.partition(".")
-    if not (dot and idx.isdigit()):
-        return Role("global", rel=name, mtp=mtp)
-    layer = int(idx)
-    if rel.startswith(layout.names.experts_prefix):
-        e, dot2, tail = rel[len(layout.names.experts_prefix):].partition(".")
-        if dot2 and e.isdigit():
-            return Role("expert", layer, int(e), tail, prefix, mtp)
-    kind = ("fused" if rel in layout.names.fused_experts else "router" if rel in layout.names.router_weights
-            else "router_bias" if rel in layout.names.router_biases else "layer")
-    return Role(kind, layer, rel=rel, prefix=prefix, mtp=mtp)
+    return classifier(layout)(name)
+
+
+def classifier(layout: Layout) -> Callable[[str], Role]:
+    """`classify` for many names: the layout read once, and the role of each name relative to its layer
+    worked out once (a DeepSeek-V3 index repeats the same 1,550 relative names in every layer)."""
+    names = layout.names
+    mtp_prefix, mtp_layer_prefix, layer_prefix = names.mtp_prefix, layout.mtp_layer_prefix, names.layer_prefix
+    experts_prefix = names.experts_prefix
+    fused, routers, biases = names.fused_experts, names.router_weights, names.router_biases
+    rels: dict[str, tuple[str, int | None, str]] = {}
+
+    def of_rel(rel: str) -> tuple[str, int | None, str]:
+        if rel.startswith(experts_prefix):
+            e, dot2, tail = rel[len(experts_prefix):].partition(".")
+            if dot2 and e.isdigit():
+                return "expert", int(e), tail
+        kind = ("fused" if rel in fused else "router" if rel in routers else "router_bias" if rel in biases
+                else "layer")
+        return kind, None, rel
+
+    def role(name: str) -> Role:
+        mtp = bool(mtp_prefix) and name.startswith(mtp_prefix)
+        prefix = mtp_layer_prefix if mtp else layer_prefix
+        if not name.startswith(prefix):
+            return Role("global", rel=name, mtp=mtp)
+        idx, dot, rel = name[len(prefix):].partition(".")
+        if not (dot and idx.isdigit()):
+            return Role("global", rel=name, mtp=mtp)
+        found = rels.get(rel)
+        if found is None:
+            found = rels[rel] = of_rel(rel)
+        return Role(found[0], int(idx), found[1], found[2], prefix, mtp)
+
+    return role
 
 
 def layer_name(layout: Layout, layer: int, rel: str, prefix: str = "") -> str:
@@ -170,7 +189,8 @@ def analyse(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], la
     """Classify every tensor and check that config and tensors agree on layers and experts."""
     config = layout.text(config)  # a multimodal config: its text decoder's
     check_config(config, layout, where)
-    roles = {name: classify(name, layout) for name in shapes}
+    role = classifier(layout)
+    roles = {name: role(name) for name in shapes}
     num_layers = layout.num_layers(config)
     num_experts = layout.num_experts(config)
     layer_ids = sorted({r.layer for r in roles.values() if r.layer is not None and not r.mtp})

@@ -588,9 +588,11 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
     else:
         src = _open(source, revision)
         record = _read_record(output)
-        total = sum(t.nbytes for t in read_index(output).values())  # the bytes verify reads from OUTPUT
+        out_index = read_index(output)
+        total = sum(t.nbytes for t in out_index.values())  # the bytes verify reads from OUTPUT
         with _progress(total, "verify", _interactive(quiet or json_out)) as progress:
-            report = run_verify(src, output, progress)
+            report = run_verify(src, output, progress, record=record, out_tensors=out_index)
+        del out_index
     if forward or whole:
         report.forward, problems = forward_check(src.folder, output, record, atol, whole,
                                                  identity=_identity_watch(src, record))

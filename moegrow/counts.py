@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .anatomy import analyse
+from .gc_pause import gc_paused
 from .plan import Plan, param_counts
 
 Counts = tuple[int, int]  # (total, active per token)
@@ -22,7 +23,8 @@ def growth_param_counts(plan: Plan, source: Any) -> tuple[Counts, Counts]:
     """((total, active) of the source, (total, active) of the output) for `plan` grown from `source`."""
     key = (id(plan), id(source), id(plan.tensors), len(plan.tensors), id(plan.config), id(plan.source_config))
     if _last[0] != key:
-        _last[:] = [key, _counts(plan, source)]
+        with gc_paused():
+            _last[:] = [key, _counts(plan, source)]
     return _last[1]
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -604,11 +605,12 @@ def write_json(path: Path, obj: Any) -> None:
             f.write(head + "\n")
             return
         f.write(head[:-2] + ",\n" if head != "{}" else "{\n")
+        compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...), built once
         for n, (key, mapping) in enumerate(lazy.items()):
             f.write(f"  {json.dumps(key)}: {{")
             sep = "\n"
             for name, value in mapping.items():
-                f.write(f"{sep}    {json.dumps(name)}: {json.dumps(value, separators=(',', ':'))}")
+                f.write(f"{sep}    {encode_basestring_ascii(name)}: {compact(value)}")  # json.dumps(name)
                 sep = ",\n"
             f.write("\n  }" + (",\n" if n < len(lazy) - 1 else "\n}\n"))
 

@@ -18,6 +18,7 @@ from .card import plan_options, render_card
 from .configs import parse_top_k
 from .errors import GrowthError, SourceError
 from .execute import DEFAULT_MAX_SHARD, Written, check_output, execute, find_nonfinite, nonfinite_message
+from .gc_pause import gc_paused
 from .layouts import layout_for
 from .plan import (
     Plan,
@@ -51,6 +52,17 @@ def plan_for(source: Source, operation: str, *, layers: str | None = None, metho
     `dtype` (--dtype): keep, or bfloat16 / float16 / float32. The planners see quantised weights as
     float tensors (their dequantised view); `quant.plan.lower` turns that plan into tensors to write.
     """
+    with gc_paused():
+        return _plan_for(source, operation, layers=layers, method=method, layer_map=layer_map, experts=experts,
+                         noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
+                         depth_init=depth_init, dtype=dtype, noise_mode=noise_mode, reinit=reinit, select=select,
+                         calibration=calibration, selection=selection)
+
+
+def _plan_for(source: Source, operation: str, *, layers: str | None, method: str,
+              layer_map: str | list[int] | None, experts: str | None, noise: float, router_noise: float, seed: int,
+              top_k: str | int | None, allow_inexact: bool, depth_init: str, dtype: str, noise_mode: str,
+              reinit: float, select: str | None, calibration: str | None, selection: Mapping[Any, Any] | None) -> Plan:
     from .quant.plan import check_dtype, lower, planning_index, quantisation
 
     where = f"{source.spec}/config.json"
@@ -190,9 +202,11 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     if ranks is not None:
         from .ranks import execute_ranks
 
-        return execute_ranks(ranks, plan, source.tensors, source.folder, Path(output), provenance=record,
-                             max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                             progress=progress, card=card, check_source=source.check_unchanged)
-    return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
-                   max_shard_size=max_shard_size, device=device, threads=threads, force=force,
-                   progress=progress, card=card, check_source=source.check_unchanged)
+        with gc_paused():
+            return execute_ranks(ranks, plan, source.tensors, source.folder, Path(output), provenance=record,
+                                 max_shard_size=max_shard_size, device=device, threads=threads, force=force,
+                                 progress=progress, card=card, check_source=source.check_unchanged)
+    with gc_paused():  # the run builds 4 objects per tensor (work items, record entries), none in a cycle
+        return execute(plan, source.tensors, source.folder, Path(output), provenance=record,
+                       max_shard_size=max_shard_size, device=device, threads=threads, force=force,
+                       progress=progress, card=card, check_source=source.check_unchanged)

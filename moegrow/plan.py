@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any, Protocol
 
 from .anatomy import Anatomy, analyse, expert_name, layer_name
@@ -27,13 +28,19 @@ class TensorMeta(Protocol):
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)  # slots: a DeepSeek-V3 growth plans 365,000 tensors
+# slots: a DeepSeek-V3 growth plans 365,000 tensors. Not frozen (but hashed by value, and never changed
+# once built: `with_fields` makes changed copies): a frozen dataclass's __init__ is several times slower
+# (one object.__setattr__ per field), which was a third of a DeepSeek-V3 plan's CPU time.
+_PLAN_DATA = dict(slots=True, unsafe_hash=True)
+
+
+@dataclass(**_PLAN_DATA)
 class Meta:
     dtype: str
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(**_PLAN_DATA)
 class Part:
     """A source tensor (or a run of its rows), times `scale`, plus Gaussian noise of std `noise`.
 
@@ -86,7 +93,7 @@ class Part:
         return start * row, (stop - start) * row
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(**_PLAN_DATA)
 class Encode:
     """How an output tensor is written when not in its source's dtype (see moegrow.quant).
 
@@ -104,7 +111,7 @@ class Encode:
         return f"{self.format}.{self.member}" if self.format else "cast"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(**_PLAN_DATA)
 class OutTensor:
     name: str
     dtype: str
@@ -116,14 +123,11 @@ class OutTensor:
     @property
     def flat(self) -> bool:
         """Concatenating the parts is concatenating their bytes (every dim before `axis` is 1)."""
-        return all(d == 1 for d in self.shape[:self.axis])
+        return self.axis == 0 or all(d == 1 for d in self.shape[:self.axis])
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)  # asked several times per tensor: in C
 
     @property
     def is_copy(self) -> bool:
@@ -188,18 +192,23 @@ class Plan:
         """The source tensors the plan reads (a quantised weight's members for a decoded part; a filled
         part reads nothing)."""
         names = {p.source for t in self.tensors for p in t.parts if not p.init and p.fill is None}
-        if self.quant is not None:
-            names = {m.name for n in names for m in self.quant.members_of(n)}
+        if self.quant is not None:  # `quant.members_of`, without a Member made for every tensor not quantised
+            groups = self.quant.groups
+            names = {m.name for n in names if n in groups for m in groups[n].members} | (names - groups.keys())
         return names
 
     def filled(self) -> dict[str, Any]:
         """Identity depth init: how many output tensors are set to a constant, and their names relative to
         the layer (expert indices as *), per constant: {"zeroed": {...}, "ones": {...}}."""
         out: dict[str, Any] = {}
+        found: dict[float, dict[str, None]] = {0.0: {}, 1.0: {}}  # per constant, the names in plan order
+        for t in self.tensors:  # one pass, parts without a fill passed over
+            for p in t.parts:
+                if p.fill is not None and p.fill in found:
+                    # a requantised weight's members count once, by the weight's (dequantised) name
+                    found[p.fill][t.encode.group if t.encode is not None else t.name] = None
         for key, value in (("zeroed", 0.0), ("ones", 1.0)):
-            # a requantised weight's members count once, by the weight's (dequantised) name
-            names = list(dict.fromkeys(t.encode.group if t.encode is not None else t.name for t in self.tensors
-                                       if any(p.fill == value for p in t.parts)))
+            names = list(found[value])
             rels = sorted({_EXPERT_INDEX.sub(r"\1*\2", n.removeprefix(self.layout.names.layer_prefix).partition(".")[2])
                            for n in names})
             if names:
@@ -207,19 +216,19 @@ class Plan:
         return out
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
+_FIELDS: dict[type, Any] = {}
 
 
 def with_fields(obj: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` for the plan's frozen dataclasses, without its per-call introspection
+    """`dataclasses.replace` for the plan's dataclasses, without its per-call introspection
     (a fifth of the time: a DeepSeek-V3 growth replaces 700,000 parts)."""
     cls = type(obj)
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
-    new = object.__new__(cls)
-    for n in names:
-        object.__setattr__(new, n, changes[n] if n in changes else getattr(obj, n))
+    values = _FIELDS.get(cls)
+    if values is None:  # every field's value at once, as a tuple (operator.attrgetter: in C)
+        values = _FIELDS[cls] = attrgetter(*(f.name for f in fields(cls)))
+    new = cls(*values(obj))
+    for n, v in changes.items():
+        object.__setattr__(new, n, v)
     return new
 
 
@@ -229,7 +238,9 @@ _EXPERT_INDEX = re.compile(r"(\.|^)\d+(\.)")
 
 def natural_key(name: str) -> tuple[object, ...]:
     """Sort layers.10 after layers.9."""
-    return tuple(int(s) if s.isdigit() else s for s in _NUM.split(name))
+    pieces: list[object] = _NUM.split(name)  # the digit runs at odd positions (the captured separators)
+    pieces[1::2] = map(int, pieces[1::2])  # type: ignore[arg-type]
+    return tuple(pieces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +284,26 @@ def parse_layer_map(text: str, n_old: int) -> list[int]:
     return layer_map
 
 
+_FIRST_NUMBER = re.compile(r"(\D*)(\d+)")
+
+
+def natural_key_cached(name: str, tails: dict[str, tuple[object, ...]]) -> tuple[object, ...]:
+    """`natural_key(name)`, the key of what follows its first number (a layer index) kept in `tails`."""
+    m = _FIRST_NUMBER.match(name)
+    if m is None:
+        return natural_key(name)
+    rest = name[m.end():]
+    tail = tails.get(rest)
+    if tail is None:
+        tail = tails[rest] = natural_key(rest)
+    return (m.group(1), int(m.group(2)), *tail)
+
+
 def _ordered(tensors: list[OutTensor]) -> list[OutTensor]:
-    return sorted(tensors, key=lambda t: natural_key(t.name))
+    """By `natural_key`, each name's key after its first number worked out once per text: a DeepSeek-V3 plan
+    repeats the same 3,000 in every layer."""
+    tails: dict[str, tuple[object, ...]] = {}
+    return sorted(tensors, key=lambda t: natural_key_cached(t.name, tails))
 
 
 def _check_first_layer(layout: Layout, layer_map: Sequence[int]) -> None:

@@ -86,10 +86,26 @@ class TensorMapping(Mapping[str, list[list[Any]]]):
 
 
 def mapping_differs(tensors: list[OutTensor], recorded: Mapping[str, Any]) -> bool:
-    """Whether a record's tensor mapping differs from `tensor_mapping(tensors)` (entry by entry)."""
+    """Whether a record's tensor mapping differs from `tensor_mapping(tensors)` (entry by entry, in one pass
+    over `recorded`: a record streamed from its file, moegrow.json_stream, is read once)."""
     if len(tensors) != len(recorded):
         return True
-    return any(recorded.get(name) != value for name, value in TensorMapping(tensors).items())
+    seen = bytearray(len(tensors))
+    index: dict[str, int] | None = None  # only for a record in another order than the plan's (older records)
+    for k, (name, value) in enumerate(recorded.items()):
+        if k < len(tensors) and tensors[k].name == name:
+            i = k
+        else:
+            if index is None:
+                index = {t.name: j for j, t in enumerate(tensors)}
+            i = index.get(name, -1)
+            if i < 0:
+                return True
+        t = tensors[i]
+        if seen[i] or value != [part_record(p, t.axis, t.encode) for p in t.parts]:
+            return True
+        seen[i] = 1
+    return False
 
 
 def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:

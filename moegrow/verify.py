@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .configs import check_moe_layers
 from .errors import MoegrowError, SourceError
 from .grow import rebuild_plan
 from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
+from .json_stream import read_object
 from .layouts import wrapper_of
 from .neurons import NOISE_MODES, RECORD_KEYS, record_extra_ok
 from .plan import OutTensor, Plan
@@ -50,11 +51,11 @@ def _read_record(output: Path) -> dict[str, Any]:
     path = output / RECORD_NAME
     if not path.is_file():
         raise SourceError(f"{path}: missing; OUTPUT was not written by moegrow")
-    try:
-        record = json.loads(path.read_text())
+    try:  # the tensor mapping streamed from the file each time it is read (362,000 entries for DeepSeek-V3 2x2x)
+        record = read_object(path, "tensors")
+        problem = _record_problem(record)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(f"{path}: not valid JSON ({e})") from None
-    problem = _record_problem(record)
     if problem:
         raise SourceError(f"{path}: not a valid moegrow provenance record ({problem})")
     return record
@@ -89,8 +90,8 @@ def _record_problem(record: Any) -> str | None:
         return (isinstance(p, list) and len(p) in (2, 3, 4) and isinstance(p[0], str)
                 and all(is_num(x) for x in p[1:3]) and (len(p) < 4 or is_extra(p[3])))
 
-    if not (isinstance(tensors, dict) and all(isinstance(parts, list) and all(map(is_part, parts))
-                                              for parts in tensors.values())):
+    if not (isinstance(tensors, Mapping) and all(isinstance(parts, list) and all(map(is_part, parts))
+                                                 for parts in tensors.values())):
         return '"tensors" is not a mapping of output tensors to [source, noise(, scale(, extras))] parts'
     g = record.get("growth")
     if not isinstance(g, dict):
@@ -233,18 +234,21 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
             report.problems.append(f"{t.name}: contains NaN or Inf")
 
 
-def verify(source: Source, output: Path, progress: Callable[[int], None] | None = None) -> Report:
-    """Check OUTPUT against SOURCE and its provenance record (see the module docstring)."""
+def verify(source: Source, output: Path, progress: Callable[[int], None] | None = None, *,
+           record: dict[str, Any] | None = None, out_tensors: Mapping[str, TensorInfo] | None = None) -> Report:
+    """Check OUTPUT against SOURCE and its provenance record (see the module docstring).
+
+    `record` (`_read_record`'s) and `out_tensors` (OUTPUT's `read_index`): where the caller has read them."""
     report = Report()
-    record = _read_record(output)
+    record = _read_record(output) if record is None else record
     out_config = read_config(output)
-    out_tensors = read_index(output)
+    out_tensors = read_index(output) if out_tensors is None else out_tensors
     try:
         plan = rebuild_plan(source, record)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SourceError(f"{output / RECORD_NAME}: growth flags are not valid ({type(e).__name__}: "
                           f"{e})") from None
-    if not isinstance(record["tensors"], dict) or mapping_differs(plan.tensors, record["tensors"]):
+    if not isinstance(record["tensors"], Mapping) or mapping_differs(plan.tensors, record["tensors"]):
         report.problems.append(f"{output / RECORD_NAME}: tensor mapping differs from the plan that "
                                "its flags describe")
     for key in sorted(set(plan.config) | set(out_config)):
@@ -252,9 +256,9 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
             report.problems.append(f"{output / 'config.json'}: {key} is {out_config.get(key)!r}, "
                                    f"the growth gives {plan.config.get(key)!r}")
     try:
-        anatomy = analyse({n: t.shape for n, t in out_tensors.items()}, out_config, plan.layout,
-                          str(output / "config.json"))
-        check_moe_layers(out_config, plan.layout, anatomy.moe_layers, str(output / "config.json"))
+        moe_layers = analyse({n: t.shape for n, t in out_tensors.items()}, out_config, plan.layout,
+                             str(output / "config.json")).moe_layers  # not its roles: one per output tensor
+        check_moe_layers(out_config, plan.layout, moe_layers, str(output / "config.json"))
     except MoegrowError as e:
         report.problems.append(str(e))
     planned = {t.name for t in plan.tensors}

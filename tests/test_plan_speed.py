@@ -1,0 +1,140 @@
+"""Issue 12, item 2 (CPU per tensor): the fast paths give what the general ones give, and the provenance
+record is read as a stream (moegrow.json_stream) with the same meaning as `json.loads`."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moegrow import json_stream
+from moegrow.grow import plan_for
+from moegrow.plan import OutTensor, Part, _ordered, natural_key, natural_key_cached
+from moegrow.provenance import mapping_differs, tensor_mapping
+from moegrow.quant.plan import _copied_weight, _lower_weight, quantisation
+from moegrow.source import open_source
+
+from .conftest import run
+from .test_quant import fp8_source  # noqa: F401 - the fixture
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(head=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "tensors"), _JSON, max_size=4),
+       entries=st.dictionaries(st.text(max_size=10), _JSON, max_size=8),
+       where=st.integers(0, 4), indent=st.sampled_from([None, 0, 2]), chunk=st.sampled_from([1, 3, 64]))
+def test_streamed_object_reads_as_json_loads(tmp_path_factory, head, entries, where, indent, chunk):
+    """Any object, indented or not, the streamed member anywhere among the others, read through a buffer as
+    small as one character: the same values as json.loads."""
+    keys = list(head)
+    keys.insert(min(where, len(keys)), "tensors")
+    obj = {k: entries if k == "tensors" else head[k] for k in keys}
+    path = tmp_path_factory.mktemp("js") / "r.json"
+    path.write_text(json.dumps(obj, indent=indent))
+    old = json_stream._CHUNK
+    json_stream._CHUNK = chunk
+    try:
+        got = json_stream.read_object(path, "tensors")
+        streamed = got.pop("tensors")
+        assert got == head
+        assert len(streamed) == len(entries) and list(streamed.items()) == list(entries.items())
+        assert list(streamed.items()) == list(streamed.items())  # every pass reads the file again
+    finally:
+        json_stream._CHUNK = old
+
+
+@pytest.mark.parametrize("text", ['{"a": 1, "tensors": {"x": [1, 2]', '{"tensors": {"x": 1}} extra', '{"a": 1,}',
+                                  '{"tensors": {"x" 1}}', '{"a": 1e}', '{"tensors": {"x": 1}, "b": [1,]}'])
+def test_streamed_object_refuses_what_json_loads_refuses(tmp_path, text):
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError):
+        list(json_stream.read_object(tmp_path / "r.json", "tensors")["tensors"].items())
+
+
+def test_old_record_layout_verifies(checkpoints, tmp_path):
+    """A record written whole with sorted keys (moegrow before the streamed record: the mapping in name order,
+    mid-file) verifies; a changed, missing or repeated entry in it is still found."""
+    src, out = checkpoints["qwen2_moe"], tmp_path / "o"
+    assert run("grow", src, out, "--layers", "2x", "--experts", "2x", "--quiet")[0] == 0
+    rec = json.loads((out / "moegrow.json").read_text())
+    (out / "moegrow.json").write_text(json.dumps(rec, indent=2, sort_keys=True))
+    code, _, err = run("verify", src, out)
+    assert code == 0, err
+    names = sorted(rec["tensors"])
+    changed = dict(rec["tensors"], **{names[3]: rec["tensors"][names[4]]})
+    dropped = {k: v for k, v in rec["tensors"].items() if k != names[3]}
+    for tensors in (changed, dropped):
+        (out / "moegrow.json").write_text(json.dumps({**rec, "tensors": tensors}, indent=2, sort_keys=True))
+        code, stdout, stderr = run("verify", src, out)
+        assert code != 0 and "tensor mapping differs" in stdout + stderr
+    # a repeated entry (the count right, one name missing): json.loads keeps the last; the stream sees both
+    text = json.dumps({**rec, "tensors": dropped}, indent=2, sort_keys=True)
+    first = f'"{names[0]}": ' + json.dumps(rec["tensors"][names[0]])
+    (out / "moegrow.json").write_text(text.replace(f'"{names[0]}": ', first + f',\n"{names[0]}": ', 1))
+    code, stdout, stderr = run("verify", src, out)
+    assert code != 0 and "tensor mapping differs" in stdout + stderr
+
+
+def test_mapping_differs_in_any_order(checkpoints):
+    plan = plan_for(open_source(str(checkpoints["qwen2_moe"])), "grow", layers="2x", experts="2x")
+    whole = tensor_mapping(plan.tensors)
+    assert not mapping_differs(plan.tensors, dict(sorted(whole.items())))
+    assert not mapping_differs(plan.tensors, dict(reversed(whole.items())))
+    a, b = list(whole)[:2]
+    assert mapping_differs(plan.tensors, {**whole, a: whole[b], b: whole[a]})
+
+
+def test_copied_weight_equals_lower_weight(fp8_source):  # noqa: F811
+    """The fast path for fp8 weights copied whole gives the general lowering's tensors, field for field, for
+    every weight of a checkpoint, under its own name and as an expert copy's."""
+    src = open_source(str(fp8_source("ragged")))
+    quant = quantisation(src.config, src.tensors)
+    members: dict = {}
+    for g in quant.groups.values():
+        for name in (g.name, g.name.replace(".experts.0.", ".experts.9.")):
+            view = OutTensor(name, "F32", g.shape, (Part(g.name),))
+            fast, general = _copied_weight(view, quant, members), _lower_weight(view, quant)
+            assert fast == general and [t.parts for t in fast] == [t.parts for t in general]
+    assert len(members) == len(quant.groups) > 10
+
+
+def test_gc_state_restored(checkpoints):
+    """Planning pauses the cyclic collector and gives it back as it found it."""
+    src = open_source(str(checkpoints["qwen2_moe"]))
+    for enabled in (True, False):
+        gc.enable() if enabled else gc.disable()
+        try:
+            plan_for(src, "grow", layers="2x", experts="2x")
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+
+
+@given(st.lists(st.text(alphabet="ab.0123456789_", max_size=30), max_size=12))
+def test_natural_key_as_before(names):
+    """The split-based key equals the former one (digits as ints, the rest as strings), and the plan's
+    order (`_ordered`, keys after the first number cached) is the order by it."""
+    for name in names:
+        assert natural_key(name) == tuple(int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name))
+    tensors = [OutTensor(n, "F32", (1,), (Part(n),)) for n in names]
+    assert [t.name for t in _ordered(tensors)] == sorted(names, key=natural_key)
+    tails: dict = {}
+    assert all(natural_key_cached(n, tails) == natural_key(n) for n in names)
+
+
+def test_nan_in_record_streams(tmp_path):
+    """NaN, as json writes it (a recorded fill or noise could be one), reads back as json.loads reads it."""
+    (tmp_path / "r.json").write_text('{"tensors": {"a": [["x", NaN]]}, "b": Infinity}')
+    got = json_stream.read_object(tmp_path / "r.json", "tensors")
+    assert math.isinf(got["b"]) and math.isnan(dict(got["tensors"].items())["a"][0][1])
