@@ -171,17 +171,21 @@ _SCRATCH = threading.local()
 
 
 def _scratch(compute: Any) -> tuple[Any, Any]:
-    """This thread's (values, draws) buffers of `BLOCK` elements: values in `compute`, draws float32."""
+    """This thread's (values, draws) buffers of at least `BLOCK` elements: values in `compute`, draws float32."""
     import torch
 
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None:
         buffers = _SCRATCH.buffers = {}
-    if compute not in buffers:
-        draws = buffers.get(torch.float32, (None, None))[1]
-        buffers[compute] = (torch.empty(BLOCK, dtype=compute),
-                            draws if draws is not None else torch.empty(BLOCK, dtype=torch.float32))
-    return buffers[compute]
+    for dtype in (torch.float32, compute):
+        if dtype not in buffers or buffers[dtype].numel() < BLOCK:
+            buffers[dtype] = torch.empty(BLOCK, dtype=dtype)
+    draws = buffers[torch.float32]
+    if compute == torch.float32:  # the values need a buffer of their own
+        if "values" not in buffers or buffers["values"].numel() < BLOCK:
+            buffers["values"] = torch.empty(BLOCK, dtype=torch.float32)
+        return buffers["values"], draws
+    return buffers[compute], draws
 
 
 def count_nonfinite(raw: bytearray, dtype: str) -> int:
