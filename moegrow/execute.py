@@ -328,6 +328,9 @@ class Written:
     warnings: list[str] = field(default_factory=list)
 
 
+_LOCKED_COPY = 64 * 1024 * 1024  # a copy holds its output file's lock (`_Job.writing`) this many bytes at a time
+
+
 class _Job:
     """One plan's execution state: open source files, the byte copier, progress."""
 
@@ -436,8 +439,10 @@ class _Job:
             src = self.tensors[part.source]
             off, n = part.span(src.nbytes)
             if part.is_copy:
-                with self.writing(dst_fd):
-                    self.copier.copy(self.fd(src.path), src.start + off, dst_fd, pos, n, str(src.path))
+                for k in range(0, n, _LOCKED_COPY):
+                    with self.writing(dst_fd):
+                        self.copier.copy(self.fd(src.path), src.start + off + k, dst_fd, pos + k,
+                                         min(_LOCKED_COPY, n - k), str(src.path))
             elif part.fill is not None:  # filled: the source's bytes are not needed
                 pwrite_all(dst_fd, self._part_bytes(t, i, bytearray(n)), pos)
             else:  # read into this thread's buffer, transformed there (noise, scale) or into a new one
