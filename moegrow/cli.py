@@ -653,9 +653,10 @@ def main(argv: list[str] | None = None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     code = 0
-    # The cyclic garbage collector, at its default threshold (every 700 new objects), traverses the plan's
-    # objects again and again: 8 s of CPU for a DeepSeek-V3-count growth, 0.5 s for importing torch.
-    # Every 100,000 keeps what cycles may leave bounded at a fraction of that.
+    # The cyclic garbage collector, at its default threshold (a collection every 700 new objects), traverses
+    # the plan's objects again and again: 21 full collections and a quarter of the CPU time of a
+    # DeepSeek-V3-count growth, a tenth of a second in importing torch. Every 100,000 new objects still
+    # bounds what reference cycles may leave.
     thresholds = gc.get_threshold()
     gc.set_threshold(max(thresholds[0], 100_000), *thresholds[1:])
     try:
