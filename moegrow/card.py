@@ -12,15 +12,15 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.repocard import REGEX_YAML_BLOCK
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .counts import growth_param_counts
 from .plan import Plan
 from .source import Source
+
+if TYPE_CHECKING:  # huggingface_hub's card module takes 0.3 s to import: only when a card is written
+    from huggingface_hub import ModelCardData
 
 CARD_NAME = "README.md"
 TAG = "moegrow"
@@ -45,6 +45,9 @@ def read_source_card(folder: Path) -> tuple[dict[str, Any], str] | None:
     Front matter that does not parse is dropped (nothing carried), never an error: a card is
     documentation, and a growth must not fail on it.
     """
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
     path = folder / CARD_NAME
     if not path.is_file():
         return None
@@ -65,6 +68,8 @@ def card_data(source: Source, meta: Mapping[str, Any]) -> ModelCardData:
     `base_model_relation` is left out on purpose: the Hub's values (adapter, merge, quantized,
     finetune) do not describe a growth, and without it the Hub infers the relation itself.
     """
+    from huggingface_hub import ModelCardData
+
     carried = {k: meta[k] for k in _CARRIED if meta.get(k) is not None}
     tags = meta.get("tags") or []
     tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
@@ -41,6 +41,7 @@ from .io import (
     ByteCopier,
     header_bytes,
     pread_exact,
+    pread_into,
     pwrite_all,
 )
 from .io import TensorInfo as SourceTensor
@@ -328,6 +329,9 @@ class Written:
     warnings: list[str] = field(default_factory=list)
 
 
+_LOCKED_COPY = 64 * 1024 * 1024  # a copy holds its output file's lock (`_Job.writing`) this many bytes at a time
+
+
 class _Job:
     """One plan's execution state: open source files, the byte copier, progress."""
 
@@ -342,6 +346,9 @@ class _Job:
         self.fds: dict[Path, int] = {}
         # source tensor -> NaN/Inf count, of those noised whole (None: only a run of its rows was)
         self.nonfinite: dict[str, int | None] = {}
+        self._local = threading.local()
+        self.one_torch_thread = False  # set when several workers share the cores (`_one_torch_thread`)
+        self.write_locks: dict[int, threading.Lock] = {}  # output file -> lock (`writing`)
 
     @property
     def device(self) -> str:
@@ -379,7 +386,39 @@ class _Job:
             return raw
         if part.fill is None and self.nonfinite.get(part.source) is None:  # these bytes pass through torch anyway
             self.nonfinite[part.source] = count_nonfinite(raw, src.dtype) if part.rows is None else None
-        return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device)
+        return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device, out=raw)
+
+    def _one_torch_thread(self) -> None:
+        """Run this worker's torch operations on its own thread: with workers on every core, torch's
+        intra-op threads (OpenMP) only oversubscribe the cores and spin (measured: twice the CPU per
+        noised tensor on 2 cores). With OpenMP the setting is the calling thread's; `restore_torch_threads`
+        puts it back where it is not."""
+        import torch
+
+        self._local.torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def restore_torch_threads(self) -> None:
+        """Undo `_one_torch_thread` in this worker thread, if it ran."""
+        n = getattr(self._local, "torch_threads", None)
+        if n is not None:
+            import torch
+
+            torch.set_num_threads(n)
+
+    def writing(self, fd: int) -> Any:
+        """Held while writing to output file `fd`: a write takes the file's inode lock, and a second
+        thread waiting for it in the kernel spins (measured on tmpfs: twice the system time of one
+        thread, at no gain); waiting here sleeps instead, leaving the core to the other work."""
+        return self.write_locks.get(fd) or nullcontext()
+
+    def _buffer(self, n: int) -> memoryview:
+        """`n` bytes of this thread's read buffer (kept and grown, never shrunk: a fresh buffer per tensor
+        costs a page fault per 4 KiB, as much system time as the copy)."""
+        buf = getattr(self._local, "buffer", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.buffer = bytearray(n)
+        return memoryview(buf)[:n]
 
     def read(self, name: str, offset: int, count: int) -> bytes:
         """`count` bytes of source tensor `name` from `offset` within it."""
@@ -401,16 +440,26 @@ class _Job:
             src = self.tensors[part.source]
             off, n = part.span(src.nbytes)
             if part.is_copy:
-                self.copier.copy(self.fd(src.path), src.start + off, dst_fd, pos, n, str(src.path))
-            else:
-                raw = (bytearray(n) if part.fill is not None  # filled: the source's bytes are not needed
-                       else bytearray(pread_exact(self.fd(src.path), n, src.start + off, str(src.path))))
-                pwrite_all(dst_fd, self._part_bytes(t, i, raw), pos)
+                for k in range(0, n, _LOCKED_COPY):
+                    with self.writing(dst_fd):
+                        self.copier.copy(self.fd(src.path), src.start + off + k, dst_fd, pos + k,
+                                         min(_LOCKED_COPY, n - k), str(src.path))
+            elif part.fill is not None:  # filled: the source's bytes are not needed
+                pwrite_all(dst_fd, self._part_bytes(t, i, bytearray(n)), pos)
+            else:  # read into this thread's buffer, transformed there (noise, scale) or into a new one
+                raw = self._buffer(n)
+                pread_into(self.fd(src.path), raw, src.start + off, str(src.path))
+                data = self._part_bytes(t, i, raw)
+                with self.writing(dst_fd):
+                    pwrite_all(dst_fd, data, pos)
             pos += n
             self.progress(n)
 
     def write_items(self, items: list[tuple[OutTensor, int, int]]) -> None:
         """One work item (`_work_items`): a tensor, or the members of a requantised weight, together."""
+        if (self.one_torch_thread and not hasattr(self._local, "torch_threads")
+                and any(p.needs_device for t, _, _ in items for p in t.parts)):
+            self._one_torch_thread()
         if len(items) == 1:
             return self.write_tensor(*items[0])
         return self._write_encoded(items)
@@ -480,11 +529,12 @@ def _work_items(work: list[tuple[OutTensor, int, int]]) -> list[list[tuple[OutTe
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
                  device: str, threads: int, progress: Callable[[int], None] | None,
                  warnings: list[str] | None = None, select: Collection[int] | None = None,
-                 write_index: bool = True) -> tuple[list[str], str]:
+                 write_index: bool = True, prefetch: tuple[str, ...] = ()) -> tuple[list[str], str]:
     """Write the plan's tensors as safetensors shards (+ index when sharded) into `folder`.
 
     `select`: the indices of the shards to write (one rank's share, see moegrow.ranks), all by
-    default; `write_index`: whether to write the index.
+    default; `write_index`: whether to write the index; `prefetch`: modules needed after the shards
+    (the card's), imported in the background while the byte copies run.
 
     Source tensors that pass through torch (noised copies) are checked for NaN and Inf on the
     way; one warning per such tensor is appended to `warnings`. Returns the shard names and the
@@ -493,9 +543,11 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     shards = split_shards(plan.tensors, max_shard_size)
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
-    if any(not t.is_copy for t in plan.tensors):
-        # torch takes a second or more to import: do it while the byte copies run
-        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+    modules = (("torch",) if any(not t.is_copy for t in plan.tensors) else ()) + prefetch
+    if modules:
+        # torch takes a second or more to import: do it while the byte copies run (first: the
+        # transformed tensors wait for it), then what is needed after the shards
+        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
@@ -505,6 +557,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             head, offsets = header_bytes((t.name, t.dtype, t.shape, t.nbytes) for t in shard)
             fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
             out_fds.append(fd)
+            job.write_locks[fd] = threading.Lock()
             pwrite_all(fd, head, 0)
             os.ftruncate(fd, len(head) + sum(t.nbytes for t in shard))
             work.extend((t, fd, len(head) + off) for t, off in zip(shard, offsets))
@@ -522,17 +575,22 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             lock = threading.Lock()
             stop = threading.Event()
 
+            job.one_torch_thread = True
+
             def worker() -> None:
-                while not stop.is_set():
-                    with lock:
-                        item = next(queue, None)
-                    if item is None:
-                        return
-                    try:
-                        job.write_items(item)
-                    except BaseException:
-                        stop.set()
-                        raise
+                try:
+                    while not stop.is_set():
+                        with lock:
+                            item = next(queue, None)
+                        if item is None:
+                            return
+                        try:
+                            job.write_items(item)
+                        except BaseException:
+                            stop.set()
+                            raise
+                finally:
+                    job.restore_torch_threads()
 
             pool = ThreadPoolExecutor(threads)
             try:
@@ -560,6 +618,11 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names, job.resolved_device
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        importlib.import_module(name)
 
 
 def copy_side_files(source_folder: Path, folder: Path) -> list[str]:
@@ -658,7 +721,8 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
     _LIVE.add(tmp)
     warnings: list[str] = []
     try:
-        names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings)
+        names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings,
+                                     prefetch=("huggingface_hub.repocard",) if card is not None else ())
         write_metadata(tmp, plan, source_folder, {**provenance, "noise_device": device}, card, device)
         if check_source is not None:
             check_source()

@@ -323,6 +323,20 @@ def pread_exact(fd: int, count: int, offset: int, name: str) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
+def pread_into(fd: int, buf: memoryview, offset: int, name: str) -> None:
+    """Fill `buf` with the bytes at `offset` (no new buffer: `os.preadv` reads in place)."""
+    view = buf.cast("B") if buf.format != "B" else buf
+    while view:
+        try:
+            n = os.preadv(fd, [view[:_COPY_CHUNK]], offset)
+        except OSError as e:
+            raise SourceError(f"{name}: cannot read: {e.strerror or e}") from None
+        if n == 0:
+            raise SourceError(f"{name}: unexpected end of file")
+        view = view[n:]
+        offset += n
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:

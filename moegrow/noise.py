@@ -9,6 +9,7 @@ torch is imported here only, and only when noise is asked for.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 BLOCK = 1 << 22  # elements per noise block (16 MiB of float32)
@@ -43,8 +44,11 @@ def torch_dtype(dtype: str) -> Any:
 
 
 def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, index: int,
-              device: str) -> memoryview:
-    """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted, filled or noised."""
+              device: str, out: Any = None) -> memoryview:
+    """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted, filled or noised.
+
+    `out`: a writable buffer of `raw`'s length (`raw` itself is allowed) that a noised or scaled part is
+    written into, instead of a new one; other parts ignore it."""
     if part.add:
         return shift(raw, dtype, part.add)
     if part.fill is not None:
@@ -55,7 +59,7 @@ def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, ind
         from .noise_modes import part_bytes  # --noise-mode relative, --reinit
 
         return part_bytes(raw, dtype, part, seed, tensor, index, device)
-    return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale)
+    return add_noise(raw, dtype, part.noise, seed, tensor, index, device, part.scale, out=out)
 
 
 def filled(nbytes: int, dtype: str, value: float) -> bytearray:
@@ -111,15 +115,48 @@ def noise_block(seed: int, tensor: str, part: int, block: int, numel: int, devic
 
 
 def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, part: int,
-              device: str, scale: float = 1.0) -> memoryview:
-    """Return `raw` (one tensor's bytes) times `scale` plus N(0, std^2) noise, rounded back to `dtype`."""
+              device: str, scale: float = 1.0, out: Any = None) -> memoryview:
+    """Return `raw` (one tensor's bytes) times `scale` plus N(0, std^2) noise, rounded back to `dtype`.
+
+    `out`: a writable buffer of `raw`'s length to write the result into (`raw` itself is allowed: block by
+    block, each block is read before it is written); a new one when None.
+    """
     import torch
 
     if not raw:  # an empty tensor: nothing to add (torch.frombuffer refuses empty buffers)
         return memoryview(raw)
     src = torch.frombuffer(raw, dtype=torch_dtype(dtype))
-    out = torch.empty_like(src)
+    dst = torch.empty_like(src) if out is None else torch.frombuffer(out, dtype=src.dtype)
+    if device != "cpu":
+        _add_noise_device(src, dst, std, seed, tensor, part, device, scale)
+        return memoryview(dst.view(torch.uint8).numpy())
+    # On the CPU, one pass per block through two float32 (float64 for F64) buffers reused by this thread:
+    # the same operations in the same order as on a device (convert, scale, add std * draws, round once),
+    # so the same bytes, without a fresh 16 MiB buffer (and its page faults) per step of every block.
     compute = torch.float64 if dtype == "F64" else torch.float32
+    x, draws = _scratch(compute)
+    for b, lo in enumerate(range(0, src.numel(), BLOCK)):
+        chunk = src[lo:lo + BLOCK]
+        n = chunk.numel()
+        xb = x[:n]
+        xb.copy_(chunk)
+        if scale != 1.0:
+            xb.mul_(scale)
+        if std:
+            g = torch.Generator()
+            g.manual_seed(block_seed(seed, tensor, part, b))
+            noise = torch.randn(n, generator=g, dtype=torch.float32, out=draws[:n])
+            xb.add_(noise if compute == torch.float32 else noise.to(compute), alpha=std)
+        dst[lo:lo + n].copy_(xb)
+    return memoryview(dst.view(torch.uint8).numpy())
+
+
+def _add_noise_device(src: Any, dst: Any, std: float, seed: int, tensor: str, part: int, device: str,
+                      scale: float) -> None:
+    """`add_noise` with the arithmetic on `device` (CUDA), block by block."""
+    import torch
+
+    compute = torch.float64 if src.dtype == torch.float64 else torch.float32
     for b, lo in enumerate(range(0, src.numel(), BLOCK)):
         chunk = src[lo:lo + BLOCK]
         x = chunk.to(device).to(compute)  # to the GPU in the stored dtype (fewer bytes), widened there
@@ -127,8 +164,28 @@ def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, pa
             x.mul_(scale)
         if std:
             x.add_(noise_block(seed, tensor, part, b, chunk.numel(), device).to(compute), alpha=std)
-        out[lo:lo + BLOCK] = x.to(src.dtype).cpu()
-    return memoryview(out.view(torch.uint8).numpy())
+        dst[lo:lo + BLOCK] = x.to(src.dtype).cpu()
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(compute: Any) -> tuple[Any, Any]:
+    """This thread's (values, draws) buffers of at least `BLOCK` elements: values in `compute`, draws float32."""
+    import torch
+
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    for dtype in (torch.float32, compute):
+        if dtype not in buffers or buffers[dtype].numel() < BLOCK:
+            buffers[dtype] = torch.empty(BLOCK, dtype=dtype)
+    draws = buffers[torch.float32]
+    if compute == torch.float32:  # the values need a buffer of their own
+        if "values" not in buffers or buffers["values"].numel() < BLOCK:
+            buffers["values"] = torch.empty(BLOCK, dtype=torch.float32)
+        return buffers["values"], draws
+    return buffers[compute], draws
 
 
 def count_nonfinite(raw: bytearray, dtype: str) -> int:

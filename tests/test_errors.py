@@ -858,6 +858,7 @@ def test_absurd_factors_are_refused_before_planning(flag, spec, checkpoints, tmp
 def test_source_read_error_names_the_source(checkpoints, tmp_path, monkeypatch):
     """An I/O error reading the source is the source's problem, not a failed write to OUTPUT."""
     monkeypatch.setattr(os, "pread", _fail_after(os.pread, 0, errno.EIO))
+    monkeypatch.setattr(os, "preadv", _fail_after(os.preadv, 0, errno.EIO))  # noised tensors: read in place
     src, out = checkpoints["mixtral"], tmp_path / "out"
     line = fails(["grow-width", src, out, "--experts", "2x", "--noise", "0.01"], src, out,
                  "cannot read", "Input/output error")
