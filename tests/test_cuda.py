@@ -21,21 +21,9 @@ from moegrow.quant import mx
 
 from . import mx_checkpoints as ckpt
 from .conftest import TOKENS, logits, run, weights
-from .test_quant import fp8_source  # noqa: F401 (fixture)
+from .test_quant import _grow, _verify, fp8_source  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _grow(src: Path, out: Path, *args: str) -> None:
-    code, _, err = run("grow-width", src, out, "--experts", "2x", "--quiet", *args)
-    assert code == 0, err
-
-
-def _verify(src: Path, out: Path) -> dict:
-    code, stdout, err = run("verify", src, out, "--json")
-    report = json.loads(stdout)
-    assert code == 0 and report["ok"], report["problems"] or err
-    return report
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
