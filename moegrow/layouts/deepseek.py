@@ -39,13 +39,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="deepseek_v3",
         model_types=("deepseek_v3",),
-        names=Names(
-            shared_prefix="mlp.shared_experts.",
-            experts_prefix="mlp.experts.",
-            router_weights=("mlp.gate.weight",),
-            router_biases=("mlp.gate.e_score_correction_bias",),
-            buffers=("mlp.gate.e_score_correction_bias",),
-        ),
+        names=_DEEPSEEK_NAMES,
         counts=Counts(
             experts_keys=("n_routed_experts", "num_local_experts"),
             top_k_keys=("num_experts_per_tok",),
