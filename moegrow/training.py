@@ -7,6 +7,7 @@ execute.py does for safetensors), with the provenance record `moegrow.json` at i
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -312,7 +313,7 @@ def write_training(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan
     target = _absolute(output)
     clean_stale_partials(target)
     check_output(output, getattr(ckpt, "run", None) or ckpt.root, force)
-    tmp = target.parent / f".{target.name}{PARTIAL_MARK}{__import__('os').getpid()}"
+    tmp = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}"
     try:
         tmp.mkdir()
     except OSError as e:
@@ -324,7 +325,7 @@ def write_training(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan
             _write_megatron(ckpt, plan, tmp)
         write_json(tmp / "moegrow.json", record(ckpt, plan))
         with _signals_deferred():
-            _replace(tmp, target)
+            _replace(tmp, target, force)  # without --force, a run that finished first keeps OUTPUT
     except BaseException as e:
         with _signals_deferred():
             _remove(tmp)

@@ -376,3 +376,24 @@ def test_a_stale_lock_file_is_removed(source, tmp_path):
     lock.write_bytes(b"")  # as a run of the lock fallback killed while holding it leaves it
     assert run("grow-width", source, out, "--experts", "2x", *COMMON)[0] == 0
     assert leftovers(tmp_path) == []
+
+
+def test_training_run_that_finished_first_keeps_output(tmp_path, monkeypatch):
+    """A training-checkpoint growth whose OUTPUT appears while it writes (another run finished first) loses:
+    exit 2 naming OUTPUT, the other run's folder untouched, no partial folder left (as for Hugging Face)."""
+    from moegrow import training
+
+    src = Path(__file__).parent / "fixtures" / "training" / "megatron" / "bare"
+    out = tmp_path / "out"
+    write = training._write_megatron
+
+    def other_run_finishes(ckpt, plan, tmp):
+        write(ckpt, plan, tmp)
+        out.mkdir()
+        (out / "winner").write_text("kept")
+
+    monkeypatch.setattr(training, "_write_megatron", other_run_finishes)
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--top-k", "keep", "--allow-inexact", "--quiet")
+    assert code == 2 and str(out) in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in out.iterdir()] == ["winner"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
