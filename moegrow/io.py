@@ -8,8 +8,10 @@ with the kernel (`os.copy_file_range`) where it can.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
+_DTYPE_NAMES = {d: d for d in DTYPE_SIZES}  # one str per dtype name, not one per tensor
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -74,24 +77,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(n)
     except OSError as e:
         raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-        raise SourceError(f"{path}: header is not valid JSON ({_first_line(e)})") from None
-    if not isinstance(header, dict):
-        raise SourceError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise SourceError(f"{path}: __metadata__ is not a JSON object")
     base = 8 + n
     data_len = size - base
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        tensors[name] = _tensor_entry(path, name, entry, base, data_len)
-    spans = sorted((t.start, t.end, t.name) for t in tensors.values())
-    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
-        if start_b < end_a:
-            raise SourceError(f"{path}: tensors {a!r} and {b!r} overlap")
+    try:  # entry by entry: the common case, in bounded memory
+        tensors, metadata = _streamed_header(path, raw, base, data_len)
+    except (SourceError, ValueError, RecursionError, IndexError):  # whatever is wrong, as the whole parse says it
+        tensors, metadata = _whole_header(path, raw, base, data_len)
+    del raw
+    if _in_order(tensors):  # the tensors as sorted already (the common case): no sorted copy of them all
+        spans: Iterable[tuple[int, int, str]] = ((t.start, t.end, t.name) for t in tensors.values())
+    else:
+        spans = sorted((t.start, t.end, t.name) for t in tensors.values())
+    if isinstance(spans, list):
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise SourceError(f"{path}: tensors {a!r} and {b!r} overlap")
     # As safetensors: the tensors fill the data section exactly, with no gap and nothing after.
     pos = base
     for start, end, name in spans:
@@ -103,6 +103,70 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise SourceError(f"{path}: {size - pos} bytes after the last tensor belong to no tensor "
                           "(a corrupt or padded file?)")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _in_order(tensors: Mapping[str, TensorInfo]) -> bool:
+    """Whether the tensors are listed in their (start, end, name) order, none overlapping the next."""
+    pairs = zip(tensors.values(), itertools.islice(tensors.values(), 1, None))
+    return all(a.end <= b.start and (a.start, a.end, a.name) < (b.start, b.end, b.name) for a, b in pairs)
+
+
+def _whole_header(path: Path, raw: bytes, base: int, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The header parsed whole by `json.loads`, then checked entry by entry: the reference for every error."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise SourceError(f"{path}: header is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SourceError(f"{path}: __metadata__ is not a JSON object")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_entry(path, name, entry, base, data_len)
+    return tensors, metadata
+
+
+_SPACES = re.compile(r"[ \t\n\r]*")
+_HEADER_DECODER = json.JSONDecoder()
+
+
+def _streamed_header(path: Path, raw: bytes, base: int, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """`_whole_header` entry by entry: `json.loads` of the 362,000 entries of a grown DeepSeek-V3's header holds a
+    dict per entry (over 250 MiB at once, and the memory stays fragmented after); here one entry at a time is
+    parsed and checked. Raises (ValueError, SourceError...) on anything unusual, for `_whole_header` to report."""
+    text = raw.decode("utf-8")
+    decode, space = _HEADER_DECODER.raw_decode, _SPACES.match
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
+    tensors: dict[str, TensorInfo] = {}
+    metadata: object = None
+    pos = space(text, 0).end()
+    if text[pos] != "{":
+        raise ValueError("not an object")
+    pos = space(text, pos + 1).end()
+    while text[pos] != "}":
+        name, pos = decode(text, pos)
+        pos = space(text, pos).end()
+        if not isinstance(name, str) or text[pos] != ":":
+            raise ValueError("expected a key")
+        entry, pos = decode(text, space(text, pos + 1).end())
+        if name == "__metadata__":
+            metadata = entry
+        else:
+            t = _tensor_entry(path, name, entry, base, data_len)
+            t.shape = shapes.setdefault(t.shape, t.shape)
+            tensors[name] = t
+        pos = space(text, pos).end()
+        if text[pos] == ",":
+            pos = space(text, pos + 1).end()
+            if text[pos] == "}":
+                raise ValueError("a trailing comma")
+        elif text[pos] != "}":
+            raise ValueError("expected , or }")
+    if text[pos + 1:].strip(" \t\n\r") or not isinstance(metadata or {}, dict):
+        raise ValueError("extra data, or metadata not an object")
+    return tensors, dict(metadata or {})  # type: ignore[call-overload]
 
 
 def _first_line(e: BaseException) -> str:
@@ -139,7 +203,7 @@ def _tensor_entry(path: Path, name: str, entry: object, base: int, data_len: int
             f"{path}: tensor {name!r}: {hi - lo} bytes do not match dtype {dtype} and shape {shape}"
             f" ({want} bytes)"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, base + lo, base + hi)
+    return TensorInfo(name, _DTYPE_NAMES[dtype], tuple(shape), path, base + lo, base + hi)
 
 
 def _resolve(path: Path) -> Path:

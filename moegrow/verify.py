@@ -261,12 +261,11 @@ def verify(source: Source, output: Path, progress: Callable[[int], None] | None 
         check_moe_layers(out_config, plan.layout, moe_layers, str(output / "config.json"))
     except MoegrowError as e:
         report.problems.append(str(e))
-    planned = {t.name for t in plan.tensors}
-    for name in sorted(set(out_tensors) - planned):
+    by_name = {t.name: t for t in plan.tensors}
+    for name in sorted(n for n in out_tensors if n not in by_name):
         report.problems.append(f"{name}: in OUTPUT but not accounted for by the growth")
     reader = _Reader()
     device = str(record.get("noise_device"))
-    by_name = {t.name: t for t in plan.tensors}
     try:
         for t in plan.tensors:
             out = out_tensors.get(t.name)

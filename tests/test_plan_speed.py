@@ -138,3 +138,89 @@ def test_nan_in_record_streams(tmp_path):
     (tmp_path / "r.json").write_text('{"tensors": {"a": [["x", NaN]]}, "b": Infinity}')
     got = json_stream.read_object(tmp_path / "r.json", "tensors")
     assert math.isinf(got["b"]) and math.isnan(dict(got["tensors"].items())["a"][0][1])
+
+
+def _header_file(path, header: object, data: bytes, pad: bytes = b"") -> None:
+    raw = (json.dumps(header) if not isinstance(header, str) else header).encode() + pad
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@settings(max_examples=120, deadline=None)
+@given(sizes=st.lists(st.integers(0, 6), max_size=6), meta=st.integers(0, 7), order=st.randoms(),
+       indent=st.sampled_from([None, 0, 2]), pad=st.sampled_from([b"", b"  ", b"\n\t "]))
+def test_streamed_header_reads_as_the_whole_parse(tmp_path_factory, sizes, meta, order, indent, pad):
+    """Any valid header, entries in any order (zero-size tensors included), indented or not, __metadata__
+    anywhere: the entry-by-entry parse gives what `json.loads` and the same checks give."""
+    from moegrow import io as mio
+
+    entries, pos = [], 0
+    for i, n in enumerate(sizes):
+        entries.append((f"t.{i}", {"dtype": "F32", "shape": [n], "data_offsets": [pos, pos + 4 * n]}))
+        pos += 4 * n
+    order.shuffle(entries)
+    entries.insert(min(meta, len(entries)), ("__metadata__", {"format": "pt"}))
+    path = tmp_path_factory.mktemp("h") / "x.safetensors"
+    _header_file(path, "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v, indent=indent)}" for k, v in entries) + "}",
+                 bytes(pos), pad)
+    raw = path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")]
+    base = 8 + len(raw)
+    assert mio._streamed_header(path, raw, base, pos) == mio._whole_header(path, raw, base, pos)
+    tensors, metadata = mio.read_header(path)
+    assert metadata == {"format": "pt"} and set(tensors) == {n for n, _ in entries if n != "__metadata__"}
+
+
+@pytest.mark.parametrize("header", [
+    '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},}',  # a trailing comma
+    '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}} x',  # extra data
+    '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": [1]}',
+    '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": 5}',
+    '{"a": 1, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',  # the last of a duplicate counts
+    '[1, 2]', '{"a" {}}', '{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}', '{1: 2}', ''])
+def test_streamed_header_errors_are_the_whole_parse_s(tmp_path, header):
+    """A header the entry-by-entry parse does not take is parsed whole: the same result or the same error."""
+    from moegrow import io as mio
+    from moegrow.errors import SourceError
+
+    path = tmp_path / "x.safetensors"
+    _header_file(path, header, bytes(4))
+    raw = header.encode()
+    try:
+        want = mio._whole_header(path, raw, 8 + len(raw), 4)
+    except SourceError as e:
+        with pytest.raises(SourceError) as got:
+            mio.read_header(path)
+        assert str(got.value) == str(e)
+    else:
+        assert mio.read_header(path) == (want[0], {str(k): str(v) for k, v in want[1].items()})
+
+
+def test_copy_runs_merge_adjacent_ranges(checkpoints, tmp_path, monkeypatch):
+    """Byte copies go in runs into one file, ranges adjacent in source and output as one call: fewer calls than
+    tensors, and the bytes of one call per tensor (the growth at --threads 1 and 3, against --max-shard-size 1
+    tensor per call)."""
+    import os
+
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    from moegrow.io import read_index
+
+    src = checkpoints["mixtral"]
+    outs = {}
+    for threads in (1, 3):
+        calls.clear()
+        out = tmp_path / f"t{threads}"
+        assert run("grow", src, out, "--layers", "2x", "--experts", "2x", "--threads", threads, "--quiet")[0] == 0
+        written = read_index(out)
+        assert 0 < len(calls) < len(written) and sum(calls) == sum(t.nbytes for t in written.values())
+        outs[threads] = (out / "model.safetensors").read_bytes()
+    assert outs[1] == outs[3]
+    # one call per tensor: each tensor alone in its file
+    out = tmp_path / "one"
+    assert run("grow", src, out, "--layers", "2x", "--experts", "2x", "--max-shard-size", "1B", "--quiet")[0] == 0
+    mine, each = read_index(tmp_path / "t1"), read_index(out)
+    assert set(mine) == set(each)
+    with open(tmp_path / "t1" / "model.safetensors", "rb") as a:
+        for name, t in mine.items():
+            e = each[name]
+            assert os.pread(a.fileno(), t.nbytes, t.start) == e.path.read_bytes()[e.start:e.end], name
