@@ -77,11 +77,12 @@ def split_shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[Out
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_size:
+        n = t.nbytes
+        if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(t)
-        size += t.nbytes
+        size += n
     return shards
 
 
@@ -561,17 +562,29 @@ def _copy_runs(items: list[list[tuple[OutTensor, int, int]]]) -> list[list[tuple
     size = 0
     for item in items:
         t, fd, _ = item[0]
-        if len(item) > 1 or not t.is_copy or not t.flat or t.nbytes >= _LOCKED_COPY:
+        if len(item) > 1 or t.encode is not None or not t.is_copy or not t.flat:
             out.append(item)
             continue
-        if run and (run[-1][1] != fd or size + t.nbytes > _LOCKED_COPY):
+        n = t.nbytes
+        if n >= _LOCKED_COPY:
+            out.append(item)
+            continue
+        if run and (run[-1][1] != fd or size + n > _LOCKED_COPY):
             out.append(run)
             run, size = [], 0
         run.append(item[0])
-        size += t.nbytes
+        size += n
     if run:
         out.append(run)
     return out
+
+
+def _order(item: list[tuple[OutTensor, int, int]]) -> tuple[bool, int]:
+    """Sort key of a work item: byte copies first, then by size, largest first (a run of copies: by the span
+    of the file it covers, its size or more, known without asking every tensor)."""
+    if len(item) > 1 and item[0][0].encode is None:  # `_copy_runs`
+        return False, item[0][2] - item[-1][2] - item[-1][0].nbytes
+    return not all(t.is_copy for t, _, _ in item), -sum(t.nbytes for t, _, _ in item)
 
 
 def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, max_shard_size: int,
@@ -602,17 +615,18 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         for k, (shard, name) in enumerate(zip(shards, names)):
             if select is not None and k not in select:
                 continue
-            head, offsets = header_bytes((t.name, t.dtype, t.shape, t.nbytes) for t in shard)
+            sizes = [t.nbytes for t in shard]
+            head, offsets = header_bytes((t.name, t.dtype, t.shape, n) for t, n in zip(shard, sizes))
             fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
             out_fds.append(fd)
             job.write_locks[fd] = threading.Lock()
             pwrite_all(fd, head, 0)
-            os.ftruncate(fd, len(head) + sum(t.nbytes for t in shard))
+            os.ftruncate(fd, len(head) + offsets[-1] + sizes[-1] if shard else len(head))
             work.extend((t, fd, len(head) + off) for t, off in zip(shard, offsets))
         # Byte copies first (they need no torch, which imports meanwhile), then transformed
         # tensors; large ones first in each, so that one big tensor does not finish the job alone.
         items = _copy_runs(_work_items(work))
-        items.sort(key=lambda w: (not all(t.is_copy for t, _, _ in w), -sum(t.nbytes for t, _, _ in w)))
+        items.sort(key=_order)
         if threads <= 1:
             for item in items:
                 job.write_items(item)
@@ -720,8 +734,9 @@ def write_json(path: Path, obj: Any) -> None:
         for n, (key, mapping) in enumerate(lazy.items()):
             f.write(f"  {json.dumps(key)}: {{")
             sep = "\n"
-            for name, value in mapping.items():
-                f.write(f"{sep}    {encode_basestring_ascii(name)}: {compact(value)}")  # json.dumps(name)
+            fast = getattr(mapping, "json_items", None)  # provenance.TensorMapping: the same text, made faster
+            for name, text in fast(compact) if fast else ((n, compact(v)) for n, v in mapping.items()):
+                f.write(f"{sep}    {encode_basestring_ascii(name)}: {text}")  # json.dumps(name)
                 sep = ",\n"
             f.write("\n  }" + (",\n" if n < len(lazy) - 1 else "\n}\n"))
 

@@ -318,9 +318,12 @@ def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
     offsets: list[int] = []
     pos = 0
     quote = encode_basestring_ascii  # json.dumps of a str, without its two calls around it
+    kinds: dict[tuple[str, tuple[int, ...]], str] = {}  # the text of each (dtype, shape), made once
     for name, dtype, shape, nbytes in entries:
-        text.write(f',{quote(name)}:{{"dtype":{quote(dtype)},"shape":[{",".join(map(str, shape))}],'
-                   f'"data_offsets":[{pos},{pos + nbytes}]}}')
+        kind = kinds.get((dtype, shape))
+        if kind is None:
+            kind = kinds[(dtype, shape)] = f'{{"dtype":{quote(dtype)},"shape":[{",".join(map(str, shape))}],'
+        text.write(f',{quote(name)}:{kind}"data_offsets":[{pos},{pos + nbytes}]}}')
         offsets.append(pos)
         pos += nbytes
     text.write("}")

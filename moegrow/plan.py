@@ -131,7 +131,8 @@ class OutTensor:
 
     @property
     def is_copy(self) -> bool:
-        return self.encode is None and all(p.is_copy for p in self.parts)
+        parts = self.parts  # asked for every tensor, most with one part: no generator for those
+        return self.encode is None and (parts[0].is_copy if len(parts) == 1 else all(p.is_copy for p in parts))
 
 
 @dataclass

@@ -7,7 +7,9 @@ Timestamps are left out on purpose: the same growth twice gives byte-identical f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from . import __version__
@@ -48,6 +50,15 @@ def part_record(p: Part, axis: int = 0, encode: Encode | None = None) -> list[An
     return record
 
 
+def _part_json(p: Part, axis: int, encode: Encode | None, compact: Any) -> str:
+    """`compact(part_record(p, axis, encode))`, without the list, for a part with no scale or extras (most)."""
+    if (axis or encode is not None or p.scale != 1.0 or p.rows is not None or p.add or p.fill is not None or p.init
+            or p.decode or p.relative or p.reinit is not None or p.slices != 1 or type(p.noise) is not float
+            or not math.isfinite(p.noise)):
+        return compact(part_record(p, axis, encode))
+    return f"[{encode_basestring_ascii(p.source)},{float.__repr__(p.noise)}]"
+
+
 def tensor_mapping(tensors: list[OutTensor]) -> dict[str, list[list[Any]]]:
     """{output tensor: [[source tensor, noise std(, scale(, extras))], ...]}, parts concatenated along
     axis 0 unless extras say `axis`.
@@ -83,6 +94,11 @@ class TensorMapping(Mapping[str, list[list[Any]]]):
 
     def items(self) -> Iterator[tuple[str, list[list[Any]]]]:  # type: ignore[override]
         return ((t.name, [part_record(p, t.axis, t.encode) for p in t.parts]) for t in self._tensors)
+
+    def json_items(self, compact: Any) -> Iterator[tuple[str, str]]:
+        """(name, its entry's JSON as `compact` writes it) for each entry: `execute.write_json`'s fast path."""
+        for t in self._tensors:
+            yield t.name, f"[{','.join([_part_json(p, t.axis, t.encode, compact) for p in t.parts])}]"
 
 
 def mapping_differs(tensors: list[OutTensor], recorded: Mapping[str, Any]) -> bool:

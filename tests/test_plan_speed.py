@@ -224,3 +224,23 @@ def test_copy_runs_merge_adjacent_ranges(checkpoints, tmp_path, monkeypatch):
         for name, t in mine.items():
             e = each[name]
             assert os.pread(a.fileno(), t.nbytes, t.start) == e.path.read_bytes()[e.start:e.end], name
+
+
+@pytest.mark.parametrize("kind, args", [
+    ("qwen2_moe", dict(layers="2x", experts="2x", noise=0.01, router_noise=0.02, seed=3)),
+    ("qwen2_moe", dict(layers="2x", experts="2x", depth_init="identity")),
+    ("qwen2_moe", dict(layers="2x", experts="2x", noise=0.01, noise_mode="relative", reinit=0.25)),
+    ("deepseek_v3", dict(layers="2x", experts="2x", dtype="bfloat16")),
+    ("deepseek_v3", dict(layers="2x", experts="2x", noise=1e-300)),
+    ("mixtral", dict(layers="2x", experts="2x", noise=0, router_noise=1)),  # integers, as the API takes them
+])
+def test_record_text_fast_path_is_json_dumps(checkpoints, kind, args):
+    """The record's entries as written (`TensorMapping.json_items`: plain parts by a shortcut) are the compact
+    `json.dumps` of `tensor_mapping`'s, entry for entry, whatever the parts hold."""
+    from moegrow.provenance import TensorMapping
+
+    plan = plan_for(open_source(str(checkpoints[kind])), "grow", **args)
+    compact = json.JSONEncoder(separators=(",", ":")).encode
+    got = list(TensorMapping(plan.tensors).json_items(compact))
+    want = [(n, json.dumps(v, separators=(",", ":"))) for n, v in tensor_mapping(plan.tensors).items()]
+    assert got == want and len(got) == len(plan.tensors)
