@@ -7,6 +7,7 @@ with the kernel (`os.copy_file_range`) where it can.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -79,10 +80,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
     base = 8 + n
     data_len = size - base
-    try:  # entry by entry: the common case, in bounded memory
-        tensors, metadata = _streamed_header(path, raw, base, data_len)
-    except (SourceError, ValueError, RecursionError, IndexError):  # whatever is wrong, as the whole parse says it
-        tensors, metadata = _whole_header(path, raw, base, data_len)
+    parsed = None
+    if n >= STREAMED_HEADER:  # a large header entry by entry, in bounded memory; whatever is wrong with it
+        with contextlib.suppress(SourceError, ValueError, RecursionError, IndexError):  # said as the whole parse says
+            parsed = _streamed_header(path, raw, base, data_len)
+    tensors, metadata = parsed or _whole_header(path, raw, base, data_len)
     del raw
     if _in_order(tensors):  # the tensors as sorted already (the common case): no sorted copy of them all
         spans: Iterable[tuple[int, int, str]] = ((t.start, t.end, t.name) for t in tensors.values())
@@ -128,6 +130,7 @@ def _whole_header(path: Path, raw: bytes, base: int, data_len: int) -> tuple[dic
     return tensors, metadata
 
 
+STREAMED_HEADER = 4 * 1024 * 1024  # headers this long or longer are parsed entry by entry (36,000 tensors or so)
 _SPACES = re.compile(r"[ \t\n\r]*")
 _HEADER_DECODER = json.JSONDecoder()
 

@@ -165,7 +165,11 @@ def test_streamed_header_reads_as_the_whole_parse(tmp_path_factory, sizes, meta,
     raw = path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")]
     base = 8 + len(raw)
     assert mio._streamed_header(path, raw, base, pos) == mio._whole_header(path, raw, base, pos)
-    tensors, metadata = mio.read_header(path)
+    mio.STREAMED_HEADER, old = 0, mio.STREAMED_HEADER
+    try:
+        tensors, metadata = mio.read_header(path)
+    finally:
+        mio.STREAMED_HEADER = old
     assert metadata == {"format": "pt"} and set(tensors) == {n for n, _ in entries if n != "__metadata__"}
 
 
@@ -176,10 +180,12 @@ def test_streamed_header_reads_as_the_whole_parse(tmp_path_factory, sizes, meta,
     '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": 5}',
     '{"a": 1, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',  # the last of a duplicate counts
     '[1, 2]', '{"a" {}}', '{"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}', '{1: 2}', ''])
-def test_streamed_header_errors_are_the_whole_parse_s(tmp_path, header):
+def test_streamed_header_errors_are_the_whole_parse_s(tmp_path, header, monkeypatch):
     """A header the entry-by-entry parse does not take is parsed whole: the same result or the same error."""
     from moegrow import io as mio
     from moegrow.errors import SourceError
+
+    monkeypatch.setattr(mio, "STREAMED_HEADER", 0)  # every header entry by entry first
 
     path = tmp_path / "x.safetensors"
     _header_file(path, header, bytes(4))
