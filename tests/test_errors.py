@@ -863,3 +863,16 @@ def test_source_read_error_names_the_source(checkpoints, tmp_path, monkeypatch):
     line = fails(["grow-width", src, out, "--experts", "2x", "--noise", "0.01"], src, out,
                  "cannot read", "Input/output error")
     assert str(src) in line and "write failed" not in line
+
+
+def test_verify_finds_nonfinite_values(poisoned, tmp_path):
+    """A byte-copied growth of a source holding NaN and Inf verifies its copies (byte-identical) but reports
+    the values, in each copy of the tensor."""
+    src, name = poisoned
+    assert run("grow-width", src, tmp_path / "out", "--experts", "2x", "--quiet")[0] == 0
+    code, stdout, err = run("verify", src, tmp_path / "out", "--json")
+    problems = json.loads(stdout)["problems"]
+    assert code == 1, problems
+    experts = json.loads((src / "config.json").read_text())["num_local_experts"]
+    copy = name.replace(".experts.2.", f".experts.{2 + experts}.")
+    assert problems == [f"{name}: contains NaN or Inf", f"{copy}: contains NaN or Inf"], problems

@@ -250,3 +250,25 @@ def test_record_text_fast_path_is_json_dumps(checkpoints, kind, args):
     got = list(TensorMapping(plan.tensors).json_items(compact))
     want = [(n, json.dumps(v, separators=(",", ":"))) for n, v in tensor_mapping(plan.tensors).items()]
     assert got == want and len(got) == len(plan.tensors)
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(["F64", "F32", "F16", "BF16"]), data=st.binary(max_size=64),
+       special=st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf"), 65504.0, 3.0e38, 1.0e308, -0.0,
+                                         6.1e-5, 1e-45, 0.5]), max_size=3), where=st.integers(0, 7))
+def test_finite_check_is_torchs(dtype, data, special, where):
+    """verify's finiteness check on the bytes (torch only for values that may be NaN or Inf) says what
+    `torch.isfinite` says, for random bytes and for values at the edges of each dtype."""
+    import torch
+
+    from moegrow.noise import torch_dtype
+    from moegrow.verify import _finite
+
+    size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[dtype]
+    values = torch.frombuffer(bytearray(data[:len(data) // size * size]) or bytearray(size), dtype=torch_dtype(dtype))
+    if special:
+        extra = torch.tensor(special, dtype=torch.float64).to(torch_dtype(dtype))
+        k = min(where, values.numel())
+        values = torch.cat([values[:k], extra, values[k:]])
+    raw = values.numpy().tobytes() if dtype != "BF16" else values.view(torch.int16).numpy().tobytes()
+    assert _finite(raw, dtype) == bool(torch.isfinite(values).all())
