@@ -547,8 +547,9 @@ def plan_width(config: Mapping[str, Any], tensors: Mapping[str, TensorMeta], lay
             _check_noise(name, t, noise)
             for c in range(factor):
                 new = expert_name(layout, role.layer, new_index(role.expert, c), role.rel, role.prefix)
-                part = _recipe(Part(src, noise if c else 0.0, scale), name, t, layout, role, c, relative, reinit,
-                               1, role.expert)
+                part = Part(src, noise if c else 0.0, scale)
+                if c and (relative or reinit):  # else `_recipe` gives the part as it is
+                    part = _recipe(part, name, t, layout, role, c, relative, reinit, 1, role.expert)
                 out.append(OutTensor(new, t.dtype, t.shape, (part,)))
         elif role.kind in ("fused", "router", "router_bias"):
             std = {"fused": noise, "router": router_noise}.get(role.kind, 0.0)

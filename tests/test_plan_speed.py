@@ -101,11 +101,17 @@ def test_copied_weight_equals_lower_weight(fp8_source):  # noqa: F811
     src = open_source(str(fp8_source("ragged")))
     quant = quantisation(src.config, src.tensors)
     members: dict = {}
+    plain: dict = {}
     for g in quant.groups.values():
         for name in (g.name, g.name.replace(".experts.0.", ".experts.9.")):
             view = OutTensor(name, "F32", g.shape, (Part(g.name),))
             fast, general = _copied_weight(view, quant, members), _lower_weight(view, quant)
             assert fast == general and [t.parts for t in fast] == [t.parts for t in general]
+            # members' parts made once per weight, where the part is the default one (repr: 0, -0.0 are not 0.0)
+            for part in (Part(g.name), Part(g.name, 0, 1), Part(g.name, -0.0), Part(g.name, 0.0, 1.0)):
+                view = OutTensor(name, "F32", g.shape, (part,))
+                shared, general = _copied_weight(view, quant, members, plain), _lower_weight(view, quant)
+                assert repr(shared) == repr(general)
     assert len(members) == len(quant.groups) > 10
 
 

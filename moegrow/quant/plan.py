@@ -17,6 +17,7 @@ like any float weight. `lower` then turns their plan back into tensors to write:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -116,15 +117,19 @@ def lower(plan: Plan, tensors: Mapping[str, TensorMeta], quant: Quantisation | N
         plan.dequantised_shapes = {t.name: t.shape for t in plan.tensors}
     out: list[OutTensor] = []
     members: dict[str, tuple[Member, ...]] = {}  # per weight, its members in the codec's role order
+    groups = quant.groups if quant is not None else {}
+    plain: dict[str, Part] = {}  # see `_copied_weight`
     for t in plan.tensors:
-        if quant is not None and any(p.source in quant.groups for p in t.parts):
+        one = t.parts[0] if len(t.parts) == 1 else None  # most tensors: no generator for them
+        if one.source in groups if one is not None else any(p.source in groups for p in t.parts):
             if dtype != "keep":
-                out.append(_decoded(t, quant))
-            elif len(t.parts) == 1 and t.parts[0].rows is None and t.parts[0].is_copy:
-                out.extend(_copied_weight(t, quant, members))
+                out.append(_decoded(t, quant))  # type: ignore[arg-type]
+            elif one is not None and one.rows is None and one.is_copy:
+                out.extend(_copied_weight(t, quant, members, plain))  # type: ignore[arg-type]
             else:
-                out.extend(_lower_weight(t, quant))
-        elif any(tensors[p.source].dtype != t.dtype for p in t.parts):
+                out.extend(_lower_weight(t, quant))  # type: ignore[arg-type]
+        elif (tensors[one.source].dtype != t.dtype if one is not None
+              else any(tensors[p.source].dtype != t.dtype for p in t.parts)):
             out.append(replace(t, encode=Encode(group=t.name)))
         else:
             out.append(t)
@@ -212,9 +217,18 @@ def _lower_weight(t: OutTensor, quant: Quantisation) -> list[OutTensor]:
     return out
 
 
-def _copied_weight(t: OutTensor, quant: Quantisation, members: dict[str, tuple[Member, ...]]) -> list[OutTensor]:
+def _default(p: Part) -> bool:
+    """Whether a copied part (is_copy, no rows: the caller's) is `Part(p.source)` field for field, down to the type
+    and sign of its noise and scale (which the record writes: 0 and -0.0 are not 0.0 there)."""
+    return (not p.relative and p.slices == 1 and type(p.noise) is float and type(p.scale) is float
+            and math.copysign(1.0, p.noise) > 0)
+
+
+def _copied_weight(t: OutTensor, quant: Quantisation, members: dict[str, tuple[Member, ...]],
+                   plain: dict[str, Part] | None = None) -> list[OutTensor]:
     """`_lower_weight` of a weight copied whole (the common case: 180,000 for a DeepSeek-V3 growth at noise 0),
-    built with a part shared by its member under the weight's own name."""
+    built with a part shared by its member under the weight's own name; `plain`: a plain copy's other members'
+    parts (`Part(member)`), made once and shared by every copy of the weight."""
     p = t.parts[0]
     ordered = members.get(p.source)
     if ordered is None:
@@ -223,6 +237,10 @@ def _copied_weight(t: OutTensor, quant: Quantisation, members: dict[str, tuple[M
     if t.axis != 0:
         _check_axis(t, quant)
     name = quant.codec.member_name
+    if plain is not None and _default(p):
+        return [OutTensor(name(t.name, m.role), m.dtype, m.shape,
+                          (p if m.name == p.source else plain.get(m.name) or plain.setdefault(m.name, Part(m.name)),),
+                          t.axis) for m in ordered]
     return [OutTensor(name(t.name, m.role), m.dtype, m.shape,
                       (p if m.name == p.source else with_fields(p, source=m.name),), t.axis) for m in ordered]
 
