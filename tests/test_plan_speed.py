@@ -278,3 +278,31 @@ def test_finite_check_is_torchs(dtype, data, special, where):
         values = torch.cat([values[:k], extra, values[k:]])
     raw = values.numpy().tobytes() if dtype != "BF16" else values.view(torch.int16).numpy().tobytes()
     assert _finite(raw, dtype) == bool(torch.isfinite(values).all())
+
+
+def test_verify_reads_copies_in_runs_and_names_a_changed_one(checkpoints, tmp_path, monkeypatch):
+    """verify reads neighbouring byte copies as one span (fewer reads than tensors); a byte changed in place
+    inside a run is reported for its tensor alone, as a tensor-by-tensor check reports it."""
+    import os
+
+    from moegrow.io import read_index
+
+    src, out = checkpoints["mixtral"], tmp_path / "o"
+    assert run("grow", src, out, "--layers", "2x", "--experts", "2x", "--quiet")[0] == 0
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real(fd, n, off))
+    code, _, err = run("verify", src, out)
+    tensors = read_index(out)
+    assert code == 0 and 0 < len(reads) < len(tensors), (len(reads), len(tensors), err)
+    # a byte in the middle of the file: inside a run (neither first nor last tensor of the file)
+    ordered = sorted(tensors.values(), key=lambda t: t.start)
+    victim = next(t for t in ordered[len(ordered) // 2:] if t.nbytes > 4)
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(victim.start + 2)
+        byte = f.read(1)
+        f.seek(victim.start + 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    origin = json.loads((out / "moegrow.json").read_text())["tensors"][victim.name][0][0]
+    code, stdout, _ = run("verify", src, out, "--json")
+    assert code == 1 and json.loads(stdout)["problems"] == [f"{victim.name}: part 0 differs from its source {origin}"]
