@@ -42,6 +42,7 @@ from .megatron import (
     updated_common,
     width_inexact_reason,
 )
+from .noise import DEFAULT_GENERATOR
 from .olmo import OlmoCheckpoint, is_olmo, is_olmo_run
 from .plan import layer_map_for, parse_experts, parse_layer_map, parse_layers
 
@@ -167,7 +168,8 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
                   noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str | None = "scale",
                   allow_inexact: bool = False, optimizer: str = "keep", dtype: str = "keep",
                   depth_init: str = "copy", noise_mode: str = "absolute", reinit: float = 0.0,
-                  select: str | None = None, calibration: str | None = None) -> MegatronPlan:
+                  select: str | None = None, calibration: str | None = None,
+                  noise_generator: str = DEFAULT_GENERATOR) -> MegatronPlan:
     """The CLI's growth flags, read as for Hugging Face checkpoints, into a Megatron or OLMo-core plan."""
     from .configs import parse_top_k
     from .selection import parse_count
@@ -208,9 +210,11 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
     if n_select is not None and k == "scale":
         raise GrowthError(f"--top-k scale: --experts {n_select} is not a multiple of the source's experts, and top-k "
                           "cannot be scaled by a fraction; give --top-k keep or an integer")
-    return plan_from(ckpt, operation, lmap, factor, noise=noise, router_noise=router_noise, seed=seed, top_k=k,
+    plan = plan_from(ckpt, operation, lmap, factor, noise=noise, router_noise=router_noise, seed=seed, top_k=k,
                      optimizer=optimizer, allow_inexact=allow_inexact, depth_init=depth_init, noise_mode=noise_mode,
                      reinit=reinit, select=select if n_select is not None else None, experts=n_select)
+    plan.noise_generator = noise_generator
+    return plan
 
 
 def plan_from(ckpt: MegatronCheckpoint | OlmoCheckpoint, operation: str, layer_map: list[int] | None, factor: int,
@@ -289,7 +293,8 @@ def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
         "growth": {"layer_map": plan.layer_map, "factor": plan.factor,
                    "experts": plan.experts or ckpt.num_experts * plan.factor, "top_k": plan.top_k,
                    "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
-                   "optimizer": plan.optimizer, "allow_inexact": bool(plan.inexact_reason),
+                   "noise_generator": plan.noise_generator, "optimizer": plan.optimizer,
+                   "allow_inexact": bool(plan.inexact_reason),
                    "depth_init": plan.depth_init, "noise_mode": plan.noise_mode, "reinit": plan.reinit,
                    "select": plan.select},
         "noise_device": "cpu" if any(p.noise or p.reinit is not None for p in plan.pieces) else "none",

@@ -87,7 +87,7 @@ def test_card_metadata_body_and_command(carded, tmp_path):
     # the command: as typed, minus what does not change the bytes, the output as OUTPUT
     argv = card_command(out)
     assert argv == ["moegrow", "grow", str(carded), "OUTPUT", "--layers", "2x", "--experts", "2x", "--noise", "0.01",
-                    "--seed", "7", "--device", "cpu"]
+                    "--seed", "7", "--noise-generator", "pcg64", "--device", "cpu"]
     rerun(argv, tmp_path / "again")
     assert digest(tmp_path / "again") == digest(out)  # every file, this card and moegrow.json included
     assert run("verify", carded, out)[0] == 0
@@ -105,7 +105,8 @@ def test_python_api_card_reproduces_through_the_cli(carded, tmp_path):
           tmp_path / "api", device="cpu", max_shard_size=20_000)
     argv = card_command(tmp_path / "api")
     assert argv == ["moegrow", "grow-width", str(carded), "OUTPUT", "--experts", "2x", "--noise", "0.02",
-                    "--router-noise", "0.01", "--seed", "3", "--top-k", "keep", "--max-shard-size", "20000",
+                    "--router-noise", "0.01", "--seed", "3", "--noise-generator", "pcg64", "--top-k", "keep",
+                    "--max-shard-size", "20000",
                     "--device", "cpu"]
     assert "- function-preserving: no (top-k not scaled)" in (tmp_path / "api" / "README.md").read_text()
     rerun(argv, tmp_path / "cli")
