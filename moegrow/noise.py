@@ -268,12 +268,26 @@ _EXPONENT = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F1
 
 def count_nonfinite(raw: bytearray, dtype: str) -> int:
     """How many NaN or Inf values the bytes of a float tensor (`dtype`, a safetensors name) hold: those
-    whose exponent bits are all ones (integer work on numpy views; no torch)."""
+    whose exponent bits are all ones (integer work on numpy views, no torch; in chunks through a buffer
+    this thread keeps, counted only where a chunk's largest exponent field is all ones)."""
     import numpy as np
 
     if not raw or dtype not in _EXPONENT:
         return 0
-    kind, mask = _EXPONENT[dtype]
+    kind, bits_mask = _EXPONENT[dtype]
+    mask = np.array(bits_mask, dtype=kind)
     bits = np.frombuffer(raw, dtype=kind)
-    exponent = np.bitwise_and(bits, np.array(mask, dtype=kind))
-    return int(np.count_nonzero(exponent == np.array(mask, dtype=kind)))
+    chunk = 1 << 18
+    buffers = getattr(_SCRATCH, "exponent", None)
+    if buffers is None:
+        buffers = _SCRATCH.exponent = {}
+    buf = buffers.get(kind)
+    if buf is None:
+        buf = buffers[kind] = np.empty(chunk, dtype=kind)
+    count = 0
+    for lo in range(0, len(bits), chunk):
+        part = buf[:min(chunk, len(bits) - lo)]
+        np.bitwise_and(bits[lo:lo + chunk], mask, out=part)
+        if part.max() == mask:
+            count += int(np.count_nonzero(part == mask))
+    return count
