@@ -3,10 +3,11 @@
 Builds a synthetic bf16 checkpoint with real Mixtral tensor names in several shards (size 1 is
 about 1.2 GiB; `--size 4` is four times the layers), then runs, each in a fresh process:
 grow-depth --layers 2x, grow-width --experts 2x (noise 0 and 0.01), grow --layers 2x --experts 2x
---noise 0.01. The floor for each is `cp -r` of its output folder plus `sync`, timed in the same
+--noise 0.01, and grow-width --noise 0.01 with `--noise-generator torch` (the generator before pcg64, the
+noise path's baseline). The floor for each is `cp -r` of its output folder plus `sync`, timed in the same
 run. Prints a table and writes JSON (default bench-results/bench-<size>.json).
 
-Usage: python benchmarks/bench.py [--size 1] [--work DIR] [--out FILE] [--keep]
+Usage: python benchmarks/bench.py [--size 1] [--work DIR] [--out FILE] [--keep] [--cases 1,3] [--repeat N]
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ CASES = {
     "grow-width 2x noise 0": ["grow-width", "--experts", "2x"],
     "grow-width 2x noise 0.01": ["grow-width", "--experts", "2x", "--noise", "0.01"],
     "grow 2x2x noise 0.01": ["grow", "--layers", "2x", "--experts", "2x", "--noise", "0.01"],
+    # the generator before pcg64, as the baseline of the noise path in the same run
+    "grow-width 2x noise 0.01 torch": ["grow-width", "--experts", "2x", "--noise", "0.01",
+                                       "--noise-generator", "torch"],
 }
 
 
@@ -183,7 +187,8 @@ def main() -> None:
                          "--work folder on tmpfs, e.g. /dev/shm, for a disk that is memory)")
     ap.add_argument("--deepseek", action="store_true",
                     help="also the DeepSeek-V3-count cases (91,991 tensors: grow 2x2x, full-size --dry-run)")
-    ap.add_argument("--cases", default="", help="comma-separated case numbers to run (1-4), all by default")
+    ap.add_argument("--cases", default="", help="comma-separated case numbers to run (1-5), all by default")
+    ap.add_argument("--repeat", type=int, default=1, help="run each case this many times (the disk and the load vary)")
     args = ap.parse_args()
     if args.build_only:
         build_checkpoint(args.build_only, args.size)
@@ -200,9 +205,8 @@ def main() -> None:
     moegrow = [sys.executable, "-m", "moegrow"]
     results = []
     chosen = {int(c) for c in args.cases.split(",") if c}
-    for n, (label, extra) in enumerate(CASES.items(), 1):
-        if chosen and n not in chosen:
-            continue
+    runs = [(label, extra) for n, (label, extra) in enumerate(CASES.items(), 1) if not chosen or n in chosen]
+    for label, extra in [r for _ in range(args.repeat) for r in runs]:
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run(["sync"], check=True)
