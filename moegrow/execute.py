@@ -544,10 +544,6 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
     modules = (("torch",) if any(not t.is_copy for t in plan.tensors) else ()) + prefetch
-    if modules:
-        # torch takes a second or more to import: do it while the byte copies run (first: the
-        # transformed tensors wait for it), then what is needed after the shards
-        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
@@ -565,6 +561,11 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         # tensors; large ones first in each, so that one big tensor does not finish the job alone.
         items = _work_items(work)
         items.sort(key=lambda w: (not all(t.is_copy for t, _, _ in w), -sum(t.nbytes for t, _, _ in w)))
+        if modules:
+            # torch takes a second or more to import: do it while the byte copies run (first: the
+            # transformed tensors wait for it), then what is needed after the shards. Started once the
+            # work is listed, so that it does not hold the GIL while the first copy waits for the list.
+            threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
         if threads <= 1:
             for item in items:
                 job.write_items(item)
@@ -618,6 +619,12 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names, job.resolved_device
+
+
+def _card_modules(source_folder: Path) -> tuple[str, ...]:
+    from .card import card_modules
+
+    return card_modules(source_folder)
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
@@ -722,7 +729,7 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
     warnings: list[str] = []
     try:
         names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings,
-                                     prefetch=("huggingface_hub.repocard",) if card is not None else ())
+                                     prefetch=_card_modules(source_folder) if card is not None else ())
         write_metadata(tmp, plan, source_folder, {**provenance, "noise_device": device}, card, device)
         if check_source is not None:
             check_source()
