@@ -733,9 +733,9 @@ def main(argv: list[str] | None = None) -> None:
               "and please report it)")
         code = 2
     finally:
-        gc.set_threshold(*thresholds)
+        if argv is None:  # the process's command line: it ends here, and the collector's last pass over every
+            gc.freeze()  # object (torch's, after a noised growth) would add 0.3 s to it; frozen before the
+        gc.set_threshold(*thresholds)  # threshold goes back to 700, which sets off a collection (7-10 ms)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if argv is None:  # the process's command line: it ends here, and the collector's last pass over every
-        gc.freeze()  # object (torch's, after a noised growth) would add 0.3 s to it
     sys.exit(code)
