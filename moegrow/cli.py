@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from . import __version__
 from .errors import MoegrowError, VerificationFailed
@@ -40,7 +39,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """rich's stderr Console, made at first use: importing rich.console costs 30-40 ms of start-up,
+    and a `--quiet` run that succeeds prints nothing."""
+
+    def _console(self) -> Any:
+        console = self.__dict__.get("console")
+        if console is None:
+            from rich.console import Console
+
+            console = self.__dict__["console"] = Console(stderr=True, highlight=False, soft_wrap=True)
+        return console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._console(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._console(), name, value)
+
+
+err: Any = _LazyConsole()
 _state = {"debug": False}
 
 
@@ -302,7 +322,6 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
                    quiet: bool, threads: int, strict: bool = False, **kw: Any) -> None:
     from .execute import check_output
     from .grow import check_finite, plan_for, write
-    from .upcycle import plan_upcycle_for
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
@@ -323,7 +342,12 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
     shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
     src = _open(source, revision)
     generator = kw.pop("noise_generator", DEFAULT_GENERATOR)
-    plan = plan_upcycle_for(src, **kw) if operation == "upcycle" else plan_for(src, operation, **kw)
+    if operation == "upcycle":
+        from .upcycle import plan_upcycle_for
+
+        plan = plan_upcycle_for(src, **kw)
+    else:
+        plan = plan_for(src, operation, **kw)
     plan.noise_generator = generator
     summary = _summary(plan, src)
     if not dry_run:
@@ -420,6 +444,8 @@ def _print_training(s: dict[str, Any], title: str) -> None:
 @app.command()
 def inspect(source: Src, revision: Revision = None, json_out: Json = False, iteration: Iteration = None) -> None:
     """Describe a checkpoint: layers, MoE layers, experts, top-k, routing, parameter counts."""
+    from rich.console import Console
+
     from .inspection import describe
     from .training import detect
 
@@ -721,9 +747,9 @@ def main(argv: list[str] | None = None) -> None:
               "and please report it)")
         code = 2
     finally:
-        gc.set_threshold(*thresholds)
+        if argv is None:  # the process's command line: it ends here, and the collector's last pass over every
+            gc.freeze()  # object (torch's, after a noised growth) would add 0.3 s to it; frozen before the
+        gc.set_threshold(*thresholds)  # threshold goes back to 700, which sets off a collection (7-10 ms)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if argv is None:  # the process's command line: it ends here, and the collector's last pass over every
-        gc.freeze()  # object (torch's, after a noised growth) would add 0.3 s to it
     sys.exit(code)

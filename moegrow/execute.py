@@ -553,10 +553,6 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     job = _Job(plan, tensors, device, progress)
     torch_needed = _needs_torch(plan, tensors, job)
     modules = (("torch",) if torch_needed else ()) + prefetch
-    if modules:
-        # torch takes a second or more to import: do it while the byte copies run (first: the
-        # transformed tensors wait for it), then what is needed after the shards
-        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
@@ -574,6 +570,11 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         # tensors; large ones first in each, so that one big tensor does not finish the job alone.
         items = _work_items(work)
         items.sort(key=lambda w: (not all(t.is_copy for t, _, _ in w), -sum(t.nbytes for t, _, _ in w)))
+        if modules:
+            # torch takes a second or more to import: do it while the byte copies run (first: the
+            # transformed tensors wait for it), then what is needed after the shards. Started once the
+            # work is listed, so that it does not hold the GIL while the first copy waits for the list.
+            threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
         if threads <= 1:
             for item in items:
                 job.write_items(item)
@@ -647,6 +648,12 @@ def _needs_torch(plan: Plan, tensors: Mapping[str, SourceTensor], job: _Job) -> 
             if needs_torch(p, dtype, plan.noise_generator, device):
                 return True
     return False
+
+
+def _card_modules(source_folder: Path) -> tuple[str, ...]:
+    from .card import card_modules
+
+    return card_modules(source_folder)
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
@@ -751,7 +758,7 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
     warnings: list[str] = []
     try:
         names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings,
-                                     prefetch=("huggingface_hub.repocard",) if card is not None else ())
+                                     prefetch=_card_modules(source_folder) if card is not None else ())
         write_metadata(tmp, plan, source_folder, {**provenance, "noise_device": device}, card, device)
         if check_source is not None:
             check_source()

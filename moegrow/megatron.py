@@ -107,6 +107,7 @@ class MegatronCheckpoint:
     num_experts: int
     top_k: int | None
     router: dict[str, Any] = field(default_factory=dict)
+    stamps: dict[Path, Any] = field(default_factory=dict)  # source files at opening (`training.open_training`)
 
     @property
     def args(self) -> Any:
