@@ -3,10 +3,11 @@
 Builds a synthetic bf16 checkpoint with real Mixtral tensor names in several shards (size 1 is
 about 1.2 GiB; `--size 4` is four times the layers), then runs, each in a fresh process:
 grow-depth --layers 2x, grow-width --experts 2x (noise 0 and 0.01), grow --layers 2x --experts 2x
---noise 0.01. The floor for each is `cp -r` of its output folder plus `sync`, timed in the same
+--noise 0.01, and grow-width --noise 0.01 with `--noise-generator torch` (the generator before pcg64, the
+noise path's baseline). The floor for each is `cp -r` of its output folder plus `sync`, timed in the same
 run. Prints a table and writes JSON (default bench-results/bench-<size>.json).
 
-Usage: python benchmarks/bench.py [--size 1] [--work DIR] [--out FILE] [--keep]
+Usage: python benchmarks/bench.py [--size 1] [--work DIR] [--out FILE] [--keep] [--cases 1,3] [--repeat N]
 """
 
 from __future__ import annotations
@@ -90,6 +91,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def compile_package(compile_it: bool = True) -> str:
+    """Compile the moegrow that the timed runs import (their PYTHONPATH) to bytecode, as `pip install`
+    does: where PYTHONDONTWRITEBYTECODE is set (or the package is an editable checkout that was never
+    run), every run would otherwise compile its ~50 modules from source first, 0.1 s of each
+    start-up that an installed moegrow does not spend. Returns the package's folder."""
+    import compileall
+
+    where = subprocess.run([sys.executable, "-c", "import moegrow, os; print(os.path.dirname(moegrow.__file__))"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    if compile_it:
+        compileall.compile_dir(where, quiet=1)
+    return where
+
+
 def timed(cmd: list[str], cpu: dict[str, float] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a command in its own process; its user and system CPU
     seconds go to `cpu` when given."""
@@ -167,6 +182,9 @@ CASES = {
     "grow-width 2x noise 0": ["grow-width", "--experts", "2x"],
     "grow-width 2x noise 0.01": ["grow-width", "--experts", "2x", "--noise", "0.01"],
     "grow 2x2x noise 0.01": ["grow", "--layers", "2x", "--experts", "2x", "--noise", "0.01"],
+    # the generator before pcg64, as the baseline of the noise path in the same run
+    "grow-width 2x noise 0.01 torch": ["grow-width", "--experts", "2x", "--noise", "0.01",
+                                       "--noise-generator", "torch"],
 }
 
 
@@ -183,7 +201,11 @@ def main() -> None:
                          "--work folder on tmpfs, e.g. /dev/shm, for a disk that is memory)")
     ap.add_argument("--deepseek", action="store_true",
                     help="also the DeepSeek-V3-count cases (91,991 tensors: grow 2x2x, full-size --dry-run)")
-    ap.add_argument("--cases", default="", help="comma-separated case numbers to run (1-4), all by default")
+    ap.add_argument("--cases", default="", help="comma-separated case numbers to run (1-5), all by default")
+    ap.add_argument("--repeat", type=int, default=1, help="run each case this many times (the disk and the load vary)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="do not compile moegrow's bytecode first (time what a run that compiles its modules at "
+                         "every start costs, as under PYTHONDONTWRITEBYTECODE)")
     args = ap.parse_args()
     if args.build_only:
         build_checkpoint(args.build_only, args.size)
@@ -197,12 +219,12 @@ def main() -> None:
         # parent must stay small for the children's peak RSS to be their own.
         subprocess.run([sys.executable, __file__, "--size", str(args.size), "--build-only", str(src)], check=True)
     src_bytes = folder_bytes(src)
+    package = compile_package(not args.no_compile)
     moegrow = [sys.executable, "-m", "moegrow"]
     results = []
     chosen = {int(c) for c in args.cases.split(",") if c}
-    for n, (label, extra) in enumerate(CASES.items(), 1):
-        if chosen and n not in chosen:
-            continue
+    runs = [(label, extra) for n, (label, extra) in enumerate(CASES.items(), 1) if not chosen or n in chosen]
+    for label, extra in [r for _ in range(args.repeat) for r in runs]:
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run(["sync"], check=True)
@@ -227,7 +249,7 @@ def main() -> None:
               f"load {os.getloadavg()[0]:4.1f}  out {out_bytes / 1024**3:.2f} GiB", flush=True)
     if args.deepseek:
         results += deepseek(work)
-    report = {"size": args.size, "disk": args.disk, "source_bytes": src_bytes, "machine": {
+    report = {"size": args.size, "disk": args.disk, "source_bytes": src_bytes, "moegrow": package, "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "results": results}
     dest = args.out or Path("bench-results") / f"bench-{args.size}{'-fast' if args.disk == 'fast' else ''}.json"

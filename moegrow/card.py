@@ -28,15 +28,22 @@ TAG = "moegrow"
 _CARRIED = ("license", "license_name", "license_link", "language", "pipeline_tag")
 # growth flags in the order the command writes them, with the defaults it leaves out
 _FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "select", "calibration", "noise", "noise_mode",
-          "reinit", "router_noise", "seed", "top_k", "allow_inexact", "router_init", "router_std", "to", "revision",
-          "max_shard_size", "device")
+          "reinit", "router_noise", "seed", "noise_generator", "top_k", "allow_inexact", "router_init", "router_std",
+          "to", "revision", "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
                              "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02,
-                             "depth_init": "copy", "noise_mode": "absolute", "reinit": 0.0}
+                             "depth_init": "copy", "noise_mode": "absolute", "reinit": 0.0, "noise_generator": "pcg64"}
 _WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
          "grow": "layers copied, then experts duplicated with their router rows",
          "upcycle": "every expert a copy of the dense MLP, new routers"}
 _PAPER = {"upcycle": "sparse upcycling, arXiv 2212.05055"}  # others: checkpoint recycling, arXiv 2510.08008
+
+
+def card_modules(source_folder: Path) -> tuple[str, ...]:
+    """The huggingface_hub modules `render_card` will import for this source (imported in the
+    background while the shards are written): the card parser only where the source has a card."""
+    has_card = (source_folder / CARD_NAME).is_file()
+    return ("huggingface_hub.repocard",) if has_card else ("huggingface_hub.repocard_data",)
 
 
 def read_source_card(folder: Path) -> tuple[dict[str, Any], str] | None:
@@ -45,12 +52,12 @@ def read_source_card(folder: Path) -> tuple[dict[str, Any], str] | None:
     Front matter that does not parse is dropped (nothing carried), never an error: a card is
     documentation, and a growth must not fail on it.
     """
+    path = folder / CARD_NAME
+    if not path.is_file():  # before the import: huggingface_hub.repocard costs 0.2 s of CPU, its data half 0.1 s
+        return None
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    path = folder / CARD_NAME
-    if not path.is_file():
-        return None
     text = path.read_text(encoding="utf-8", errors="replace")
     match = REGEX_YAML_BLOCK.search(text)
     if not match:
@@ -82,19 +89,20 @@ def plan_options(plan: Plan) -> dict[str, Any]:
     if plan.upcycle:
         return {"experts": plan.experts, "top_k": plan.top_k, "noise": plan.noise, "seed": plan.seed,
                 "router_init": plan.upcycle["router_init"], "router_std": plan.upcycle["router_std"] or None,
-                "to": plan.config.get("model_type"), "noise_mode": plan.noise_mode, "reinit": plan.reinit}
+                "to": plan.config.get("model_type"), "noise_mode": plan.noise_mode, "reinit": plan.reinit,
+                "noise_generator": plan.noise_generator}
     return {"layer_map": plan.layer_map,
             "experts": f"{plan.factor}x" if plan.factor else plan.experts if plan.selection is not None else None,
             **({"select": plan.select} if plan.select in ("load", "first") else {}),
             "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
             "top_k": plan.top_k, "allow_inexact": plan.allow_inexact, "depth_init": plan.depth_init,
-            "noise_mode": plan.noise_mode, "reinit": plan.reinit}
+            "noise_mode": plan.noise_mode, "reinit": plan.reinit, "noise_generator": plan.noise_generator}
 
 
 def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
     """`moegrow OPERATION SOURCE OUTPUT --flag value ...` quoted for a POSIX shell.
 
-    Flags at their defaults are left out, except `--seed` where noise is drawn; flags that do
+    Flags at their defaults are left out, except `--seed` and `--noise-generator` where noise is drawn; flags that do
     not change the output's bytes (threads, quiet, json, force, strict) are never passed here.
     """
     argv = ["moegrow", operation, source, "OUTPUT"]
@@ -102,7 +110,7 @@ def command(operation: str, source: str, options: Mapping[str, Any]) -> str:
                   or options.get("reinit"))
     for key in _FLAGS:
         value = options.get(key)
-        if value is None or (value == _DEFAULTS.get(key) and not (key == "seed" and noised)):
+        if value is None or (value == _DEFAULTS.get(key) and not (key in ("seed", "noise_generator") and noised)):
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:

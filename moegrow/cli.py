@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from . import __version__
 from .errors import MoegrowError, VerificationFailed
 from .execute import DEFAULT_MAX_SHARD, format_size, parse_size
 from .io import read_index
+from .noise import DEFAULT_GENERATOR, GENERATORS
 from .plan import Plan
 
 app = typer.Typer(
@@ -39,7 +39,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """rich's stderr Console, made at first use: importing rich.console costs 30-40 ms of start-up,
+    and a `--quiet` run that succeeds prints nothing."""
+
+    def _console(self) -> Any:
+        console = self.__dict__.get("console")
+        if console is None:
+            from rich.console import Console
+
+            console = self.__dict__["console"] = Console(stderr=True, highlight=False, soft_wrap=True)
+        return console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._console(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._console(), name, value)
+
+
+err: Any = _LazyConsole()
 _state = {"debug": False}
 
 
@@ -146,6 +167,11 @@ Reinit = Annotated[float, typer.Option(
     "the original expert tensor's mean and std; the rest stays a copy (plus any --noise). Seeded by --seed, "
     "layer, expert and copy. 0: off. Refused for a family whose neuron layout moegrow does not know.")]
 Seed = Annotated[int, typer.Option(help="Noise seed; the same seed gives the same bytes.")]
+NoiseGenerator = Annotated[str, typer.Option(
+    help="pcg64: numpy's PCG64 bits through a table of 65,536 normal quantiles (bounded at 4.32 std), on "
+    "the CPU without torch, the same bytes on every device; torch: torch.randn (mt19937 on the CPU, Philox on "
+    "CUDA), the generator of moegrow before pcg64, to reproduce the bytes of an earlier run. Recorded in "
+    "moegrow.json; verify regenerates with the recorded one.")]
 TopK = Annotated[str, typer.Option(
     help="scale: top-k times the growth factor, so that at zero noise the grown model computes "
     "the source's function; keep: same top-k (same FLOPs per token, not function-preserving); "
@@ -232,6 +258,7 @@ def _summary(plan: Plan, source: Any) -> dict[str, Any]:
         "noise_mode": plan.noise_mode,
         "reinit": plan.reinit,
         "seed": plan.seed,
+        "noise_generator": plan.noise_generator,
         "dtype": plan.dtype,
         "quantization": plan.quant.describe() if plan.quant is not None else None,
         "warnings": plan.warnings,
@@ -295,10 +322,11 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
                    quiet: bool, threads: int, strict: bool = False, **kw: Any) -> None:
     from .execute import check_output
     from .grow import check_finite, plan_for, write
-    from .upcycle import plan_upcycle_for
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
+    if kw.get("noise_generator", "pcg64") not in GENERATORS:
+        raise typer.BadParameter(f"must be {' or '.join(GENERATORS)}", param_hint="--noise-generator")
     iteration, optimizer = kw.pop("iteration", None), kw.pop("optimizer", "keep")
     from .training import detect
 
@@ -313,7 +341,14 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
                                  param_hint="--iteration")
     shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
     src = _open(source, revision)
-    plan = plan_upcycle_for(src, **kw) if operation == "upcycle" else plan_for(src, operation, **kw)
+    generator = kw.pop("noise_generator", DEFAULT_GENERATOR)
+    if operation == "upcycle":
+        from .upcycle import plan_upcycle_for
+
+        plan = plan_upcycle_for(src, **kw)
+    else:
+        plan = plan_for(src, operation, **kw)
+    plan.noise_generator = generator
     summary = _summary(plan, src)
     if not dry_run:
         assert output is not None
@@ -339,7 +374,8 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
         quiet, json_out = quiet or ranks.rank != 0, json_out and ranks.rank == 0
     with _progress(total, operation, _interactive(quiet)) as progress:
         written = write(plan, src, output, max_shard_size=shard, device=device, threads=threads,
-                        force=force, progress=progress, options={**kw, "max_shard_size": max_shard_size},
+                        force=force, progress=progress,
+                        options={**kw, "noise_generator": generator, "max_shard_size": max_shard_size},
                         ranks=ranks)
     if ranks is not None and ranks.rank != 0:
         return
@@ -408,6 +444,8 @@ def _print_training(s: dict[str, Any], title: str) -> None:
 @app.command()
 def inspect(source: Src, revision: Revision = None, json_out: Json = False, iteration: Iteration = None) -> None:
     """Describe a checkpoint: layers, MoE layers, experts, top-k, routing, parameter counts."""
+    from rich.console import Console
+
     from .inspection import describe
     from .training import detect
 
@@ -493,7 +531,8 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
                device: Device = "auto", force: Force = False, quiet: Quiet = False,
                json_out: Json = False, threads: Threads = 2, strict: Strict = False,
                allow_inexact: AllowInexact = False, dtype: DType = "keep", iteration: Iteration = None,
-               optimizer: Optimizer = "keep", select: Select = None, calibration: Calibration = None) -> None:
+               optimizer: Optimizer = "keep", select: Select = None, calibration: Calibration = None,
+               noise_generator: NoiseGenerator = "pcg64") -> None:
     """Grow width: duplicate every expert (copies after originals) and its router rows; or, with
     --select, copy N - E chosen experts per layer (any count N)."""
     sel = {"select": select, "calibration": calibration} if select or calibration else {}
@@ -501,7 +540,7 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
     _run_growth("grow-width", source, output, revision, json_out, dry_run, max_shard_size, device,
                 force, quiet, threads, strict, experts=experts, noise=noise, router_noise=router_noise,
                 seed=seed, top_k=top_k, allow_inexact=allow_inexact, dtype=dtype, iteration=iteration,
-                optimizer=optimizer, noise_mode=noise_mode, reinit=reinit, **sel)
+                optimizer=optimizer, noise_mode=noise_mode, reinit=reinit, noise_generator=noise_generator, **sel)
 
 
 @app.command("grow")
@@ -513,13 +552,13 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
          threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
          depth_init: DepthInit = "copy", dtype: DType = "keep", iteration: Iteration = None,
-         optimizer: Optimizer = "keep") -> None:
+         optimizer: Optimizer = "keep", noise_generator: NoiseGenerator = "pcg64") -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
                 noise=noise, router_noise=router_noise, seed=seed, top_k=top_k, allow_inexact=allow_inexact,
                 depth_init=depth_init, dtype=dtype, iteration=iteration, optimizer=optimizer, noise_mode=noise_mode,
-                reinit=reinit)
+                reinit=reinit, noise_generator=noise_generator)
 
 
 UpExperts = Annotated[str | None, typer.Option(
@@ -545,7 +584,7 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
             noise_mode: NoiseMode = "absolute", reinit: Reinit = 0.0,
             revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
             device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
-            threads: Threads = 2, strict: Strict = False) -> None:
+            threads: Threads = 2, strict: Strict = False, noise_generator: NoiseGenerator = "pcg64") -> None:
     """Dense to MoE (sparse upcycling, arXiv 2212.05055): every MLP becomes E experts, copies of it.
 
     llama and mistral become mixtral, qwen2 qwen2_moe, qwen3 qwen3_moe, olmo2 flex_olmo, granite
@@ -555,7 +594,8 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
     before and after, total and active per token. See docs/usage.md for costs and when to use it."""
     _run_growth("upcycle", source, output, revision, json_out, dry_run, max_shard_size, device, force, quiet,
                 threads, strict, experts=experts, top_k=top_k, noise=noise, router_init=router_init,
-                router_std=router_std, seed=seed, to=to, noise_mode=noise_mode, reinit=reinit)
+                router_std=router_std, seed=seed, to=to, noise_mode=noise_mode, reinit=reinit,
+                noise_generator=noise_generator)
 
 
 @app.command()
@@ -707,9 +747,9 @@ def main(argv: list[str] | None = None) -> None:
               "and please report it)")
         code = 2
     finally:
-        gc.set_threshold(*thresholds)
+        if argv is None:  # the process's command line: it ends here, and the collector's last pass over every
+            gc.freeze()  # object (torch's, after a noised growth) would add 0.3 s to it; frozen before the
+        gc.set_threshold(*thresholds)  # threshold goes back to 700, which sets off a collection (7-10 ms)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if argv is None:  # the process's command line: it ends here, and the collector's last pass over every
-        gc.freeze()  # object (torch's, after a noised growth) would add 0.3 s to it
     sys.exit(code)

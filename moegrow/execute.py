@@ -352,8 +352,14 @@ class _Job:
         self.write_locks: dict[int, threading.Lock] = {}  # output file -> lock (`writing`)
 
     @property
+    def requested_device(self) -> str:
+        """The device as asked for (auto, cpu or cuda), or as resolved once `device` was read."""
+        return self._device
+
+    @property
     def device(self) -> str:
-        """The device for tensor math, resolved (importing torch) at the first transformed part."""
+        """The device for tensor math, resolved at the first transformed part (importing torch, where the
+        machine has a GPU device node)."""
         with self._device_lock:
             if self._device == "auto":
                 from .noise import resolve_device
@@ -387,7 +393,8 @@ class _Job:
             return raw
         if part.fill is None and self.nonfinite.get(part.source) is None:  # these bytes pass through torch anyway
             self.nonfinite[part.source] = count_nonfinite(raw, src.dtype) if part.rows is None else None
-        return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device, out=raw)
+        return transform(raw, src.dtype, part, self.plan.seed, t.name, i, self.device, out=raw,
+                         generator=self.plan.noise_generator)
 
     def _one_torch_thread(self) -> None:
         """Run this worker's torch operations on its own thread: with workers on every core, torch's
@@ -435,7 +442,8 @@ class _Job:
             if part.init:  # generated, the tensor's only part (upcycling's router): no source bytes
                 from .noise import generate
 
-                pwrite_all(dst_fd, generate(part.init, part.noise, t.dtype, t.nbytes, self.plan.seed, t.name, i), pos)
+                pwrite_all(dst_fd, generate(part.init, part.noise, t.dtype, t.nbytes, self.plan.seed, t.name, i,
+                                            generator=self.plan.noise_generator), pos)
                 self.progress(t.nbytes)
                 continue
             src = self.tensors[part.source]
@@ -604,11 +612,8 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     shards = split_shards(plan.tensors, max_shard_size)
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
-    modules = (("torch",) if any(not t.is_copy for t in plan.tensors) else ()) + prefetch
-    if modules:
-        # torch takes a second or more to import: do it while the byte copies run (first: the
-        # transformed tensors wait for it), then what is needed after the shards
-        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
+    torch_needed = _needs_torch(plan, tensors, job)
+    modules = (("torch",) if torch_needed else ()) + prefetch
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
@@ -627,6 +632,11 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         # tensors; large ones first in each, so that one big tensor does not finish the job alone.
         items = _copy_runs(_work_items(work))
         items.sort(key=_order)
+        if modules:
+            # torch takes a second or more to import: do it while the byte copies run (first: the
+            # transformed tensors wait for it), then what is needed after the shards. Started once the
+            # work is listed, so that it does not hold the GIL while the first copy waits for the list.
+            threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
         if threads <= 1:
             for item in items:
                 job.write_items(item)
@@ -637,7 +647,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
             lock = threading.Lock()
             stop = threading.Event()
 
-            job.one_torch_thread = True
+            job.one_torch_thread = torch_needed
 
             def worker() -> None:
                 try:
@@ -680,6 +690,32 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names, job.resolved_device
+
+
+def _needs_torch(plan: Plan, tensors: Mapping[str, SourceTensor], job: _Job) -> bool:
+    """Whether some tensor of the plan is made with torch (`noise.needs_torch`); byte copies never are.
+    Decided without importing torch: `auto` is the CPU where no GPU device node exists, else taken as CUDA."""
+    from .noise import gpu_device_node, needs_torch
+
+    device = job.requested_device
+    if device == "auto":
+        device = "cuda" if gpu_device_node() else "cpu"
+    for t in plan.tensors:
+        if t.is_copy:
+            continue
+        if t.encode is not None or not t.flat:
+            return True
+        for p in t.parts:
+            dtype = t.dtype if p.init else tensors[p.source].dtype
+            if needs_torch(p, dtype, plan.noise_generator, device):
+                return True
+    return False
+
+
+def _card_modules(source_folder: Path) -> tuple[str, ...]:
+    from .card import card_modules
+
+    return card_modules(source_folder)
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
@@ -785,7 +821,7 @@ def execute(plan: Plan, tensors: Mapping[str, SourceTensor], source_folder: Path
     warnings: list[str] = []
     try:
         names, device = write_shards(plan, tensors, tmp, max_shard_size, device, threads, progress, warnings,
-                                     prefetch=("huggingface_hub.repocard",) if card is not None else ())
+                                     prefetch=_card_modules(source_folder) if card is not None else ())
         write_metadata(tmp, plan, source_folder, {**provenance, "noise_device": device}, card, device)
         if check_source is not None:
             check_source()

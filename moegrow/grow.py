@@ -20,6 +20,7 @@ from .errors import GrowthError, SourceError
 from .execute import DEFAULT_MAX_SHARD, Written, check_output, execute, find_nonfinite, nonfinite_message
 from .gc_pause import gc_paused
 from .layouts import layout_for
+from .noise import RECORDED_BEFORE
 from .plan import (
     Plan,
     layer_map_for,
@@ -139,6 +140,12 @@ def check_plan_size(estimate: float, flag: str) -> None:
 
 def rebuild_plan(source: Source, record: Mapping[str, Any]) -> Plan:
     """The plan a provenance record describes, rebuilt from the source."""
+    plan = _rebuilt(source, record)
+    plan.noise_generator = str((record.get("growth") or {}).get("noise_generator") or RECORDED_BEFORE)
+    return plan
+
+
+def _rebuilt(source: Source, record: Mapping[str, Any]) -> Plan:
     g = record.get("growth") or {}
     op = record.get("operation")
     if op == "upcycle":

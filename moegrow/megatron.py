@@ -107,6 +107,7 @@ class MegatronCheckpoint:
     num_experts: int
     top_k: int | None
     router: dict[str, Any] = field(default_factory=dict)
+    stamps: dict[Path, Any] = field(default_factory=dict)  # source files at opening (`training.open_training`)
 
     @property
     def args(self) -> Any:
@@ -254,6 +255,7 @@ class MegatronPlan:
     reinit: float = 0.0
     select: str | None = None         # --select first: the first N - E experts copied
     experts: int | None = None        # the grown expert count (None: num_experts * factor)
+    noise_generator: str = "pcg64"    # moegrow.noise.GENERATORS
 
     @property
     def function_preserving(self) -> bool:
@@ -442,7 +444,7 @@ def out_chunks(plan: MegatronPlan, reader: DcpReader) -> list[OutChunk]:
         def make() -> Any:
             from .training_recipes import transformed
 
-            return transformed(reader, p, plan.seed)
+            return transformed(reader, p, plan.seed, plan.noise_generator)
         return make
 
     return [OutChunk(p.key, plan.shapes[p.key], plan.dtypes[p.key], p.offsets, p.sizes, maker(p)) for p in plan.pieces]
@@ -453,14 +455,15 @@ def noise_name(p: Piece) -> str:
     return f"{p.key}@{','.join(map(str, p.offsets))}"
 
 
-def _noised(t: Any, p: Piece, seed: int) -> Any:
+def _noised(t: Any, p: Piece, seed: int, generator: str) -> Any:
     import torch
 
     from .dcp_io import dtype_name
     from .noise import add_noise, resolve_device
 
     raw = bytearray(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    out = add_noise(raw, dtype_name(t.dtype), p.noise, seed, noise_name(p), 0, resolve_device("cpu"))
+    out = add_noise(raw, dtype_name(t.dtype), p.noise, seed, noise_name(p), 0, resolve_device("cpu"),
+                    generator=generator)
     return torch.frombuffer(bytearray(out), dtype=t.dtype).view(t.shape)
 
 

@@ -68,7 +68,7 @@ def reinit_mask(r: Reinit, seed: int, slices: int) -> Any:
     return mask.reshape(-1)
 
 
-def apply(x: Any, part: Any, seed: int, tensor: str, index: int, device: str) -> Any:
+def apply(x: Any, part: Any, seed: int, tensor: str, index: int, device: str, *, generator: str) -> Any:
     """Part `index` of output `tensor`: its source values `x` (float), scaled, noised (absolute or relative
     per slice), then re-initialised where `part.reinit` says. Returns a flat tensor on `device`."""
     import torch
@@ -84,7 +84,7 @@ def apply(x: Any, part: Any, seed: int, tensor: str, index: int, device: str) ->
         stds = [part.noise * sd for _, sd in stats] if part.relative else [part.noise] * slices
         for b, lo in enumerate(range(0, n, BLOCK)):
             hi = min(n, lo + BLOCK)
-            z = noise_block(seed, tensor, index, b, hi - lo, device).to(x.dtype)
+            z = noise_block(seed, tensor, index, b, hi - lo, device, generator=generator).to(x.dtype)
             for s in range(lo // per, (hi - 1) // per + 1):
                 a, e = max(lo, s * per), min(hi, (s + 1) * per)
                 x[a:e].add_(z[a - lo:e - lo], alpha=stds[s])
@@ -103,7 +103,7 @@ def apply(x: Any, part: Any, seed: int, tensor: str, index: int, device: str) ->
 
 
 def part_bytes(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, index: int,
-               device: str) -> memoryview:
+               device: str, *, generator: str) -> memoryview:
     """`apply` on a float tensor's bytes, rounded back to its dtype (noise.transform for these recipes)."""
     import torch
 
@@ -111,12 +111,12 @@ def part_bytes(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, in
         return memoryview(raw)
     src = torch.frombuffer(raw, dtype=torch_dtype(dtype))
     compute = torch.float64 if dtype == "F64" else torch.float32
-    out = apply(src.to(compute), part, seed, tensor, index, device).to(src.dtype).cpu()
+    out = apply(src.to(compute), part, seed, tensor, index, device, generator=generator).to(src.dtype).cpu()
     return memoryview(out.view(torch.uint8).numpy())
 
 
 def check_part(part: Any, got: bytes, want: bytes, dtype: str, seed: int, tensor: str, index: int,
-               device: str) -> tuple[list[str], float | None]:
+               device: str, *, generator: str) -> tuple[list[str], float | None]:
     """verify for a relative-noise or re-initialised part: (problems, measured noise std or None).
 
     Drawn on the CPU: the bytes must equal a recomputation. Elsewhere (CUDA noise): the re-initialised
@@ -124,7 +124,7 @@ def check_part(part: Any, got: bytes, want: bytes, dtype: str, seed: int, tensor
     recorded one where a slice has 1000 values or more."""
     import torch
 
-    want_bytes = bytes(part_bytes(bytearray(want), dtype, part, seed, tensor, index, "cpu"))
+    want_bytes = bytes(part_bytes(bytearray(want), dtype, part, seed, tensor, index, "cpu", generator=generator))
     what = []
     if part.noise:
         what.append(f"{'relative ' if part.relative else ''}noise (seed {seed}, std {part.noise})")

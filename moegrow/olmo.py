@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class OlmoCheckpoint:
     iteration: int | None = None   # the step, when SOURCE is a save folder
     format: str = FORMAT
     run: Path | None = None         # the save folder SOURCE named (root is then its step<N>/)
+    stamps: dict[Path, Any] = field(default_factory=dict)  # source files at opening (`training.open_training`)
 
     @property
     def folder(self) -> Path:

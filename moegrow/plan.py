@@ -167,6 +167,7 @@ class Plan:
     reinit: float = 0.0           # --reinit: the fraction of every copy's neurons re-initialised
     selection: dict[int, list[int]] | None = None  # --select: per MoE layer, the experts copied (moegrow.selection)
     select: str = ""                               # --select: load or first
+    noise_generator: str = "pcg64"  # --noise-generator: moegrow.noise.GENERATORS (`torch` for older records)
 
     @property
     def function_preserving(self) -> bool:

@@ -138,6 +138,7 @@ def build_record(plan: Plan, source: Source, device: str) -> dict[str, Any]:
             "noise": plan.noise,
             "router_noise": plan.router_noise,
             "seed": plan.seed,
+            "noise_generator": plan.noise_generator,
             "allow_inexact": plan.allow_inexact,
             "depth_init": plan.depth_init,
             "dtype": plan.dtype,

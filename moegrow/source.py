@@ -50,11 +50,25 @@ def _head(path: Path, whole: bool) -> bytes:
         return head + f.read(min(int.from_bytes(head, "little"), 100 * 1024 * 1024)) if len(head) == 8 else head
 
 
+# Files stamped by size, mtime and inode alone: a DCP chunk file (`.distcp`, training checkpoints) has no
+# header, and hashing its bytes would read the whole checkpoint a second time.
+STAT_ONLY_SUFFIXES = (".distcp",)
+_WHOLE_MAX = 16 * 1024 * 1024  # other files (config.json, .metadata, common.pt) are hashed whole up to this size
+
+
+def _hashed(path: Path) -> bytes:
+    """What a stamp hashes: a safetensors header, a small file's bytes, or nothing (stat-only files)."""
+    if path.suffix == ".safetensors":
+        return _head(path, whole=False)
+    if path.suffix in STAT_ONLY_SUFFIXES or os.stat(path).st_size > _WHOLE_MAX:
+        return b""
+    return _head(path, whole=True)
+
+
 def stamp(path: Path, st: os.stat_result | None = None) -> FileStamp:
     """Stamp `path`; `st`, a stat taken before the file was first parsed, dates the stamp from then."""
     st = st or os.stat(path)
-    head = _head(path, whole=path.suffix != ".safetensors")
-    return FileStamp(st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino), hashlib.sha256(head).hexdigest())
+    return FileStamp(st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino), hashlib.sha256(_hashed(path)).hexdigest())
 
 
 def stamp_changes(path: Path, old: FileStamp) -> list[str]:
@@ -68,6 +82,26 @@ def stamp_changes(path: Path, old: FileStamp) -> list[str]:
                                     ("header" if path.suffix == ".safetensors" else "content",
                                      old.head_sha256, new.head_sha256)) if a != b]
     return diff
+
+
+def check_unchanged(stamps: dict[Path, FileStamp]) -> None:
+    """Raise SourceError (exit 2) naming the first stamped file that differs from its stamp."""
+    for path, old in stamps.items():
+        diff = stamp_changes(path, old)
+        if diff:
+            raise SourceError(f"{path}: changed during the run ({', '.join(diff)}); "
+                              "nothing was written")
+
+
+def stat_tree(root: Path) -> dict[Path, os.stat_result]:
+    """A stat of every file under `root` (a folder), taken before any is parsed (see `stamp`)."""
+    found: dict[Path, os.stat_result] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            p = Path(folder) / name
+            with contextlib.suppress(OSError):  # gone or unreadable: reported where it is read
+                found[p] = os.stat(p)
+    return found
 
 
 @dataclass
@@ -87,11 +121,7 @@ class Source:
     def check_unchanged(self) -> None:
         """Refuse (exit 2) when a stamped file changed since the source was opened: the bytes read
         may then mix old and new. Run after the output is written, before it is renamed into place."""
-        for path, old in self.stamps.items():
-            diff = stamp_changes(path, old)
-            if diff:
-                raise SourceError(f"{path}: changed during the run ({', '.join(diff)}); "
-                                  "nothing was written")
+        check_unchanged(self.stamps)
 
     @property
     def total_bytes(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .dcp_io import METADATA_NAME, write_dcp
-from .errors import GrowthError, OutputError
+from .errors import GrowthError, OutputError, SourceError
 from .execute import (
     PARTIAL_MARK,
     _absolute,
@@ -42,6 +42,7 @@ from .megatron import (
     updated_common,
     width_inexact_reason,
 )
+from .noise import DEFAULT_GENERATOR
 from .olmo import OlmoCheckpoint, is_olmo, is_olmo_run
 from .plan import layer_map_for, parse_experts, parse_layer_map, parse_layers
 
@@ -167,7 +168,8 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
                   noise: float = 0.0, router_noise: float = 0.0, seed: int = 0, top_k: str | None = "scale",
                   allow_inexact: bool = False, optimizer: str = "keep", dtype: str = "keep",
                   depth_init: str = "copy", noise_mode: str = "absolute", reinit: float = 0.0,
-                  select: str | None = None, calibration: str | None = None) -> MegatronPlan:
+                  select: str | None = None, calibration: str | None = None,
+                  noise_generator: str = DEFAULT_GENERATOR) -> MegatronPlan:
     """The CLI's growth flags, read as for Hugging Face checkpoints, into a Megatron or OLMo-core plan."""
     from .configs import parse_top_k
     from .selection import parse_count
@@ -202,15 +204,20 @@ def plan_training(ckpt: MegatronCheckpoint, operation: str, *, layers: str | Non
         check_select(select, n_select, ckpt.num_experts)
         if calibration:
             raise GrowthError("--calibration applies to --select load only")
+        if noise_mode != "absolute" or reinit:  # as for Hugging Face checkpoints (grow.py)
+            raise GrowthError("--noise-mode relative and --reinit do not yet apply to a selected expert count "
+                              "(--experts N, N not a multiple of the source's)")
     if top_k is None:
         top_k = "keep" if n_select is not None else "scale"
     k = parse_top_k(top_k)
     if n_select is not None and k == "scale":
         raise GrowthError(f"--top-k scale: --experts {n_select} is not a multiple of the source's experts, and top-k "
                           "cannot be scaled by a fraction; give --top-k keep or an integer")
-    return plan_from(ckpt, operation, lmap, factor, noise=noise, router_noise=router_noise, seed=seed, top_k=k,
+    plan = plan_from(ckpt, operation, lmap, factor, noise=noise, router_noise=router_noise, seed=seed, top_k=k,
                      optimizer=optimizer, allow_inexact=allow_inexact, depth_init=depth_init, noise_mode=noise_mode,
                      reinit=reinit, select=select if n_select is not None else None, experts=n_select)
+    plan.noise_generator = noise_generator
+    return plan
 
 
 def plan_from(ckpt: MegatronCheckpoint | OlmoCheckpoint, operation: str, layer_map: list[int] | None, factor: int,
@@ -289,7 +296,8 @@ def record(ckpt: MegatronCheckpoint, plan: MegatronPlan) -> dict[str, Any]:
         "growth": {"layer_map": plan.layer_map, "factor": plan.factor,
                    "experts": plan.experts or ckpt.num_experts * plan.factor, "top_k": plan.top_k,
                    "noise": plan.noise, "router_noise": plan.router_noise, "seed": plan.seed,
-                   "optimizer": plan.optimizer, "allow_inexact": bool(plan.inexact_reason),
+                   "noise_generator": plan.noise_generator, "optimizer": plan.optimizer,
+                   "allow_inexact": bool(plan.inexact_reason),
                    "depth_init": plan.depth_init, "noise_mode": plan.noise_mode, "reinit": plan.reinit,
                    "select": plan.select},
         "noise_device": "cpu" if any(p.noise or p.reinit is not None for p in plan.pieces) else "none",
@@ -324,6 +332,7 @@ def write_training(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan
         else:
             _write_megatron(ckpt, plan, tmp)
         write_json(tmp / "moegrow.json", record(ckpt, plan))
+        check_unchanged(ckpt)
         with _signals_deferred():
             _replace(tmp, target, force)  # without --force, a run that finished first keeps OUTPUT
     except BaseException as e:
@@ -373,8 +382,34 @@ def _write_megatron(ckpt: MegatronCheckpoint, plan: MegatronPlan, tmp: Path) -> 
 
 
 def open_training(spec: str, iteration: int | None) -> MegatronCheckpoint | OlmoCheckpoint:
+    """Open a Megatron or OLMo-core checkpoint and stamp its files (`check_unchanged` compares them at the end)."""
+    from .source import stamp, stat_tree
+
+    before = stat_tree(Path(spec))  # before parsing: a change from now on moves the mtime compared at the end
+    ckpt: MegatronCheckpoint | OlmoCheckpoint
     if is_olmo(Path(spec)) or is_olmo_run(Path(spec)):
         from .olmo import open_olmo
 
-        return open_olmo(spec, iteration)
-    return open_megatron(spec, iteration)
+        ckpt = open_olmo(spec, iteration)
+    else:
+        ckpt = open_megatron(spec, iteration)
+    try:
+        ckpt.stamps = {p: stamp(p, before.get(p)) for p in source_files(ckpt)}
+    except OSError as e:
+        raise SourceError(f"{e.filename}: cannot read: {e.strerror or e}") from None
+    return ckpt
+
+
+def source_files(ckpt: MegatronCheckpoint | OlmoCheckpoint) -> list[Path]:
+    """The files a growth reads or copies: every file of the checkpoint folder (Megatron: `.metadata`,
+    `common.pt`, the `.distcp` files...; OLMo-core: the step folder, `model_and_optim/` and `config.json`
+    included). A run or save folder's other iterations are not the source."""
+    return sorted(p for p in ckpt.folder.rglob("*") if p.is_file())
+
+
+def check_unchanged(ckpt: MegatronCheckpoint | OlmoCheckpoint) -> None:
+    """Refuse (exit 2) when a source file differs from its stamp: the bytes read may mix old and new.
+    Run once everything is written, before the rename."""
+    from .source import check_unchanged as check
+
+    check(ckpt.stamps)

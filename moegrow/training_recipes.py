@@ -363,7 +363,7 @@ def source_values(reader: Any, p: Piece) -> Any:
     return reader.read_slice(p.source, p.source_offsets, p.sizes)
 
 
-def apply_piece(t: Any, p: Piece, seed: int) -> Any:
+def apply_piece(t: Any, p: Piece, seed: int, generator: str) -> Any:
     """A piece's output from its source values `t` (see `source_values`): noise, relative noise, re-init."""
     import torch
 
@@ -377,13 +377,14 @@ def apply_piece(t: Any, p: Piece, seed: int) -> Any:
     if p.relative or p.reinit is not None:
         compute = torch.float64 if t.dtype == torch.float64 else torch.float32
         part = _PartView(p.noise, p.slices, p.relative, p.reinit)
-        return apply(t.reshape(-1).to(compute), part, seed, noise_name(p), 0, "cpu").to(t.dtype).view(t.shape)
-    return _noised(t, p, seed) if p.noise else t
+        return (apply(t.reshape(-1).to(compute), part, seed, noise_name(p), 0, "cpu", generator=generator)
+                .to(t.dtype).view(t.shape))
+    return _noised(t, p, seed, generator) if p.noise else t
 
 
-def transformed(reader: Any, p: Piece, seed: int) -> Any:
+def transformed(reader: Any, p: Piece, seed: int, generator: str) -> Any:
     """The output chunk of piece `p` (what the writer stores)."""
-    return apply_piece(source_values(reader, p), p, seed)
+    return apply_piece(source_values(reader, p), p, seed, generator)
 
 
 def piece_record(p: Piece) -> dict[str, Any] | None:

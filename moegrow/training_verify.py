@@ -28,6 +28,7 @@ from .megatron import (
     open_megatron,
     updated_common,
 )
+from .noise import RECORDED_BEFORE
 from .olmo import DCP_DIR, OlmoCheckpoint, is_olmo, is_olmo_run
 from .olmo import FORMAT as OLMO_FORMAT
 from .provenance import RECORD_NAME
@@ -72,6 +73,7 @@ def rebuild(source: str, record: dict[str, Any]) -> tuple[MegatronCheckpoint | O
                          depth_init=g.get("depth_init", "copy"), noise_mode=g.get("noise_mode", "absolute"),
                          reinit=float(g.get("reinit") or 0.0), select=select,
                          experts=int(g["experts"]) if select is not None else None)
+        plan.noise_generator = str(g.get("noise_generator") or RECORDED_BEFORE)
     except (KeyError, TypeError, ValueError) as e:
         raise SourceError(f"{RECORD_NAME}: growth flags are not valid ({type(e).__name__}: {e})") from None
     return ckpt, plan
@@ -182,7 +184,7 @@ def _check_chunks(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan,
             continue
         src = source_values(ckpt.reader, p)
         where = f"{p.key} at {list(p.offsets)}"
-        want = apply_piece(src, p, plan.seed)
+        want = apply_piece(src, p, plan.seed, plan.noise_generator)
         if _bytes(got) != _bytes(want):
             if p.zero and not (p.noise or p.reinit is not None):
                 report.problems.append(f"{where}: is not zero (an added copy's residual writer, --depth-init "

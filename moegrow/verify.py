@@ -24,6 +24,7 @@ from .io import FLOAT_DTYPES, TensorInfo, pread_exact, read_index
 from .json_stream import read_object
 from .layouts import wrapper_of
 from .neurons import NOISE_MODES, RECORD_KEYS, record_extra_ok
+from .noise import GENERATORS
 from .plan import OutTensor, Plan
 from .provenance import RECORD_NAME, mapping_differs
 from .quant.dequantised import is_quantised
@@ -102,6 +103,7 @@ def _record_problem(record: Any) -> str | None:
         "noise": is_num,
         "router_noise": is_num,
         "seed": is_int,
+        "noise_generator": lambda v: v in GENERATORS,
         "top_k": lambda v: v in ("scale", "keep") or (is_int(v) and v >= 1),
         "allow_inexact": lambda v: isinstance(v, bool),
         "depth_init": lambda v: v in ("copy", "identity"),
@@ -160,7 +162,8 @@ def _check_joined(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, rea
     for i, part in enumerate(t.parts):
         src = source.tensors[part.source]
         raw = bytearray(reader.read(src.path, src.start, src.nbytes))
-        data = raw if part.is_copy else transform(raw, src.dtype, part, plan.seed, t.name, i, "cpu")
+        data = raw if part.is_copy else transform(raw, src.dtype, part, plan.seed, t.name, i, "cpu",
+                                                  generator=plan.noise_generator)
         pieces.append((bytearray(data), src.shape))
     if reader.read(out.path, out.start, out.nbytes) != bytes(join(pieces, t.dtype, t.axis)):
         sources = ", ".join(sorted({p.source for p in t.parts}))
@@ -195,7 +198,8 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         if part.init:  # generated (the tensor's only part): zeros, or normal regenerated from the seed
             got = reader.read(out.path, pos, t.nbytes)
             pos += t.nbytes
-            if got != bytes(generate(part.init, part.noise, t.dtype, t.nbytes, plan.seed, t.name, i)):
+            if got != bytes(generate(part.init, part.noise, t.dtype, t.nbytes, plan.seed, t.name, i,
+                                     generator=plan.noise_generator)):
                 what = "zeros" if part.init == "zeros" else f"normal(std {part.noise}) drawn from seed {plan.seed}"
                 report.problems.append(f"{t.name}: part {i} is not {what}")
             continue
@@ -224,24 +228,27 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         if part.relative or part.reinit is not None:  # --noise-mode relative, --reinit (noise_modes.py)
             from .noise_modes import check_part
 
-            problems, std = check_part(part, got, want, src.dtype, plan.seed, t.name, i, device)
+            problems, std = check_part(part, got, want, src.dtype, plan.seed, t.name, i, device,
+                                       generator=plan.noise_generator)
             report.problems += problems
             if std is not None:
                 measured.append(std)
             continue
         if part.noise == 0.0:  # scaled only: deterministic on any device
-            if got != bytes(add_noise(bytearray(want), src.dtype, 0.0, plan.seed, t.name, i, "cpu", part.scale)):
+            if got != bytes(add_noise(bytearray(want), src.dtype, 0.0, plan.seed, t.name, i, "cpu", part.scale,
+                                      generator=plan.noise_generator)):
                 report.problems.append(f"{t.name}: part {i} is not {part.source} scaled by {part.scale:g}")
             continue
         diff = _decode(got, src.dtype) - _decode(want, src.dtype) * part.scale
         std = float(diff.std()) if diff.numel() > 1 else float(diff.abs().max())
         measured.append(std)
-        if device == "cpu":
+        if device == "cpu" or plan.noise_generator == "pcg64":  # pcg64: every device writes the CPU's bytes
             expect = bytes(add_noise(bytearray(want), src.dtype, part.noise, plan.seed, t.name, i, "cpu",
-                                     part.scale))
+                                     part.scale, generator=plan.noise_generator))
             if got != expect:
                 report.problems.append(f"{t.name}: part {i} is not {part.source} plus the recorded "
-                                       f"noise (seed {plan.seed}, std {part.noise})")
+                                       f"noise ({plan.noise_generator} generator, seed {plan.seed}, "
+                                       f"std {part.noise})")
         elif not bool(diff.any()):  # drawn on another device: too small to measure, but not noise-free
             report.problems.append(f"{t.name}: part {i} carries no noise (recorded std {part.noise})")
         elif diff.numel() >= 1000 and abs(std - part.noise) > 0.1 * part.noise:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_card_metadata_body_and_command(carded, tmp_path):
     # the command: as typed, minus what does not change the bytes, the output as OUTPUT
     argv = card_command(out)
     assert argv == ["moegrow", "grow", str(carded), "OUTPUT", "--layers", "2x", "--experts", "2x", "--noise", "0.01",
-                    "--seed", "7", "--device", "cpu"]
+                    "--seed", "7", "--noise-generator", "pcg64", "--device", "cpu"]
     rerun(argv, tmp_path / "again")
     assert digest(tmp_path / "again") == digest(out)  # every file, this card and moegrow.json included
     assert run("verify", carded, out)[0] == 0
@@ -105,7 +106,8 @@ def test_python_api_card_reproduces_through_the_cli(carded, tmp_path):
           tmp_path / "api", device="cpu", max_shard_size=20_000)
     argv = card_command(tmp_path / "api")
     assert argv == ["moegrow", "grow-width", str(carded), "OUTPUT", "--experts", "2x", "--noise", "0.02",
-                    "--router-noise", "0.01", "--seed", "3", "--top-k", "keep", "--max-shard-size", "20000",
+                    "--router-noise", "0.01", "--seed", "3", "--noise-generator", "pcg64", "--top-k", "keep",
+                    "--max-shard-size", "20000",
                     "--device", "cpu"]
     assert "- function-preserving: no (top-k not scaled)" in (tmp_path / "api" / "README.md").read_text()
     rerun(argv, tmp_path / "cli")
@@ -141,3 +143,42 @@ def test_source_front_matter(front, carried, checkpoints, ckpt_copy, tmp_path):
     assert card.data.to_dict() == {"base_model": str(src), "library_name": "transformers", "tags": ["moegrow"],
                                    **carried}
     assert card.text.endswith("## Source model card\n\nThe body.\n") and front not in card.text
+
+
+# What a byte-copy growth imports: start-up is most of its time above `cp` on a fast disk
+# (docs/performance.md, "Start-up to the first byte"). A fresh process, as the command line runs.
+_IMPORTS = """
+import json, runpy, sys
+sys.argv = ["moegrow", *sys.argv[1:]]
+try:
+    runpy.run_module("moegrow", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "loaded": [m for m in ("rich.console", "huggingface_hub.repocard", "torch")
+                                           if m in sys.modules]}))
+"""
+
+
+def _imports(*args: object) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS, *map(str, args)], env=env, capture_output=True,
+                          text=True, check=False, cwd=root)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_quiet_byte_copy_growth_imports_neither_rich_nor_the_card_parser_nor_torch(carded, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(carded, plain)
+    (plain / "README.md").unlink()
+    got = _imports("grow-width", plain, tmp_path / "out", "--experts", "2x", "--quiet")
+    assert got == {"code": 0, "loaded": []}, got
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == str(plain)
+    # a source with a card: its parser is needed, and imported (rich with it, by huggingface_hub's httpx)
+    got = _imports("grow-width", carded, tmp_path / "out2", "--experts", "2x", "--quiet")
+    assert got["code"] == 0 and "huggingface_hub.repocard" in got["loaded"] and "torch" not in got["loaded"], got

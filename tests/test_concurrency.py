@@ -9,7 +9,9 @@ passed the early "OUTPUT exists" check, so the race is really run, round after r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -397,3 +399,108 @@ def test_training_run_that_finished_first_keeps_output(tmp_path, monkeypatch):
     assert code == 2 and str(out) in err and len(err.strip().splitlines()) == 1, err
     assert [p.name for p in out.iterdir()] == ["winner"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# -- training checkpoints (Megatron torch_dist, OLMo-core DCP): a source file changed during the run ----------
+
+TRAINING = Path(__file__).parent / "fixtures" / "training"
+MEGATRON_RUN, OLMO_STEP = TRAINING / "megatron" / "run", TRAINING / "olmo" / "default"
+
+
+def _rewrite_content(path: Path) -> None:
+    """Same size, same inode, mtime put back: only the content's hash says so."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(raw)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+TRAINING_CHANGES = {"size": _append, "mtime": _rewrite_data, "inode": _replace_file, "content": _rewrite_content}
+
+
+def change_midway(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
+    """Run `change` once the first output chunk has read its source bytes (a hook in the writer's input,
+    as the progress callback is for safetensors sources: the run itself is real)."""
+    from moegrow import training
+
+    real = training.write_dcp
+    done: list[bool] = []
+
+    def hooked(make: Callable[[], object]) -> Callable[[], object]:
+        def made() -> object:
+            value = make()
+            if not done:
+                done.append(True)
+                change()
+            return value
+        return made
+
+    def write_dcp(folder, chunks, objects):  # noqa: ANN001, ANN202 - write_dcp's own signature
+        return real(folder, [dataclasses.replace(c, make=hooked(c.make)) for c in chunks], objects)
+
+    monkeypatch.setattr(training, "write_dcp", write_dcp)
+
+
+# (source, the file changed inside the grown checkpoint folder, how)
+TRAINING_CASES = [
+    (MEGATRON_RUN, "iter_0000020/__0_0.distcp", "size"),
+    (MEGATRON_RUN, "iter_0000020/__0_1.distcp", "mtime"),
+    (MEGATRON_RUN, "iter_0000020/__0_0.distcp", "inode"),
+    (MEGATRON_RUN, "iter_0000020/.metadata", "content"),
+    (MEGATRON_RUN, "iter_0000020/common.pt", "content"),
+    (OLMO_STEP, "model_and_optim/__0_3.distcp", "size"),
+    (OLMO_STEP, "model_and_optim/__0_0.distcp", "mtime"),
+    (OLMO_STEP, "model_and_optim/__0_5.distcp", "inode"),
+    (OLMO_STEP, "model_and_optim/.metadata", "content"),
+    (OLMO_STEP, "config.json", "content"),
+]
+
+
+@pytest.mark.parametrize("fixture, name, change", TRAINING_CASES,
+                         ids=[f"{f.parent.name}-{n}-{c}" for f, n, c in TRAINING_CASES])
+def test_a_training_source_file_changed_during_the_run_fails_it(fixture, name, change, tmp_path, monkeypatch):
+    from moegrow.training import open_training, plan_training, write_training
+
+    src = tmp_path / "src"
+    shutil.copytree(fixture, src)
+    path, out = src / name, tmp_path / "out"
+    ckpt = open_training(str(src), None)
+    change_midway(monkeypatch, lambda: TRAINING_CHANGES[change](path))
+    with pytest.raises(SourceError) as e:
+        write_training(ckpt, plan_training(ckpt, "grow-width", experts="2x"), out)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: changed during the run (") and change in msg.split("(")[1], msg
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fixture", [MEGATRON_RUN, OLMO_STEP], ids=["megatron", "olmo"])
+def test_a_training_file_changed_under_the_cli_fails_with_one_line_and_keeps_the_old_output(fixture, tmp_path,
+                                                                                             monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(fixture, src)
+    out = tmp_path / "out"
+    assert run("grow-depth", src, out, "--layers", "2x", "--quiet")[0] == 0
+    old = tree(out)
+    chunk = sorted(src.rglob("__0_1.distcp"))[-1]
+    change_midway(monkeypatch, lambda: _append(chunk))
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--force", "--quiet")
+    assert code == 2, err
+    assert err.strip() == f"moegrow: error: {chunk}: changed during the run (size, mtime); nothing was written", err
+    assert tree(out) == old and leftovers(tmp_path) == []
+    monkeypatch.undo()  # the same run, the source left alone: it succeeds (the check is not what fails)
+    code, _, err = run("grow-width", src, out, "--experts", "2x", "--force", "--quiet")
+    assert code == 0, err
+    assert tree(out) != old and leftovers(tmp_path) == []
+
+
+def test_another_iteration_of_the_run_folder_may_change(tmp_path, monkeypatch):
+    """Only the grown checkpoint's files are the source: a trainer writing another iteration meanwhile is fine."""
+    src = tmp_path / "src"
+    shutil.copytree(MEGATRON_RUN, src)
+    other = src / "iter_0000010" / "__0_0.distcp"
+    change_midway(monkeypatch, lambda: _append(other))
+    code, _, err = run("grow-width", src, tmp_path / "out", "--experts", "2x", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "moegrow.json").read_text())["source"]["iteration"] == 20

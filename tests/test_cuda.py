@@ -1,8 +1,9 @@
 """`--device cuda`: noise drawn and added on the GPU, quantised copies requantised there.
 
 These run only where torch sees a GPU (CI has none; they were run on a lent H100, see docs/performance.md).
-What they establish: CUDA noise has the asked std, repeats byte for byte on the same GPU, and passes `verify`
-(which checks its std: CUDA's generator draws other numbers than the CPU's, so it is not regenerated);
+What they establish: the default `pcg64` noise on the GPU writes the CPU's bytes; `torch` CUDA noise has the
+asked std, repeats byte for byte on the same GPU, and passes `verify` (which checks its std: CUDA's
+generator draws other numbers than the CPU's, so it is not regenerated);
 every path that draws no noise (dequantising to a float dtype, scaling) writes the CPU's bytes; fp8, MXFP4
 and MXFP8 requantisation on the GPU gives the CPU's bytes for the same values; and a grown fp8 checkpoint
 loaded by transformers on the GPU computes the source's logits.
@@ -30,11 +31,22 @@ def _bytes(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
 
 
+def test_cuda_pcg64_noise_writes_the_cpus_bytes(checkpoints, tmp_path):
+    """pcg64: the table entries are looked up on the CPU and added on the GPU, so the bytes are the CPU's;
+    verify regenerates them."""
+    src = checkpoints["mixtral"]
+    _grow(src, tmp_path / "cuda", "--noise", "0.01", "--router-noise", "0.02", "--device", "cuda")
+    _grow(src, tmp_path / "cpu", "--noise", "0.01", "--router-noise", "0.02", "--device", "cpu")
+    assert json.loads((tmp_path / "cuda" / "moegrow.json").read_text())["noise_device"] == "cuda"
+    assert _bytes(tmp_path / "cuda") == _bytes(tmp_path / "cpu")
+    _verify(src, tmp_path / "cuda")
+
+
 def test_cuda_noise_has_its_std_repeats_and_verifies(checkpoints, tmp_path):
     src = checkpoints["mixtral"]
     a, b = tmp_path / "a", tmp_path / "b"
-    _grow(src, a, "--noise", "0.01", "--device", "cuda")
-    _grow(src, b, "--noise", "0.01", "--device", "cuda")
+    _grow(src, a, "--noise", "0.01", "--device", "cuda", "--noise-generator", "torch")
+    _grow(src, b, "--noise", "0.01", "--device", "cuda", "--noise-generator", "torch")
     assert _bytes(a) == _bytes(b)  # the same GPU repeats its draws
     assert json.loads((a / "moegrow.json").read_text())["noise_device"] == "cuda"
     logits(a)  # loads with no missing, unexpected or mismatched keys
@@ -46,14 +58,14 @@ def test_cuda_noise_has_its_std_repeats_and_verifies(checkpoints, tmp_path):
     report = _verify(src, a)
     assert abs(sum(report["noise_std"].values()) / len(report["noise_std"]) - 0.01) < 0.001
     cpu = tmp_path / "cpu"
-    _grow(src, cpu, "--noise", "0.01", "--device", "cpu")
+    _grow(src, cpu, "--noise", "0.01", "--device", "cpu", "--noise-generator", "torch")
     assert _bytes(cpu) != _bytes(a)  # another generator: verify measures, does not regenerate
 
 
 def test_cuda_copy_without_noise_fails_verify(checkpoints, tmp_path):
-    """A noised copy replaced by its noise-free original is caught by the std check."""
+    """A `torch` noised copy replaced by its noise-free original is caught by the std check."""
     src, out = checkpoints["mixtral"], tmp_path / "out"
-    _grow(src, out, "--noise", "0.01", "--device", "cuda")
+    _grow(src, out, "--noise", "0.01", "--device", "cuda", "--noise-generator", "torch")
     f = out / "model.safetensors"
     tensors = load_file(f)
     name = next(n for n in sorted(tensors) if ".layers.1." in n and ".experts.5." in n)

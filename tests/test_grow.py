@@ -178,12 +178,14 @@ def test_progress_counts_every_output_byte(checkpoints, tmp_path):
 
 
 def test_verify_of_noise_drawn_elsewhere_refuses_a_noise_free_copy(checkpoints, tmp_path):
-    """Noise drawn on CUDA is not regenerated here: verify measures its std where a tensor is large enough,
-    and on any tensor refuses a noised copy that equals its original (the tiny experts here: 512 values)."""
+    """`torch` noise drawn on CUDA is not regenerated here: verify measures its std where a tensor is large
+    enough, and on any tensor refuses a noised copy that equals its original (the tiny experts here: 512
+    values)."""
     from safetensors.torch import load_file, save_file
 
     src, out = checkpoints["mixtral"], tmp_path / "out"
-    assert run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--quiet")[0] == 0
+    assert run("grow-width", src, out, "--experts", "2x", "--noise", "0.01", "--noise-generator", "torch",
+               "--quiet")[0] == 0
     record_path = out / "moegrow.json"
     record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "noise_device": "cuda"}))
     assert run("verify", src, out)[0] == 0

@@ -396,7 +396,7 @@ def test_card_of_a_hub_growth_names_the_repo_and_pins_the_commit(hub, tmp_path):
     assert card.text.endswith("## Source model card\n\n# tiny\n")
     argv = card_command(tmp_path / "o")
     assert argv == ["moegrow", "grow-width", REPO, "OUTPUT", "--experts", "2x", "--noise", "0.01", "--seed", "0",
-                    "--revision", _commit(hub), "--device", "cpu"]
+                    "--noise-generator", "pcg64", "--revision", _commit(hub), "--device", "cpu"]
     rerun(argv, tmp_path / "again")
     first, again = digest(tmp_path / "o"), digest(tmp_path / "again")
     for d in (first, again):  # the record keeps the revision as given (none, then the commit)

@@ -250,3 +250,20 @@ def test_mtp_layer_experts_widen_on_axis_0(tmp_path: Path) -> None:
     assert not [k for k in r.objects if k.startswith(MTP) and k.endswith("_4")]
     code, text, err = run("verify", src, out, "--json")
     assert code == 0 and json.loads(text)["ok"], err
+
+
+def test_verify_regenerates_with_the_recorded_generator(tmp_path: Path) -> None:
+    """A record without `noise_generator` was written before pcg64: verify regenerates torch's noise."""
+    for generator in ("pcg64", "torch"):
+        out = tmp_path / generator
+        code, _, err = run("grow-width", FIX / "run", out, "--experts", "2x", "--noise", "0.01", "--seed", "1",
+                           "--noise-generator", generator)
+        assert code == 0, err
+        rec = json.loads((out / "moegrow.json").read_text())
+        assert rec["growth"].pop("noise_generator") == generator
+        (out / "moegrow.json").write_text(json.dumps(rec))
+        code, _, err = run("verify", FIX / "run", out)
+        if generator == "torch":
+            assert code == 0, err
+        else:
+            assert code == 1 and "recorded noise (seed 1" in err, err

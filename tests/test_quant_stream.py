@@ -48,13 +48,14 @@ def _verify(src, out) -> dict:
     return report
 
 
-def test_noise_stream_is_the_blocks_in_order(monkeypatch):
+@pytest.mark.parametrize("generator", ["pcg64", "torch"])
+def test_noise_stream_is_the_blocks_in_order(generator, monkeypatch):
     """Any runs of a part's draws, taken in order, are the runs of its blocks laid end to end."""
     monkeypatch.setattr(noise, "BLOCK", 100)
     total = 1234
-    whole = torch.cat([noise.noise_block(7, "w", 3, b, min(100, total - lo), "cpu")
+    whole = torch.cat([noise.noise_block(7, "w", 3, b, min(100, total - lo), "cpu", generator=generator)
                        for b, lo in enumerate(range(0, total, 100))])
-    stream = transform.NoiseStream(7, "w", 3, total, "cpu")
+    stream = transform.NoiseStream(7, "w", 3, total, "cpu", generator)
     cuts = [0, 0, 37, 100, 101, 350, 999, 1000, 1233, 1234]
     for lo, hi in zip(cuts, cuts[1:]):
         assert torch.equal(stream.take(lo, hi - lo), whole[lo:hi]), (lo, hi)

@@ -328,6 +328,10 @@ def test_olmo_select_first_with_noise(tmp_path: Path) -> None:
     (("--experts", "6"), "give --select first"),
     (("--experts", "6", "--select", "first", "--top-k", "scale"), "--top-k scale"),
     (("--experts", "2x", "--select", "first"), "apply to grow-width with --experts N"),
+    (("--experts", "6", "--select", "first", "--noise", "0.01", "--noise-mode", "relative"),
+     "--noise-mode relative and --reinit do not yet apply to a selected expert count"),
+    (("--experts", "6", "--select", "first", "--reinit", "0.5"),
+     "--noise-mode relative and --reinit do not yet apply to a selected expert count"),
 ])
 def test_select_refusals(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
     for src in (MEG / "run", OLMO / "default"):

@@ -124,8 +124,9 @@ class NoiseStream:
     blocks of `BLOCK` elements over the part's `total` values, each drawn once while its runs are
     taken in order (the block a run ends in is kept for the next)."""
 
-    def __init__(self, seed: int, group: str, index: int, total: int, device: str) -> None:
+    def __init__(self, seed: int, group: str, index: int, total: int, device: str, generator: str) -> None:
         self.seed, self.group, self.index, self.total, self.device = seed, group, index, total, device
+        self.generator = generator
         self._block: tuple[int, Any] | None = None
 
     def take(self, offset: int, n: int) -> Any:
@@ -140,7 +141,8 @@ class NoiseStream:
             lo = b * BLOCK
             if self._block is None or self._block[0] != b:
                 size = min(BLOCK, self.total - lo)
-                self._block = (b, noise_block(self.seed, self.group, self.index, b, size, self.device))
+                self._block = (b, noise_block(self.seed, self.group, self.index, b, size, self.device,
+                                              generator=self.generator))
             block = self._block[1]
             end = min(lo + block.numel(), offset + n)
             pieces.append(block[pos - lo:end - lo])
@@ -156,7 +158,8 @@ def noised(x: Any, part: Part, noise: NoiseStream | None, offset: int, device: s
         from ..noise_modes import apply  # on the whole part (`chunks` keeps such a part whole)
 
         assert noise is not None and offset == 0
-        return apply(x, part, noise.seed, noise.group, noise.index, device).reshape(x.shape)
+        return apply(x, part, noise.seed, noise.group, noise.index, device,
+                     generator=noise.generator).reshape(x.shape)
     x = x.to(device)
     if part.scale != 1.0:
         x = x * part.scale
@@ -177,7 +180,8 @@ def computed(plan: Plan, t: OutTensor, i: int, tensors: Mapping[str, TensorMeta]
     part = t.parts[i]
     noise = None
     if part.noise or part.reinit is not None:
-        noise = NoiseStream(plan.seed, t.encode.group, i, _numel(value_shape(plan, part, tensors)), device)
+        noise = NoiseStream(plan.seed, t.encode.group, i, _numel(value_shape(plan, part, tensors)), device,
+                            plan.noise_generator)
     for chunk in chunks(plan, part, tensors):
         src = source_values(plan, chunk.part, tensors, read)
         x = noised(src, chunk.part, noise, chunk.offset, device)
