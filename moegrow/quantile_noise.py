@@ -46,9 +46,15 @@ def table() -> Any:
     """The table as a float32 numpy array (read once; refused if its bytes are not the published ones)."""
     import numpy as np
 
-    data = TABLE_FILE.read_bytes()
+    from .errors import MoegrowError
+
+    try:
+        data = TABLE_FILE.read_bytes()
+    except OSError as e:
+        raise MoegrowError(f"{TABLE_FILE}: cannot read moegrow's normal quantile table ({e.strerror or e}); "
+                           "reinstall moegrow") from None
     if hashlib.sha256(data).hexdigest() != TABLE_SHA256:
-        raise RuntimeError(f"{TABLE_FILE}: not moegrow's normal quantile table (sha256 differs); reinstall moegrow")
+        raise MoegrowError(f"{TABLE_FILE}: not moegrow's normal quantile table (sha256 differs); reinstall moegrow")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 

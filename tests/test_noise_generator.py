@@ -83,3 +83,22 @@ def test_cpu_noise_growth_does_not_import_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert run("verify", src, tmp_path / "out")[0] == 0
+
+
+def test_a_damaged_table_is_refused_in_one_line(checkpoints, tmp_path, monkeypatch):
+    from moegrow import quantile_noise
+
+    bad = tmp_path / "normal_quantiles.f32"
+    bad.write_bytes(quantile_noise.TABLE_FILE.read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.setattr(quantile_noise, "TABLE_FILE", bad)
+    quantile_noise.table.cache_clear()
+    quantile_noise.scaled_table.cache_clear()
+    try:
+        code, _, err = run("grow-width", checkpoints["mixtral"], tmp_path / "o", "--experts", "2x", "--noise", "0.01",
+                           "--device", "cpu")
+    finally:
+        quantile_noise.table.cache_clear()
+        quantile_noise.scaled_table.cache_clear()
+    assert code == 2 and "normal_quantiles.f32: not moegrow's normal quantile table" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
