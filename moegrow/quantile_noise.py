@@ -125,7 +125,7 @@ def add_noise(src: Any, dst: Any, dtype: str, std: float, scale: float, seeds: A
         for lo in range(start, min(total, start + block), CHUNK):
             n = min(CHUNK, total - lo, start + block - lo)
             xs = x[:n]
-            _widen(src[lo:lo + n], xs, dtype, bufs["u"][:n])
+            _widen(src[lo:lo + n], xs, dtype)
             if scale != 1.0:
                 np.multiply(xs, sc, out=xs)
             if stream is not None:
@@ -135,7 +135,7 @@ def add_noise(src: Any, dst: Any, dtype: str, std: float, scale: float, seeds: A
             _narrow(xs, dst[lo:lo + n], dtype, bufs["u"][:n])
 
 
-def _widen(src: Any, x: Any, dtype: str, u: Any) -> None:
+def _widen(src: Any, x: Any, dtype: str) -> None:
     """Values of `src` into the float buffer `x` (exact)."""
     import numpy as np
 
