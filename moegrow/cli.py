@@ -643,10 +643,14 @@ def verify(source: Src, output: Annotated[Path, typer.Argument(help="The grown c
     elif not quiet:
         for p in report.problems:
             err.print(f"problem: {p}", style="red", markup=False)
-        if report.noise_std:
-            vals = list(report.noise_std.values())
-            err.print(f"  measured noise std on {len(vals)} tensors: min {min(vals):.4g}, "
-                      f"max {max(vals):.4g}")
+        absolute = [v for k, v in report.noise_std.items() if not k.endswith(" (relative)")]
+        relative = [v for k, v in report.noise_std.items() if k.endswith(" (relative)")]
+        if absolute:
+            err.print(f"  measured noise std on {len(absolute)} tensors: min {min(absolute):.4g}, "
+                      f"max {max(absolute):.4g}")
+        if relative:  # --noise-mode relative: as a fraction of each expert's std, comparable with --noise
+            err.print(f"  measured noise std relative to each source expert's, on {len(relative)} tensors: "
+                      f"min {min(relative):.4g}, max {max(relative):.4g}")
         if report.forward:
             for d in report.forward.get("layers", []):
                 err.print(f"  layer {d['layer']} (source layer {d['source_layer']}): max abs difference "

@@ -115,9 +115,23 @@ def part_bytes(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, in
     return memoryview(out.view(torch.uint8).numpy())
 
 
+def relative_stds(got: Any, src: Any, reinit: Reinit | None, slices: int, seed: int) -> list[float]:
+    """(noise std / the source slice's std) of each expert slice of a part (a zeroed slice has none),
+    re-initialised neurons left out of the noise: what `--noise-mode relative` asked for, per slice."""
+    import torch
+
+    keep = (~reinit_mask(reinit, seed, slices) if reinit is not None
+            else torch.ones(got.numel(), dtype=torch.bool)).reshape(slices, -1)
+    diff = (got.double() - src.double()).reshape(slices, -1)
+    base = src.double().reshape(slices, -1)
+    return [float(d[k].std() / b.std()) for d, b, k in zip(diff, base, keep)
+            if int(k.sum()) > 1 and float(b.std()) > 0]
+
+
 def check_part(part: Any, got: bytes, want: bytes, dtype: str, seed: int, tensor: str, index: int,
-               device: str, *, generator: str) -> tuple[list[str], float | None]:
-    """verify for a relative-noise or re-initialised part: (problems, measured noise std or None).
+               device: str, *, generator: str) -> tuple[list[str], float | None, list[float]]:
+    """verify for a relative-noise or re-initialised part: (problems, measured noise std or None, and with
+    `--noise-mode relative` the noise std over each expert slice's std, `relative_stds`).
 
     Drawn on the CPU: the bytes must equal a recomputation. Elsewhere (CUDA noise): the re-initialised
     values (CPU draws) must equal the recomputation's, and the noise std per slice be within 10% of the
@@ -132,7 +146,7 @@ def check_part(part: Any, got: bytes, want: bytes, dtype: str, seed: int, tensor
         what.append(f"{part.reinit.fraction:g} of its neurons re-initialised (seed {seed})")
     desc = f"{tensor}: part {index} is not {part.source} plus the recorded " + " and ".join(what)
     if not part.noise and want_bytes != got:
-        return [desc], None
+        return [desc], None, []
     td = torch_dtype(dtype)
     out = torch.frombuffer(bytearray(got), dtype=td).to(torch.float64) if got else torch.zeros(0)
     src = torch.frombuffer(bytearray(want), dtype=td).to(torch.float64) * part.scale if want else torch.zeros(0)
@@ -140,8 +154,9 @@ def check_part(part: Any, got: bytes, want: bytes, dtype: str, seed: int, tensor
             else torch.ones(out.numel(), dtype=torch.bool))
     diff = (out - src)[keep]
     measured = (float(diff.std()) if diff.numel() > 1 else None) if part.noise else None
+    relative = relative_stds(out, src, part.reinit, part.slices, seed) if part.noise and part.relative else []
     if device == "cpu" or not part.noise:
-        return ([] if want_bytes == got else [desc]), measured
+        return ([] if want_bytes == got else [desc]), measured, relative
     problems = []
     expect = torch.frombuffer(bytearray(want_bytes), dtype=td).to(torch.float64)
     if not torch.equal(out[~keep], expect[~keep]):
@@ -155,4 +170,4 @@ def check_part(part: Any, got: bytes, want: bytes, dtype: str, seed: int, tensor
         if d.numel() >= 1000 and abs(float(d.std()) - want_std) > 0.1 * want_std:
             problems.append(f"{tensor}: part {index} slice {s}: noise std {float(d.std()):.3g} differs from "
                             f"the recorded {want_std:.3g}")
-    return problems, measured
+    return problems, measured, relative

@@ -203,7 +203,9 @@ def _check_chunks(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan,
                 diff = diff.reshape(-1)[~reinit_mask(p.reinit, plan.seed, p.slices)]
             measured.setdefault(p.key, []).append(float(diff.std()) if diff.numel() > 1 else float(diff.abs().max()))
             if p.relative:
-                relative.setdefault(p.key, []).extend(_relative_std(got, src, p, plan.seed))
+                from .noise_modes import relative_stds
+
+                relative.setdefault(p.key, []).extend(relative_stds(got, src, p.reinit, p.slices, plan.seed))
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             report.problems.append(f"{where}: contains NaN or Inf")
         if progress:
@@ -227,22 +229,6 @@ def _recipe_detail(got: Any, want: Any, p: Any, seed: int) -> str:
     if _bytes(g[mask]) != _bytes(w[mask]):
         return " (its re-initialised neurons differ from the record's)"
     return " (outside its re-initialised neurons)"
-
-
-def _relative_std(got: Any, src: Any, p: Any, seed: int) -> list[float]:
-    """(noise std / the source slice's std) of each expert slice of a piece (a zeroed slice has none),
-    re-initialised neurons left out of the noise."""
-    import torch
-
-    from .noise_modes import reinit_mask
-
-    keep = (~reinit_mask(p.reinit, seed, p.slices) if p.reinit is not None
-            else torch.ones(got.numel(), dtype=torch.bool)).reshape(p.slices, -1)
-    diff = (got.double() - src.double()).reshape(p.slices, -1)
-    base = src.double().reshape(p.slices, -1)
-    ratios = [float(d[k].std() / b.std()) for d, b, k in zip(diff, base, keep)
-              if int(k.sum()) > 1 and float(b.std()) > 0]
-    return ratios
 
 
 def _check_objects(ckpt: MegatronCheckpoint | OlmoCheckpoint, plan: MegatronPlan, record: dict[str, Any],

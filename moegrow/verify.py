@@ -192,7 +192,8 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         _check_joined(t, out, plan, source, reader, report)
         return
     pos = out.start
-    measured = []
+    measured: list[float] = []
+    relative: list[float] = []  # --noise-mode relative: per expert slice, noise std / source std
     whole = None  # the output tensor's bytes, where one part read them all
     for i, part in enumerate(t.parts):
         if part.init:  # generated (the tensor's only part): zeros, or normal regenerated from the seed
@@ -228,11 +229,12 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
         if part.relative or part.reinit is not None:  # --noise-mode relative, --reinit (noise_modes.py)
             from .noise_modes import check_part
 
-            problems, std = check_part(part, got, want, src.dtype, plan.seed, t.name, i, device,
-                                       generator=plan.noise_generator)
+            problems, std, ratios = check_part(part, got, want, src.dtype, plan.seed, t.name, i, device,
+                                               generator=plan.noise_generator)
             report.problems += problems
             if std is not None:
                 measured.append(std)
+            relative += ratios
             continue
         if part.noise == 0.0:  # scaled only: deterministic on any device
             if got != bytes(add_noise(bytearray(want), src.dtype, 0.0, plan.seed, t.name, i, "cpu", part.scale,
@@ -255,6 +257,8 @@ def _check_tensor(t: OutTensor, out: TensorInfo, plan: Plan, source: Source, dev
             report.problems.append(f"{t.name}: noise std {std:.3g} differs from the recorded {part.noise}")
     if measured:
         report.noise_std[t.name] = sum(measured) / len(measured)
+    if relative:  # --noise-mode relative: noise std over each source slice's std, as training checkpoints
+        report.noise_std[f"{t.name} (relative)"] = sum(relative) / len(relative)
     if out.dtype in FLOAT_DTYPES:
         raw = whole if whole is not None else reader.read(out.path, out.start, out.nbytes)
         if not _finite(raw, out.dtype):

@@ -117,6 +117,26 @@ def test_relative_noise_is_a_fraction_of_each_tensors_std(model_type, sources, t
     family_logits(tmp_path / "out", model_type)  # loads in transformers, no missing or unexpected keys
 
 
+def test_verify_reports_relative_noise_apart(sources, tmp_path):
+    """verify measures relative noise as a fraction of each expert slice's std (`<name> (relative)`, near
+    --noise), beside the absolute std, and its summary keeps the two apart."""
+    src = sources("mixtral")
+    grow(src, tmp_path / "out", "--noise", "0.01", "--noise-mode", "relative")
+    code, stdout, err = run("verify", src, tmp_path / "out", "--json")
+    assert code == 0, err
+    stds = json.loads(stdout)["noise_std"]
+    relative = {k: v for k, v in stds.items() if k.endswith(" (relative)")}
+    assert relative and all(abs(v - 0.01) < 0.001 for v in relative.values()), relative
+    assert all(k.removesuffix(" (relative)") in stds for k in relative)
+    absolute = [v for k, v in stds.items() if not k.endswith(" (relative)")]
+    assert max(absolute) / min(absolute) > 10  # absolute stds follow each layer's spread
+    code, _, err = run("verify", src, tmp_path / "out")
+    assert code == 0 and "measured noise std relative to each source expert's, on" in err, err
+    line = next(x for x in err.splitlines() if "relative to each source expert's" in x)
+    low, high = (float(line.split(k)[1].split(",")[0]) for k in ("min ", "max "))
+    assert 0.009 < low <= high < 0.011, line
+
+
 def test_absolute_noise_is_unchanged(sources, tmp_path):
     """The default mode is the paper's: the same bytes with --noise-mode absolute as without it."""
     src = sources("mixtral")
