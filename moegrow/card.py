@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .counts import growth_param_counts
+from .noise import DEFAULT_GENERATOR
 from .plan import Plan
 from .source import Source
 
@@ -32,7 +33,8 @@ _FLAGS = ("layers", "method", "layer_map", "depth_init", "experts", "select", "c
           "to", "revision", "max_shard_size", "device")
 _DEFAULTS: dict[str, Any] = {"method": "interpose", "noise": 0.0, "router_noise": 0.0, "seed": 0,
                              "top_k": "scale", "allow_inexact": False, "router_init": "zeros", "router_std": 0.02,
-                             "depth_init": "copy", "noise_mode": "absolute", "reinit": 0.0, "noise_generator": "pcg64"}
+                             "depth_init": "copy", "noise_mode": "absolute", "reinit": 0.0,
+                             "noise_generator": DEFAULT_GENERATOR}
 _WHAT = {"grow-depth": "layers copied", "grow-width": "experts duplicated with their router rows",
          "grow": "layers copied, then experts duplicated with their router rows",
          "upcycle": "every expert a copy of the dense MLP, new routers"}

@@ -325,7 +325,7 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
-    if kw.get("noise_generator", "pcg64") not in GENERATORS:
+    if kw.get("noise_generator", DEFAULT_GENERATOR) not in GENERATORS:
         raise typer.BadParameter(f"must be {' or '.join(GENERATORS)}", param_hint="--noise-generator")
     iteration, optimizer = kw.pop("iteration", None), kw.pop("optimizer", "keep")
     from .training import detect
@@ -532,7 +532,7 @@ def grow_width(source: Src, output: Out, experts: Experts = None, noise: Noise =
                json_out: Json = False, threads: Threads = 2, strict: Strict = False,
                allow_inexact: AllowInexact = False, dtype: DType = "keep", iteration: Iteration = None,
                optimizer: Optimizer = "keep", select: Select = None, calibration: Calibration = None,
-               noise_generator: NoiseGenerator = "pcg64") -> None:
+               noise_generator: NoiseGenerator = DEFAULT_GENERATOR) -> None:
     """Grow width: duplicate every expert (copies after originals) and its router rows; or, with
     --select, copy N - E chosen experts per layer (any count N)."""
     sel = {"select": select, "calibration": calibration} if select or calibration else {}
@@ -552,7 +552,7 @@ def grow(source: Src, output: Out, layers: Layers = None, method: Method = "inte
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
          threads: Threads = 2, strict: Strict = False, allow_inexact: AllowInexact = False,
          depth_init: DepthInit = "copy", dtype: DType = "keep", iteration: Iteration = None,
-         optimizer: Optimizer = "keep", noise_generator: NoiseGenerator = "pcg64") -> None:
+         optimizer: Optimizer = "keep", noise_generator: NoiseGenerator = DEFAULT_GENERATOR) -> None:
     """Grow depth and width in one pass (same bytes as grow-depth then grow-width, half the I/O)."""
     _run_growth("grow", source, output, revision, json_out, dry_run, max_shard_size, device, force,
                 quiet, threads, strict, layers=layers, method=method, layer_map=layer_map, experts=experts,
@@ -584,7 +584,7 @@ def upcycle(source: Src, output: Out, experts: UpExperts = None, top_k: UpTopK =
             noise_mode: NoiseMode = "absolute", reinit: Reinit = 0.0,
             revision: Revision = None, dry_run: DryRun = False, max_shard_size: MaxShard = None,
             device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: Json = False,
-            threads: Threads = 2, strict: Strict = False, noise_generator: NoiseGenerator = "pcg64") -> None:
+            threads: Threads = 2, strict: Strict = False, noise_generator: NoiseGenerator = DEFAULT_GENERATOR) -> None:
     """Dense to MoE (sparse upcycling, arXiv 2212.05055): every MLP becomes E experts, copies of it.
 
     llama and mistral become mixtral, qwen2 qwen2_moe, qwen3 qwen3_moe, olmo2 flex_olmo, granite

@@ -24,6 +24,7 @@ from typing import Any
 
 from .dcp_io import METADATA_NAME, Chunk, DcpReader, OutChunk, TensorEntry
 from .errors import GrowthError, SourceError
+from .noise import DEFAULT_GENERATOR
 
 FORMAT = "megatron-torch_dist"
 LATEST_NAME = "latest_checkpointed_iteration.txt"
@@ -255,7 +256,7 @@ class MegatronPlan:
     reinit: float = 0.0
     select: str | None = None         # --select first: the first N - E experts copied
     experts: int | None = None        # the grown expert count (None: num_experts * factor)
-    noise_generator: str = "pcg64"    # moegrow.noise.GENERATORS
+    noise_generator: str = DEFAULT_GENERATOR  # moegrow.noise.GENERATORS
 
     @property
     def function_preserving(self) -> bool:

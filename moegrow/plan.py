@@ -21,6 +21,7 @@ from .errors import GrowthError
 from .io import DTYPE_SIZES, FLOAT_DTYPES
 from .layouts import Layout, lookup
 from .neurons import Reinit, check_consistent, check_noise_mode, check_reinit, neuron_axis, refuse_unknown
+from .noise import DEFAULT_GENERATOR
 
 
 class TensorMeta(Protocol):
@@ -167,7 +168,7 @@ class Plan:
     reinit: float = 0.0           # --reinit: the fraction of every copy's neurons re-initialised
     selection: dict[int, list[int]] | None = None  # --select: per MoE layer, the experts copied (moegrow.selection)
     select: str = ""                               # --select: load or first
-    noise_generator: str = "pcg64"  # --noise-generator: moegrow.noise.GENERATORS (`torch` for older records)
+    noise_generator: str = DEFAULT_GENERATOR  # --noise-generator: moegrow.noise.GENERATORS (`torch` for older records)
 
     @property
     def function_preserving(self) -> bool:
