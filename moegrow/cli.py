@@ -24,7 +24,7 @@ import typer
 
 from . import __version__
 from .errors import MoegrowError, VerificationFailed
-from .execute import DEFAULT_MAX_SHARD, format_size, parse_size
+from .execute import format_size, parse_size
 from .io import read_index
 from .noise import DEFAULT_GENERATOR, GENERATORS
 from .plan import Plan
@@ -116,7 +116,9 @@ Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit (H
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 MaxShard = Annotated[str | None, typer.Option(
-    help="Largest output shard, e.g. 5GB or 500MiB (default: transformers' 50GB). Under torchrun or srun "
+    help="Largest output shard, e.g. 5GB or 500MiB (default: a sharded source's largest shard, so the "
+    "output keeps its file sizes; transformers' 50GB for a single-file source). Shards are written in "
+    "parallel, one thread per file. Under torchrun or srun "
     "(WORLD_SIZE > 1) the shard is the unit each process writes: use at least as many shards as processes "
     "(see docs/usage.md).")]
 Device = Annotated[str, typer.Option(help="Where noise is drawn and added: auto, cpu or cuda. "
@@ -279,6 +281,8 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
     err.print(f"  params {s['total_params'][0]:,} -> {s['total_params'][1]:,} total, "
               f"{s['active_params'][0]:,} -> {s['active_params'][1]:,} active")
     err.print(f"  {s['tensors']} tensors, {format_size(s['bytes_in'])} read, {format_size(s['bytes_out'])} written")
+    if "shards" in s:
+        err.print(f"  {s['shards']} output shard(s) of at most {format_size(s['max_shard_size'])}")
     if s.get("quantization") or s.get("dtype", "keep") != "keep":
         q = s.get("quantization")
         src = f"{q['format']} ({q['quantized_tensors']} quantised weights)" if q else "float"
@@ -321,7 +325,7 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
                    json_out: bool, dry_run: bool, max_shard_size: str | None, device: str, force: bool,
                    quiet: bool, threads: int, strict: bool = False, **kw: Any) -> None:
     from .execute import check_output
-    from .grow import check_finite, plan_for, write
+    from .grow import check_finite, default_max_shard, plan_for, write
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
@@ -339,8 +343,9 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
     if iteration is not None:
         raise typer.BadParameter("applies to Megatron-LM run folders and OLMo-core save folders only",
                                  param_hint="--iteration")
-    shard = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD
+    shard = parse_size(max_shard_size) if max_shard_size else None  # checked before a Hub download
     src = _open(source, revision)
+    shard = shard or default_max_shard(src)
     generator = kw.pop("noise_generator", DEFAULT_GENERATOR)
     if operation == "upcycle":
         from .upcycle import plan_upcycle_for
@@ -350,6 +355,9 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
         plan = plan_for(src, operation, **kw)
     plan.noise_generator = generator
     summary = _summary(plan, src)
+    from .execute import split_shards
+
+    summary.update(shards=len(split_shards(plan.tensors, shard)), max_shard_size=shard)
     if not dry_run:
         assert output is not None
         check_output(output, src.folder, force)  # before a long --strict scan

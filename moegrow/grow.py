@@ -171,7 +171,15 @@ def check_finite(plan: Plan, source: Source) -> None:
         raise SourceError(f"{nonfinite_message(*found[0])}{more}; --strict refuses such a source")
 
 
-def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD,
+def default_max_shard(source: Source) -> int:
+    """The output's largest shard when --max-shard-size is not given: a sharded source's grain (its
+    largest shard's tensor bytes), else transformers' 50GB. A grown checkpoint then keeps the file
+    sizes its source was published with (not 50 GB files, the Hub's per-file limit), and has
+    several shards: the unit that threads and ranks write in parallel, one writer per file."""
+    return source.largest_shard_bytes() or DEFAULT_MAX_SHARD
+
+
+def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int | None = None,
           device: str = "auto", threads: int = 2, force: bool = False,
           progress: Callable[[int], None] | None = None, strict: bool = False,
           options: Mapping[str, Any] | None = None, ranks: Any = None) -> Written:
@@ -186,6 +194,8 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     `ranks` (a `moegrow.ranks.Ranks`, from `ranks.joined()`): write together with the other
     processes of a torchrun / srun job, each its share of the shards (every rank calls `write`).
     """
+    if max_shard_size is None:
+        max_shard_size = default_max_shard(source)
     if strict:
         check_output(Path(output), source.folder, force)  # fail fast, before a full read
         check_finite(plan, source)
@@ -200,7 +210,7 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     flags = dict(plan_options(plan) if options is None else options)
     if source.repo_id:  # the commit, not a branch that may move
         flags["revision"] = source.commit or source.revision
-    if max_shard_size != DEFAULT_MAX_SHARD and not flags.get("max_shard_size"):
+    if max_shard_size != default_max_shard(source) and not flags.get("max_shard_size"):
         flags["max_shard_size"] = max_shard_size
 
     def card(used: str) -> str:  # `used`: where noise was drawn (none: byte copies only)

@@ -127,6 +127,13 @@ class Source:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def largest_shard_bytes(self) -> int | None:
+        """Tensor bytes of the source's largest shard, or None for a single-file source."""
+        per_file: dict[Path, int] = {}
+        for t in self.tensors.values():
+            per_file[t.path] = per_file.get(t.path, 0) + t.nbytes
+        return max(per_file.values()) if len(per_file) > 1 else None
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the source in a provenance record: Hub commit or per-file hashes.
 

@@ -48,6 +48,9 @@ def test_bytes_do_not_depend_on_threads_or_shards(checkpoints, tmp_path):
     assert run("grow-width", src, tmp_path / "t1", "--threads", "1", *args)[0] == 0
     assert run("grow-width", src, tmp_path / "t4", "--threads", "4", *args)[0] == 0
     assert digest(tmp_path / "t1") == digest(tmp_path / "t4")
+    # a single-file source gives a single-file output (transformers' 50GB default)
+    assert (tmp_path / "t1" / "model.safetensors").exists()
+    assert not (tmp_path / "t1" / "model.safetensors.index.json").exists()
     assert run("grow-width", src, tmp_path / "s", "--max-shard-size", "20KB", *args)[0] == 0
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -74,6 +77,25 @@ def test_sharded_bf16_source(tmp_path):
             - w["model.layers.0.block_sparse_moe.experts.1.w1.weight"].float())
     assert 0.005 < diff.std().item() < 0.02
     assert run("verify", src, tmp_path / "o")[0] == 0
+    # without --max-shard-size the output keeps the source's shard grain: several shards, none
+    # holding more tensor bytes than the source's largest, and the dry run says how many
+    largest = max(_shard_bytes(src).values())
+    written = _shard_bytes(tmp_path / "o")
+    assert len(written) > 2 and max(written.values()) <= largest
+    code, out, _ = run("grow-width", src, tmp_path / "d", "--experts", "2x", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["shards"] == len(written)
+    assert "--max-shard-size" not in (tmp_path / "o" / "README.md").read_text()
+
+
+def _shard_bytes(folder):
+    """Tensor bytes per safetensors file, read with safetensors."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            sizes[f.name] = sum(t.numel() * t.element_size() for t in map(h.get_tensor, h.keys()))
+    return sizes
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
