@@ -43,6 +43,7 @@ from .io import (
     pread_exact,
     pread_into,
     pwrite_all,
+    start_writeback,
 )
 from .io import TensorInfo as SourceTensor
 from .plan import OutTensor, Plan
@@ -331,6 +332,7 @@ class Written:
 
 
 _LOCKED_COPY = 64 * 1024 * 1024  # a copy holds its output file's lock (`_Job.writing`) this many bytes at a time
+_WRITEBACK_EVERY = 64 * 1024 * 1024  # bytes written to one output file between two `start_writeback`s
 
 
 class _Job:
@@ -350,6 +352,8 @@ class _Job:
         self._local = threading.local()
         self.one_torch_thread = False  # set when several workers share the cores (`_one_torch_thread`)
         self.write_locks: dict[int, threading.Lock] = {}  # output file -> lock (`writing`)
+        self._unflushed: dict[int, int] = {}  # output file -> bytes written since its last `start_writeback`
+        self._unflushed_lock = threading.Lock()
 
     @property
     def requested_device(self) -> str:
@@ -475,6 +479,20 @@ class _Job:
         if len(items) == 1:
             return self.write_tensor(*items[0])
         return self._write_encoded(items)
+
+    def wrote(self, items: list[tuple[OutTensor, int, int]]) -> None:
+        """After a work item: start the disk writing each output file every `_WRITEBACK_EVERY` bytes
+        (`io.start_writeback`), so that writeback overlaps the work still to do."""
+        due = []
+        with self._unflushed_lock:
+            for t, fd, _ in items:
+                n = self._unflushed.get(fd, 0) + t.nbytes
+                if n >= _WRITEBACK_EVERY:
+                    due.append(fd)
+                    n = 0
+                self._unflushed[fd] = n
+        for fd in due:
+            start_writeback(fd)
 
     def copy_run(self, items: list[tuple[OutTensor, int, int]]) -> None:
         """Byte-copied tensors into one output file, under one hold of its lock (`writing`), source ranges
@@ -613,7 +631,9 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
     torch_needed = _needs_torch(plan, tensors, job)
-    modules = (("torch",) if torch_needed else ()) + prefetch
+    # numpy first (torch imports it too): `import_numpy` keeps its BLAS threads from spinning
+    numpy_needed = torch_needed or not all(t.is_copy for t in plan.tensors)
+    modules = (("numpy",) if numpy_needed else ()) + (("torch",) if torch_needed else ()) + prefetch
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
     try:
@@ -640,6 +660,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
         if threads <= 1:
             for item in items:
                 job.write_items(item)
+                job.wrote(item)
         else:
             # `threads` workers pull from one queue (a future per tensor would cost about 1.4 KiB
             # each: 500 MiB at DeepSeek-V3's 365,000 output tensors)
@@ -658,6 +679,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
                             return
                         try:
                             job.write_items(item)
+                            job.wrote(item)
                         except BaseException:
                             stop.set()
                             raise
@@ -719,8 +741,10 @@ def _card_modules(source_folder: Path) -> tuple[str, ...]:
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
+    from .numpy_import import import_numpy
+
     for name in modules:
-        importlib.import_module(name)
+        import_numpy() if name == "numpy" else importlib.import_module(name)
 
 
 def copy_side_files(source_folder: Path, folder: Path) -> list[str]:

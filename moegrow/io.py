@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
+from typing import Any
 
 from .errors import SourceError
 from .gc_pause import gc_paused
@@ -413,3 +414,27 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+_sync_file_range: Any = None
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing `fd`'s dirty pages to disk now, without waiting for them
+    (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; Python's os module lacks it). Called as a run
+    goes, so that the disk writes while the CPU makes the next tensors instead of all at the final
+    fsync (cp + sync leaves it all to the sync). A no-op where unsupported (other systems; tmpfs,
+    where there is nothing to write back); errors are ignored: the final fsync still decides."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range = fn
+    if _sync_file_range:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
