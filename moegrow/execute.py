@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import OutputError, SourceError
 from .io import (
+    DTYPE_SIZES,
     FLOAT_DTYPES,
     INDEX_NAME,
     PICKLE_SUFFIXES,
@@ -333,6 +334,7 @@ class Written:
 
 _LOCKED_COPY = 64 * 1024 * 1024  # a copy holds its output file's lock (`_Job.writing`) this many bytes at a time
 _WRITEBACK_EVERY = 64 * 1024 * 1024  # bytes written to one output file between two `start_writeback`s
+_PIECE = 1024 * 1024  # bytes of a noised part made at a time (`_Job._write_pieces`), a multiple of 32
 
 
 class _Job:
@@ -457,6 +459,8 @@ class _Job:
                     with self.writing(dst_fd):
                         self.copier.copy(self.fd(src.path), src.start + off + k, dst_fd, pos + k,
                                          min(_LOCKED_COPY, n - k), str(src.path))
+            elif self.in_pieces(part, src.dtype):
+                self._write_pieces(t, i, off, n, dst_fd, pos)
             elif part.fill is not None:  # filled: the source's bytes are not needed
                 pwrite_all(dst_fd, self._part_bytes(t, i, bytearray(n)), pos)
             else:  # read into this thread's buffer, transformed there (noise, scale) or into a new one
@@ -467,6 +471,36 @@ class _Job:
                     pwrite_all(dst_fd, data, pos)
             pos += n
             self.progress(n)
+
+    def in_pieces(self, part: Any, dtype: str) -> bool:
+        """Whether a part is made `_PIECE` bytes at a time (`_write_pieces`, `noise.in_pieces`)."""
+        from .noise import in_pieces
+
+        return in_pieces(part, dtype, self.plan.noise_generator, self.device)
+
+    def _write_pieces(self, t: OutTensor, i: int, off: int, n: int, dst_fd: int, pos: int) -> None:
+        """Part i of `t` (bytes off..off+n of its source) read, noised or scaled and written a piece at a
+        time: each piece stays in the CPU's cache from its read to its write (reading and writing 4 MiB
+        at once cost 1.3-1.6 times the system time of 1 MiB pieces for the same GiB on this machine)."""
+        from .noise import count_nonfinite, noise_piece
+
+        part = t.parts[i]
+        src = self.tensors[part.source]
+        fd, size = self.fd(src.path), DTYPE_SIZES[src.dtype]
+        count = 0 if part.rows is None and self.nonfinite.get(part.source) is None else None
+        for k in range(0, n, _PIECE):
+            m = min(_PIECE, n - k)
+            raw = self._buffer(m)
+            pread_into(fd, raw, src.start + off + k, str(src.path))
+            if count is not None:  # these bytes pass through the arithmetic anyway
+                count += count_nonfinite(raw, src.dtype)
+            data = noise_piece(raw, src.dtype, part, self.plan.seed, t.name, i, k // size,
+                               generator=self.plan.noise_generator)
+            with self.writing(dst_fd):
+                pwrite_all(dst_fd, data, pos + k)
+            self.progress(m)
+        if self.nonfinite.get(part.source) is None:
+            self.nonfinite[part.source] = count
 
     def write_items(self, items: list[tuple[OutTensor, int, int]]) -> None:
         """One work item (`_work_items`): a tensor, the members of a requantised weight together, or a run of

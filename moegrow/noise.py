@@ -73,6 +73,21 @@ def needs_torch(part: Any, dtype: str, generator: str, device: str) -> bool:
     return generator != "pcg64" or device != "cpu" or dtype not in NUMPY_DTYPES
 
 
+def in_pieces(part: Any, dtype: str, generator: str, device: str) -> bool:
+    """Whether `part` can be made a piece at a time (`noise_piece`): pcg64 noise or a scale on the CPU in
+    a float dtype numpy has, nothing that needs the whole part (relative noise's std, --reinit, a fill)."""
+    return (device == "cpu" and not part.is_copy and part.fill is None and not part.init
+            and not needs_torch(part, dtype, generator, device))
+
+
+def noise_piece(raw: bytearray | memoryview, dtype: str, part: Any, seed: int, tensor: str, index: int,
+                start: int, *, generator: str) -> memoryview:
+    """Values `start`.. of part `index` of `tensor` (`raw`: that piece of the part's source bytes; `start` a
+    multiple of 4), scaled and noised in place: the bytes `transform` makes of the whole part, cut there."""
+    assert in_pieces(part, dtype, generator, "cpu")
+    return _add_noise_numpy(raw, dtype, part.noise, seed, tensor, index, part.scale, raw, start)
+
+
 def transform(raw: bytearray, dtype: str, part: Any, seed: int, tensor: str, index: int,
               device: str, out: Any = None, *, generator: str) -> memoryview:
     """Part `index` of output `tensor` (a `plan.Part`) from its source bytes: shifted, filled or noised.
@@ -191,8 +206,9 @@ def add_noise(raw: bytearray, dtype: str, std: float, seed: int, tensor: str, pa
 
 
 def _add_noise_numpy(raw: Any, dtype: str, std: float, seed: int, tensor: str, part: int, scale: float,
-                     out: Any) -> memoryview:
-    """`add_noise` for `pcg64` on the CPU (`quantile_noise.add_noise`), on numpy views of the bytes."""
+                     out: Any, start: int = 0) -> memoryview:
+    """`add_noise` for `pcg64` on the CPU (`quantile_noise.add_noise`), on numpy views of the bytes; `raw`
+    holds the part's values from index `start` on."""
     import numpy as np
 
     from . import quantile_noise
@@ -200,7 +216,8 @@ def _add_noise_numpy(raw: Any, dtype: str, std: float, seed: int, tensor: str, p
     kind = quantile_noise.NUMPY_DTYPES[dtype]
     src = np.frombuffer(raw, dtype=kind)
     dst = np.empty_like(src) if out is None else np.frombuffer(out, dtype=kind)
-    quantile_noise.add_noise(src, dst, dtype, std, scale, lambda b: block_seed(seed, tensor, part, b), BLOCK)
+    quantile_noise.add_noise(src, dst, dtype, std, scale, lambda b: block_seed(seed, tensor, part, b), BLOCK,
+                             start)
     return memoryview(dst.view(np.uint8))
 
 

@@ -104,35 +104,44 @@ def _buffers() -> dict[str, Any]:
 NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
-def add_noise(src: Any, dst: Any, dtype: str, std: float, scale: float, seeds: Any, block: int) -> None:
+def add_noise(src: Any, dst: Any, dtype: str, std: float, scale: float, seeds: Any, block: int,
+              start: int = 0) -> None:
     """dst = round(src * scale + std * TABLE[bits]) for one tensor, `block` values per seeded block.
 
     `src`, `dst`: numpy views of the tensor's values in `NUMPY_DTYPES[dtype]` (bf16 as its raw uint16;
     `dst` may be `src`). `seeds(b)` gives block b's PCG64 seed. The arithmetic, per value: widen to
     float32 (float64 for F64), multiply by float32(scale) unless it is 1, add the scaled table entry,
-    round to the dtype (to nearest, ties to even)."""
+    round to the dtype (to nearest, ties to even). `start`: the index of `src[0]` in the tensor, a
+    multiple of 4 (a piece of a tensor made apart: its block's stream is advanced to it, PCG64's
+    `advance` at the cost of a multiplication, so the pieces give the whole tensor's bytes)."""
     import numpy as np
 
     wide = dtype == "F64"
     ts = scaled_table(std, wide) if std else None
     sc = np.float64(scale) if wide else np.float32(scale)
-    assert CHUNK % 4 == 0  # a chunk takes whole 64-bit words from the stream
+    assert CHUNK % 4 == 0 and start % 4 == 0  # a chunk takes whole 64-bit words from the stream
     bufs = _buffers()
     x, z, ix = (bufs["x64"], bufs["z64"], bufs["i"]) if wide else (bufs["x"], bufs["z"], bufs["i"])
     total = src.shape[0]
-    for b, start in enumerate(range(0, total, block)):
+    lo = 0
+    while lo < total:
+        b, into = divmod(start + lo, block)
         stream = bit_stream(seeds(b)) if std else None
-        for lo in range(start, min(total, start + block), CHUNK):
-            n = min(CHUNK, total - lo, start + block - lo)
+        if stream is not None and into:
+            stream.advance(into // 4)
+        end = min(total, lo + block - into)
+        for c in range(lo, end, CHUNK):
+            n = min(CHUNK, end - c)
             xs = x[:n]
-            _widen(src[lo:lo + n], xs, dtype)
+            _widen(src[c:c + n], xs, dtype)
             if scale != 1.0:
                 np.multiply(xs, sc, out=xs)
             if stream is not None:
                 np.copyto(ix[:n], draw_indices(stream, n))
                 ts.take(ix[:n], mode="wrap", out=z[:n])  # indices < len(ts): "wrap" is the fastest check
                 np.add(xs, z[:n], out=xs)
-            _narrow(xs, dst[lo:lo + n], dtype, bufs["u"][:n])
+            _narrow(xs, dst[c:c + n], dtype, bufs["u"][:n])
+        lo = end
 
 
 def _widen(src: Any, x: Any, dtype: str) -> None:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -102,3 +103,55 @@ def test_a_damaged_table_is_refused_in_one_line(checkpoints, tmp_path, monkeypat
     assert code == 2 and "normal_quantiles.f32: not moegrow's normal quantile table" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+@pytest.mark.parametrize("block", [1 << 22, 1024, 4100])
+def test_pcg64_pieces_give_the_whole_tensors_bytes(dtype, block):
+    """A tensor noised in pieces (each from its own start, its block's stream advanced to it) equals the
+    tensor noised whole, also where a piece starts inside a block or crosses a block's end."""
+    import numpy as np
+
+    from moegrow import noise, quantile_noise
+
+    rng = np.random.default_rng(3)
+    n = 10_012
+    values = rng.normal(0, 0.02, n).astype(np.float32)
+    src = (values.view(np.uint32) >> 16).astype(np.uint16) if dtype == "BF16" \
+        else values.astype(quantile_noise.NUMPY_DTYPES[dtype])
+    seeds = lambda b: noise.block_seed(7, "t", 0, b)  # noqa: E731
+    whole = np.empty_like(src)
+    quantile_noise.add_noise(src, whole, dtype, 0.01, 1.5, seeds, block)
+    cuts = sorted({0, n, 1024, 4100, *(4 * int(c) for c in rng.integers(1, n // 4, 6))})
+    pieces = np.empty_like(src)
+    for a, b in zip(cuts, cuts[1:]):
+        quantile_noise.add_noise(src[a:b], pieces[a:b], dtype, 0.01, 1.5, seeds, block, start=a)
+    assert not np.array_equal(whole, src)
+    assert whole.tobytes() == pieces.tobytes()
+
+
+def test_growth_in_small_pieces_writes_the_same_bytes(checkpoints, tmp_path, monkeypatch):
+    """Noised parts made `_PIECE` bytes at a time (1 MiB, more than any tensor here: forced down to 96
+    bytes) give the bytes of parts made whole by `noise.transform`, and verify passes."""
+    from moegrow import execute
+
+    from .test_grow import digest
+
+    src = checkpoints["qwen2_moe"]
+    args = ["--experts", "2x", "--noise", "0.01", "--seed", "3", "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr(execute._Job, "in_pieces", lambda self, part, dtype: False)
+        assert run("grow-width", src, tmp_path / "whole", *args)[0] == 0
+    made = []
+    real = execute._Job._write_pieces
+
+    def counted(self, *a):
+        made.append(a[0].name)
+        return real(self, *a)
+
+    monkeypatch.setattr(execute, "_PIECE", 96)
+    monkeypatch.setattr(execute._Job, "_write_pieces", counted)
+    assert run("grow-width", src, tmp_path / "pieces", *args)[0] == 0
+    assert made  # the noised experts went through the piece path
+    assert digest(tmp_path / "whole") == digest(tmp_path / "pieces")
+    assert run("verify", src, tmp_path / "pieces")[0] == 0
