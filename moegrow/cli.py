@@ -281,7 +281,7 @@ def _print_summary(s: dict[str, Any], title: str) -> None:
     err.print(f"  params {s['total_params'][0]:,} -> {s['total_params'][1]:,} total, "
               f"{s['active_params'][0]:,} -> {s['active_params'][1]:,} active")
     err.print(f"  {s['tensors']} tensors, {format_size(s['bytes_in'])} read, {format_size(s['bytes_out'])} written")
-    if "shards" in s:
+    if title == "plan" and "shards" in s:  # a written growth names its shards on its last line
         err.print(f"  {s['shards']} output shard(s) of at most {format_size(s['max_shard_size'])}")
     if s.get("quantization") or s.get("dtype", "keep") != "keep":
         q = s.get("quantization")

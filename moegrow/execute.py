@@ -498,7 +498,6 @@ class _Job:
                                generator=self.plan.noise_generator)
             with self.writing(dst_fd):
                 pwrite_all(dst_fd, data, pos + k)
-            self.progress(m)
         if self.nonfinite.get(part.source) is None:
             self.nonfinite[part.source] = count
 
