@@ -194,8 +194,9 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     `ranks` (a `moegrow.ranks.Ranks`, from `ranks.joined()`): write together with the other
     processes of a torchrun / srun job, each its share of the shards (every rank calls `write`).
     """
+    default_shard = default_max_shard(source)
     if max_shard_size is None:
-        max_shard_size = default_max_shard(source)
+        max_shard_size = default_shard
     if strict:
         check_output(Path(output), source.folder, force)  # fail fast, before a full read
         check_finite(plan, source)
@@ -210,7 +211,7 @@ def write(plan: Plan, source: Source, output: str | Path, *, max_shard_size: int
     flags = dict(plan_options(plan) if options is None else options)
     if source.repo_id:  # the commit, not a branch that may move
         flags["revision"] = source.commit or source.revision
-    if max_shard_size != default_max_shard(source) and not flags.get("max_shard_size"):
+    if max_shard_size != default_shard and not flags.get("max_shard_size"):
         flags["max_shard_size"] = max_shard_size
 
     def card(used: str) -> str:  # `used`: where noise was drawn (none: byte copies only)

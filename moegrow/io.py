@@ -438,3 +438,17 @@ def start_writeback(fd: int) -> None:
             _sync_file_range = fn
     if _sync_file_range:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def index_json(index: Mapping[str, Any]) -> str:
+    """`json.dumps(index, indent=2, sort_keys=True) + "\\n"` for a safetensors index (as transformers writes
+    it), the weight map's lines made with json's C string encoder: json's indented encoder is pure Python,
+    1.5 s of CPU for the 362,127 entries of a grown DeepSeek-V3."""
+    weight_map = index.get("weight_map")
+    rest = {k: v for k, v in index.items() if k != "weight_map"}
+    if not isinstance(weight_map, dict) or not weight_map or any(k > "weight_map" for k in rest):
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
+    head = json.dumps(rest, indent=2, sort_keys=True)[:-2] + ",\n" if rest else "{\n"
+    files = {v: encode_basestring_ascii(v) for v in set(weight_map.values())}  # a few hundred shard names
+    lines = ",\n".join(f"    {encode_basestring_ascii(k)}: {files[weight_map[k]]}" for k in sorted(weight_map))
+    return f'{head}  "weight_map": {{\n{lines}\n  }}\n}}\n'

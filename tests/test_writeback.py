@@ -41,3 +41,19 @@ def test_growth_with_writeback_after_every_tensor(checkpoints, tmp_path, monkeyp
     assert run("grow-width", src, tmp_path / "flushed", *args)[0] == 0
     assert len(set(calls)) > 1  # every output shard was flushed as it was written
     assert digest(tmp_path / "plain") == digest(tmp_path / "flushed")
+
+
+def test_each_shard_is_written_back_once_complete(checkpoints, tmp_path, monkeypatch):
+    """Shards far smaller than `_WRITEBACK_EVERY` still start their writeback, when their last tensor is in."""
+    calls = []
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        io.start_writeback(fd)
+
+    monkeypatch.setattr(execute, "start_writeback", counted)
+    out = tmp_path / "out"
+    assert run("grow-width", checkpoints["mixtral"], out, "--experts", "2x", "--max-shard-size", "30KB",
+               "--quiet")[0] == 0
+    shards = list(out.glob("*.safetensors"))
+    assert len(shards) > 2 and len(calls) == len(set(calls)) == len(shards)
