@@ -126,7 +126,9 @@ Device = Annotated[str, typer.Option(help="Where noise is drawn and added: auto,
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the "
                                                      "new one is complete).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr.")]
-Threads = Annotated[int, typer.Option(help="Worker threads for copying and noise.", min=1)]
+Threads = Annotated[int, typer.Option(help="Worker threads for copying and noise. A shard is written by one "
+                                      "thread at a time (noise is computed in parallel): for byte copies, more threads "
+                                      "than output shards do not help.", min=1)]
 Strict = Annotated[bool, typer.Option(
     "--strict", help="Read every source tensor first and refuse NaN or Inf (exit 2). Without it, "
     "only tensors that get noise are checked, with a warning.")]
