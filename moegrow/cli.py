@@ -326,7 +326,7 @@ def _run_growth(operation: str, source: str, output: Path | None, revision: str 
 def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None, revision: str | None,
                    json_out: bool, dry_run: bool, max_shard_size: str | None, device: str, force: bool,
                    quiet: bool, threads: int, strict: bool = False, **kw: Any) -> None:
-    from .execute import check_output
+    from .execute import check_output, split_shards
     from .grow import check_finite, default_max_shard, plan_for, write
 
     if device not in ("auto", "cpu", "cuda"):
@@ -357,8 +357,6 @@ def _run_growth_as(ranks: Any, operation: str, source: str, output: Path | None,
         plan = plan_for(src, operation, **kw)
     plan.noise_generator = generator
     summary = _summary(plan, src)
-    from .execute import split_shards
-
     summary.update(shards=len(split_shards(plan.tensors, shard)), max_shard_size=shard)
     if not dry_run:
         assert output is not None

@@ -683,9 +683,8 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
     shards = split_shards(plan.tensors, max_shard_size)
     names = shard_names(len(shards))
     job = _Job(plan, tensors, device, progress)
-    torch_needed = _needs_torch(plan, tensors, job)
+    numpy_needed, torch_needed = _math_needed(plan, tensors, job)
     # numpy first (torch imports it too): `import_numpy` keeps its BLAS threads from spinning
-    numpy_needed = torch_needed or not all(t.is_copy for t in plan.tensors)
     modules = (("numpy",) if numpy_needed else ()) + (("torch",) if torch_needed else ()) + prefetch
     work: list[tuple[OutTensor, int, int]] = []
     out_fds: list[int] = []
@@ -767,8 +766,7 @@ def write_shards(plan: Plan, tensors: Mapping[str, SourceTensor], folder: Path, 
 
 def _fsync_all(fds: list[int]) -> None:
     """fsync every output shard, several at once: the filesystem commits concurrent fsyncs together
-    (one journal commit each, one after the other, took 1.2 s for the 525 shards of a grown
-    DeepSeek-V3-count checkpoint on ext4)."""
+    (525 files of 64 KiB on ext4 here: 0.13 s one after the other, 0.07 s eight at once)."""
     if len(fds) <= 1:
         for fd in fds:
             os.fsync(fd)
@@ -778,24 +776,27 @@ def _fsync_all(fds: list[int]) -> None:
             pass
 
 
-def _needs_torch(plan: Plan, tensors: Mapping[str, SourceTensor], job: _Job) -> bool:
-    """Whether some tensor of the plan is made with torch (`noise.needs_torch`); byte copies never are.
-    Decided without importing torch: `auto` is the CPU where no GPU device node exists, else taken as CUDA."""
+def _math_needed(plan: Plan, tensors: Mapping[str, SourceTensor], job: _Job) -> tuple[bool, bool]:
+    """(numpy, torch): whether some tensor of the plan is more than a byte copy, and whether some is made
+    with torch (`noise.needs_torch`), in one pass. Decided without importing torch: `auto` is the CPU
+    where no GPU device node exists, else taken as CUDA."""
     from .noise import gpu_device_node, needs_torch
 
     device = job.requested_device
     if device == "auto":
         device = "cuda" if gpu_device_node() else "cpu"
+    computed = False
     for t in plan.tensors:
         if t.is_copy:
             continue
+        computed = True
         if t.encode is not None or not t.flat:
-            return True
+            return True, True
         for p in t.parts:
             dtype = t.dtype if p.init else tensors[p.source].dtype
             if needs_torch(p, dtype, plan.noise_generator, device):
-                return True
-    return False
+                return True, True
+    return computed, False
 
 
 def _card_modules(source_folder: Path) -> tuple[str, ...]:
